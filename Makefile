@@ -1,0 +1,50 @@
+# intaleq-signal — the two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Oldest versions setup.cfg allows, tested by `make test-compat`.
+COMPAT_VENV := .venv-compat
+COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
+
+.PHONY: run test lint unit test-compat clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+.env:
+	@key=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))'); \
+	sed -e "s|^API_KEY=.*|API_KEY=$$key|" -e 's|^ENVIRONMENT=.*|ENVIRONMENT=development|' \
+	    .env.example > .env; \
+	echo "make run: no .env found; wrote a development one (ENVIRONMENT=development, new API_KEY," \
+	     "call log in intaleq-signal.sqlite3). Edit .env to change settings."
+
+## run: set up the virtualenv, write a development .env if missing, start the server
+run: $(VENV)/.installed .env
+	$(PY) -m intaleq_signal --env-file .env
+
+## test: lint, then every test (newest websockets), then the oldest supported versions
+test: lint unit test-compat
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check intaleq_signal tests
+	$(VENV)/bin/ruff format --check intaleq_signal tests
+
+unit: $(VENV)/.installed
+	$(VENV)/bin/pytest -q
+
+$(COMPAT_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install --quiet $(COMPAT_PINS) -e '.[test]'
+	touch $@
+
+## test-compat: the HTTP front and a full call against the oldest allowed versions
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -c 'import websockets; assert websockets.version.version == "14.2", websockets.version.version'
+	$(COMPAT_VENV)/bin/pytest -q -m compat
+
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache

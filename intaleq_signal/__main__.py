@@ -1,0 +1,40 @@
+"""``python -m intaleq_signal [--env-file PATH]`` and the ``intaleq-signal``
+command (SPEC §2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import EX_CONFIG, ConfigError, config_from_environment
+from .logs import setup_logging
+from .server import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="intaleq-signal",
+        description="Voice-call signaling server of the Intaleq ride-hailing app.",
+    )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="load KEY=VALUE settings from PATH first (environment variables win)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_environment(args.env_file)
+    except ConfigError as exc:
+        print(f"intaleq-signal: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.log_level, config.log_format)
+    try:
+        run(config)
+    except OSError as exc:  # the address is taken, or not ours to bind
+        print(f"intaleq-signal: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

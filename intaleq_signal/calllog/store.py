@@ -1,0 +1,39 @@
+"""The seam between the call-log writer and a database (SPEC §5).
+
+A :class:`Store` knows one database's connections and SQL; the
+:class:`~intaleq_signal.calllog.writer.CallLogWriter` owns threads, queues,
+ordering and retries. Every ``apply`` must be idempotent, because after a
+broken connection the writer cannot know whether the last write landed and
+sends it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .events import CallEvent
+
+
+class Store(Protocol):
+    #: Reported by ``/health`` as the database state while writes succeed.
+    healthy_state: str
+
+    def connect(self) -> Any:
+        """Open one connection (called in a writer thread, which owns it).
+
+        Raises:
+            Exception: any error; the writer retries with backoff unless
+            :meth:`is_fatal` says retrying cannot help.
+        """
+
+    def prepare(self, conn: Any) -> None:
+        """Create the table when missing (once, at start)."""
+
+    def apply(self, conn: Any, event: CallEvent) -> None:
+        """Write one event idempotently and commit."""
+
+    def close(self, conn: Any) -> None:
+        """Close a connection, ignoring errors."""
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        """True for errors a retry cannot fix soon (bad credentials)."""

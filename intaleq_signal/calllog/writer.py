@@ -1,0 +1,181 @@
+"""Call-log writer: a pool of threads that apply events off the event loop.
+
+Modelled on aiosqlite: each worker thread owns one database connection and
+is fed by its own FIFO queue; a sentinel lets queued work finish on close.
+Events are routed by ``session_id``, so the writes of one session always go
+through the same thread and are applied in order (SPEC §5). A failed write
+is retried with exponential backoff on a fresh connection until it lands;
+:meth:`CallLogWriter.record` never blocks and never touches the database, so
+a slow or unreachable database cannot delay signaling.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable
+
+from .events import CallEvent
+from .store import Store
+
+__all__ = ["CallLogWriter"]
+
+log = logging.getLogger("intaleq_signal.calllog")
+
+_STOP = object()  # the sentinel: everything queued before it is written first
+
+BACKOFF_FIRST = 0.1  # seconds
+BACKOFF_MAX = 5.0
+BACKOFF_FATAL = 30.0  # credentials and similar errors: no hot retry loop
+DEFAULT_MAX_PENDING = 100_000
+
+
+class CallLogWriter:
+    """Apply :mod:`~intaleq_signal.calllog.events` to a :class:`Store`.
+
+    Args:
+        store: the database seam.
+        threads: writer threads (``DB_POOL_SIZE``; 1 for SQLite).
+        max_pending: bound on queued events; past it new events are dropped
+            and counted in :attr:`dropped` (a warning is logged from 80 %).
+        sleep: injectable for tests (seconds).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        threads: int = 1,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.max_pending = max_pending
+        self.state = store.healthy_state
+        self.writes = 0
+        self.failures = 0
+        self.dropped = 0
+        self._queues: list[queue.SimpleQueue[object]] = [queue.SimpleQueue() for _ in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"calllog-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
+        self._deadline: float | None = None  # monotonic; set by close()
+        self._wake = threading.Event()
+        self._sleep = sleep
+        self._warned_at = 0.0
+        self._abandoned = 0
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet written (approximate, for metrics)."""
+        return sum(q.qsize() for q in self._queues)
+
+    def record(self, event: CallEvent) -> None:
+        """Queue one event; O(1), never blocks, safe only on the loop thread."""
+        pending = self.pending
+        if pending >= self.max_pending * 0.8:
+            self._warn_backlog(pending)
+            if pending >= self.max_pending:
+                self.dropped += 1
+                return
+        index = zlib.crc32(event.session_id.encode()) % len(self._queues)
+        self._queues[index].put(event)
+
+    def _warn_backlog(self, pending: int) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= 10.0:
+            self._warned_at = now
+            log.warning(
+                "call-log backlog at %d of %d events (database %s); %d dropped so far",
+                pending,
+                self.max_pending,
+                self.state,
+                self.dropped,
+            )
+
+    def close(self, timeout: float) -> int:
+        """Write what is queued, waiting at most ``timeout`` seconds, then
+        stop the threads. Returns the number of events left unwritten."""
+        self._deadline = time.monotonic() + timeout
+        for q in self._queues:
+            q.put(_STOP)
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(max(0.0, self._deadline - time.monotonic()))
+        # A thread still stuck in a write holds its queue (sentinel included,
+        # standing for the event in hand); one that gave up counted its own.
+        left = self._abandoned + sum(
+            q.qsize() for q, t in zip(self._queues, self._threads, strict=True) if t.is_alive()
+        )
+        if left:
+            log.error("call log: %d events could not be written before exit", left)
+        return left
+
+    # -- worker thread -------------------------------------------------------
+
+    def _run(self, q: queue.SimpleQueue[object]) -> None:
+        conn = None
+        try:
+            while True:
+                event = q.get()
+                if event is _STOP:
+                    return
+                conn = self._write(conn, event)  # type: ignore[arg-type]
+                if conn is None:  # gave up at the close deadline
+                    self._abandoned += 1 + sum(1 for _ in iter(q.get_nowait, _STOP))
+                    return
+        finally:
+            if conn is not None:
+                self.store.close(conn)
+
+    def _write(self, conn: object | None, event: CallEvent) -> object | None:
+        """Apply ``event``, reconnecting and retrying until it lands; returns
+        the live connection, or None when the close deadline passed."""
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                if conn is None:
+                    conn = self.store.connect()
+                    self.store.prepare(conn)
+                self.store.apply(conn, event)
+            except Exception as exc:  # noqa: BLE001 - any driver error means retry
+                self.failures += 1
+                if conn is not None:
+                    self.store.close(conn)
+                    conn = None
+                fatal = self.store.is_fatal(exc)
+                if self.state != "unavailable" or fatal:
+                    log.error("call log: database unavailable, will retry: %s", exc)
+                self.state = "unavailable"
+                wait = BACKOFF_FATAL if fatal else delay
+                delay = min(delay * 2, BACKOFF_MAX)
+                if not self._pause(wait):
+                    return None
+                continue
+            self.writes += 1
+            if self.state == "unavailable":
+                log.warning("call log: database available again")
+            self.state = self.store.healthy_state
+            return conn
+
+    def _pause(self, seconds: float) -> bool:
+        """Back off; False when the close deadline has passed."""
+        if self._deadline is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            seconds = min(seconds, remaining)
+        if self._sleep is not None:
+            self._sleep(seconds)
+        elif self._deadline is None:
+            self._wake.wait(seconds)  # close() wakes it to retry at once
+        else:
+            time.sleep(seconds)
+        return True

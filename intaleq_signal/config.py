@@ -1,0 +1,263 @@
+"""Configuration: one immutable object built and validated up front (SPEC §2).
+
+Every variable is parsed here, before any socket is opened, so a bad value
+stops the process with one line naming the variable and exit status 78
+(EX_CONFIG) instead of failing later in the middle of a call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Mapping
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "EX_CONFIG",
+    "load_env_file",
+    "parse_duration",
+    "parse_server_addr",
+]
+
+#: Exit status for bad configuration (sysexits.h EX_CONFIG); the systemd unit
+#: lists it in ``RestartPreventExitStatus=`` so systemd does not restart-loop.
+EX_CONFIG = 78
+
+MIN_API_KEY_LENGTH = 32
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+ENVIRONMENTS = ("production", "development")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; ``str()`` is the one line
+    shown to the operator, and it names the variable."""
+
+
+def parse_duration(name: str, text: str) -> float:
+    """Parse ``500ms``, ``20s``, ``5m``, ``1h`` or bare seconds into seconds.
+
+    Raises:
+        ConfigError: naming ``name`` when ``text`` is not such a duration.
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise ConfigError(f"{name}={text!r} is not a duration (use 500ms, 20s, 5m, 1h or seconds)")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{name}={text!r} is not a finite duration")
+    return seconds
+
+
+def parse_server_addr(text: str) -> tuple[str, int]:
+    """Parse ``host:port`` or ``[v6]:port`` (SPEC §2 ``SERVER_ADDR``).
+
+    Raises:
+        ConfigError: when the host is empty, the port is not 0–65535, or an
+        IPv6 address is not bracketed.
+    """
+    name = "SERVER_ADDR"
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{name}={text!r} is not host:port (IPv6 as [::1]:47880)")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ConfigError(f"{name}={text!r} has an unclosed IPv6 bracket")
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ConfigError(f"{name}={text!r}: write an IPv6 address in brackets, [::1]:47880")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{name}={text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def load_env_file(path: str) -> dict[str, str]:
+    """Read ``KEY=VALUE`` lines: ``#`` comments, blank lines, an optional
+    ``export`` prefix, and values in single or double quotes.
+
+    Raises:
+        ConfigError: when the file cannot be read or a line is not KEY=VALUE.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--env-file {path}: {exc}") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"--env-file {path} line {number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """The validated settings of one daemon process. Durations are seconds
+    (float), sizes bytes. Build it with :meth:`from_env`."""
+
+    api_key: str
+    host: str = "127.0.0.1"
+    port: int = 47880
+    log_level: str = "info"
+    log_format: str = "text"
+    max_message_bytes: int = 4096
+    heartbeat_interval: float = 20.0
+    heartbeat_timeout: float = 30.0
+    session_duration: float = 60.0
+    auth_timeout: float = 10.0
+    reconnect_grace: float = 15.0
+    rate_limit_per_min: int = 10
+    trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"})
+    max_sessions: int = 10000
+    environment: str = "production"
+    db_host: str = "127.0.0.1"
+    db_port: int = 3306
+    db_database: str = "callDB"
+    db_username: str | None = None
+    db_password: str | None = None
+    db_pool_size: int = 4
+    #: Where the development call log lives when no MySQL is configured.
+    sqlite_path: str = "intaleq-signal.sqlite3"
+
+    @property
+    def uses_mysql(self) -> bool:
+        """SPEC §2: MySQL whenever ``DB_USERNAME`` is set (required in production)."""
+        return self.db_username is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        """Build and validate a config from environment-style strings.
+
+        Raises:
+            ConfigError: for the first invalid or missing variable.
+        """
+        reader = _Reader(env)
+        host, port = parse_server_addr(reader.get("SERVER_ADDR", "127.0.0.1:47880"))
+        api_key = reader.get("API_KEY", "")
+        if not api_key:
+            raise ConfigError("API_KEY is required (at least 32 characters)")
+        if len(api_key) < MIN_API_KEY_LENGTH:
+            raise ConfigError(
+                f"API_KEY is too short ({len(api_key)} characters, at least {MIN_API_KEY_LENGTH} required)"
+            )
+        heartbeat_interval = reader.duration("HEARTBEAT_INTERVAL", "20s", positive=True)
+        heartbeat_timeout = reader.duration("HEARTBEAT_TIMEOUT", "30s", positive=True)
+        if heartbeat_timeout <= heartbeat_interval:
+            raise ConfigError(
+                "HEARTBEAT_TIMEOUT must be greater than HEARTBEAT_INTERVAL "
+                f"({heartbeat_timeout:g}s <= {heartbeat_interval:g}s)"
+            )
+        environment = reader.choice("ENVIRONMENT", "production", ENVIRONMENTS)
+        db_username = env.get("DB_USERNAME") or None
+        if environment == "production" and db_username is None:
+            raise ConfigError(
+                "DB_USERNAME is required when ENVIRONMENT=production "
+                "(set ENVIRONMENT=development to use the embedded SQLite call log)"
+            )
+        return cls(
+            api_key=api_key,
+            host=host,
+            port=port,
+            log_level=reader.choice("LOG_LEVEL", "info", LOG_LEVELS),
+            log_format=reader.choice("LOG_FORMAT", "text", LOG_FORMATS),
+            max_message_bytes=reader.integer("MAX_MESSAGE_BYTES", "4096", 256, 1 << 20),
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            session_duration=reader.duration("SESSION_DURATION", "60s", positive=True),
+            auth_timeout=reader.duration("AUTH_TIMEOUT", "10s", positive=True),
+            reconnect_grace=reader.duration("RECONNECT_GRACE", "15s", positive=False),
+            rate_limit_per_min=reader.integer("RATE_LIMIT_PER_MIN", "10", 1, 10**9),
+            # An explicitly empty TRUSTED_PROXIES trusts no proxy at all.
+            trusted_proxies=_parse_proxies(env.get("TRUSTED_PROXIES", "127.0.0.1,::1")),
+            max_sessions=reader.integer("MAX_SESSIONS", "10000", 1, 10**9),
+            environment=environment,
+            db_host=reader.get("DB_HOST", "127.0.0.1"),
+            db_port=reader.integer("DB_PORT", "3306", 1, 65535),
+            db_database=reader.get("DB_DATABASE", "callDB"),
+            db_username=db_username,
+            db_password=env.get("DB_PASSWORD") or None,
+            db_pool_size=reader.integer("DB_POOL_SIZE", "4", 1, 64),
+            sqlite_path=reader.get("SQLITE_PATH", "intaleq-signal.sqlite3"),
+        )
+
+
+class _Reader:
+    """Typed accessors over a string mapping; empty values mean "default"."""
+
+    __slots__ = ("env",)
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def get(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip()
+        return value or default
+
+    def duration(self, name: str, default: str, *, positive: bool) -> float:
+        seconds = parse_duration(name, self.get(name, default))
+        if positive and seconds <= 0:
+            raise ConfigError(f"{name} must be greater than 0")
+        return seconds
+
+    def integer(self, name: str, default: str, low: int, high: int) -> int:
+        text = self.get(name, default)
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise ConfigError(f"{name}={text!r} must be an integer from {low} to {high}")
+        return int(text)
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.get(name, default).lower()
+        if value == "warning":
+            value = "warn"
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} must be one of: {', '.join(allowed)}")
+        return value
+
+
+def _parse_proxies(text: str) -> frozenset[str]:
+    addresses = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            addresses.add(str(ipaddress.ip_address(item)))
+        except ValueError:
+            raise ConfigError(f"TRUSTED_PROXIES: {item!r} is not an IP address") from None
+    return frozenset(addresses)
+
+
+def config_from_environment(env_file: str | None) -> Config:
+    """Merge ``env_file`` under the real environment (real variables win)
+    and build the config.
+
+    Raises:
+        ConfigError: as :meth:`Config.from_env`, or for an unreadable file.
+    """
+    merged: dict[str, str] = load_env_file(env_file) if env_file else {}
+    merged.update(os.environ)
+    return Config.from_env(merged)

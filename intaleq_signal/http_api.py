@@ -1,0 +1,226 @@
+"""HTTP on the WebSocket port, answered from websockets' ``process_request``
+hook before any upgrade (SPEC §3, and §4's per-IP connection limit).
+
+``process_request(connection, request)`` returns a ``Response`` to answer
+plain HTTP, or ``None`` to let a ``/ws`` upgrade proceed. The request method
+and body come from :class:`~intaleq_signal.wire.HTTPServerConnection`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from http import HTTPStatus
+from typing import Any
+
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+from .config import Config
+from .metrics import Metrics
+from .ratelimit import SlidingWindow, client_ip
+from .sessions import Capacity, RideConflict
+from .signaling import Signaling
+from .wire import error_body
+
+__all__ = ["HTTPAPI", "validate_session_body"]
+
+log = logging.getLogger("intaleq_signal.http")
+
+MAX_FIELD_LENGTH = 255  # code points (SPEC §3, §4 "Precise points")
+#: SPEC §3: 10 wrong API keys from one IP within a minute → 429 for the minute.
+API_KEY_FAILURES = 10
+WINDOW = 60.0
+
+_SESSION_FIELDS = ("ride_id", "driver_id", "passenger_id")
+
+
+class BadRequest(ValueError):
+    """An HTTP request refused with ``status`` and an error ``code``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def validate_session_body(body: bytes) -> tuple[str, str, str]:
+    """Parse a ``POST /sessions`` body into ``(ride_id, driver_id, passenger_id)``.
+
+    Raises:
+        BadRequest: 400 ``invalid_json`` when the body is not UTF-8 JSON;
+        400 ``invalid_request`` naming the field when it is not an object
+        of three non-empty strings of at most 255 code points with driver
+        and passenger different.
+    """
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest(400, "invalid_json", "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, "invalid_request", "request body must be a JSON object")
+    values = []
+    for field in _SESSION_FIELDS:
+        value = data.get(field)
+        if not isinstance(value, str) or not value:
+            raise BadRequest(400, "invalid_request", f"'{field}' must be a non-empty string")
+        if len(value) > MAX_FIELD_LENGTH:
+            raise BadRequest(400, "invalid_request", f"'{field}' is longer than 255 characters")
+        values.append(value)
+    if values[1] == values[2]:
+        raise BadRequest(400, "invalid_request", "'passenger_id' must differ from 'driver_id'")
+    return values[0], values[1], values[2]
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+class HTTPAPI:
+    """The ``process_request`` hook and its per-IP limits."""
+
+    def __init__(self, config: Config, signaling: Signaling, metrics: Metrics, health: Any) -> None:
+        self.config = config
+        self.signaling = signaling
+        self.metrics = metrics
+        self.health = health  # () -> (status, dict); the server knows the rest
+        self.key = config.api_key.encode()
+        self.connects = SlidingWindow(config.rate_limit_per_min, WINDOW)
+        self.key_failures = SlidingWindow(API_KEY_FAILURES, WINDOW)
+
+    def prune(self, now: float) -> None:
+        """Forget idle IPs (called periodically)."""
+        self.connects.prune(now)
+        self.key_failures.prune(now)
+
+    def process_request(self, connection: Any, request: Any) -> Response | None:
+        peer = _peer_host(connection)
+        ip = client_ip(peer, request.headers, self.config.trusted_proxies)
+        connection.client_ip = ip
+        method = connection.http_method
+        path = request.path.partition("?")[0]
+        if connection.http_body_error is not None:
+            status, code, message = connection.http_body_error
+            if path == "/sessions" and method == "POST":
+                # SPEC §3 order: the API key is checked before the body.
+                refused = self._check_key(request.headers, ip)
+                if refused is not None:
+                    return refused
+            return respond(status, code, message)
+        if path == "/ws":
+            return self._upgrade(connection, request, method, ip)
+        if path == "/sessions":
+            if method != "POST":
+                return respond(405, "method_not_allowed", "use POST", allow="POST")
+            return self._create_session(connection, request, ip)
+        if path == "/health":
+            if method not in ("GET", "HEAD"):
+                return respond(405, "method_not_allowed", "use GET", allow="GET, HEAD")
+            status, document = self.health()
+            return _json(status, document, head=method == "HEAD")
+        if path == "/metrics":
+            if method not in ("GET", "HEAD"):
+                return respond(405, "method_not_allowed", "use GET", allow="GET, HEAD")
+            if (
+                peer not in ("127.0.0.1", "::1")
+                or "X-Forwarded-For" in request.headers
+                or "X-Real-IP" in request.headers
+            ):
+                return respond(404, "not_found", "no such path")
+            return _response(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.render().encode(),
+                head=method == "HEAD",
+            )
+        return respond(404, "not_found", "no such path")
+
+    def _upgrade(self, connection: Any, request: Any, method: str, ip: str) -> Response | None:
+        if method != "GET":
+            return respond(405, "method_not_allowed", "use GET with a WebSocket upgrade", allow="GET")
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return respond(
+                426, "upgrade_required", "/ws takes a WebSocket upgrade", extra={"Upgrade": "websocket"}
+            )
+        if not self.signaling.accepting:
+            return respond(503, "shutting_down", "the server is stopping")
+        if not self.connects.allow(ip, time.monotonic()):
+            self.metrics.connections_rejected["ip_rate_limited"] += 1
+            log.info("connection refused reason=ip_rate_limited ip=%s", ip)
+            return respond(
+                429,
+                "rate_limited",
+                "too many connection attempts; retry in a minute",
+                extra={"Retry-After": "60"},
+            )
+        return None
+
+    def _check_key(self, headers: Headers, ip: str) -> Response | None:
+        now = time.monotonic()
+        if self.key_failures.full(ip, now):
+            return respond(
+                429, "rate_limited", "too many wrong API keys; retry in a minute", extra={"Retry-After": "60"}
+            )
+        given = headers.get("X-API-Key", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self.key):
+            self.key_failures.hit(ip, now)
+            log.warning("wrong API key on POST /sessions ip=%s", ip)
+            return respond(401, "unauthorized", "missing or wrong X-API-Key")
+        return None
+
+    def _create_session(self, connection: Any, request: Any, ip: str) -> Response:
+        refused = self._check_key(request.headers, ip)
+        if refused is not None:
+            return refused
+        try:
+            ride_id, driver_id, passenger_id = validate_session_body(connection.http_body)
+            session, _ = self.signaling.create_session(ride_id, driver_id, passenger_id)
+        except BadRequest as exc:
+            return respond(exc.status, exc.code, exc.message)
+        except RideConflict:
+            return respond(409, "ride_conflict", "this ride has a live session with other participants")
+        except Capacity:
+            if not self.signaling.accepting:
+                return respond(503, "shutting_down", "the server is stopping")
+            return respond(503, "capacity", "too many live sessions; retry later")
+        return _json(
+            200,
+            {
+                "session_id": session.session_id,
+                "ride_id": session.ride_id,
+                "expires_in": session.expires_in(self.signaling.loop.time()),
+            },
+        )
+
+
+def _peer_host(connection: Any) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "?"
+
+
+def respond(
+    status: int, code: str, message: str, *, allow: str | None = None, extra: dict[str, str] | None = None
+) -> Response:
+    """An error answer with the SPEC §3 body ``{"error", "message"}``."""
+    response = _response(status, "application/json", error_body(code, message))
+    if allow is not None:
+        response.headers["Allow"] = allow
+    for name, value in (extra or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _json(status: int, document: dict[str, Any], *, head: bool = False) -> Response:
+    return _response(status, "application/json", json.dumps(document).encode(), head=head)
+
+
+def _response(status: int, content_type: str, body: bytes, *, head: bool = False) -> Response:
+    headers = Headers()
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    headers["Connection"] = "close"
+    headers["Cache-Control"] = "no-store"
+    return Response(status, HTTPStatus(status).phrase, headers, b"" if head else body)

@@ -1,0 +1,182 @@
+"""WebSocket message shapes: validation of client messages and serialization
+of server messages (SPEC §4 tables). Pure functions, no I/O.
+
+A relayed message costs one ``json.loads``, one validation and one
+``json.dumps`` of a message rebuilt from its defined fields only, so the server
+never echoes fields it did not define (SPEC §4, rule 4).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = [
+    "MessageError",
+    "authenticated",
+    "call_ended",
+    "call_timeout",
+    "decode",
+    "encode",
+    "error",
+    "parse_authenticate",
+    "participant_joined",
+    "participant_left",
+    "relay_payload",
+    "session_joined",
+    "unauthorized",
+]
+
+#: Types the server relays to the other participant (SPEC §4 rule 4).
+RELAYED_TYPES = frozenset({"offer", "answer", "ice_candidate"})
+KNOWN_TYPES = RELAYED_TYPES | {"authenticate", "heartbeat", "end_call"}
+
+#: Longest ``session_id`` / ``user_id`` accepted in ``authenticate``, in code
+#: points; ids are created with at most 255 (SPEC §3).
+MAX_ID_LENGTH = 255
+#: ``sdpMLineIndex`` is an unsigned short in WebRTC.
+MAX_MLINE_INDEX = 65535
+
+
+class MessageError(ValueError):
+    """A client message the SPEC refuses; ``code`` is the ``error`` code sent
+    back (``invalid_json``, ``invalid_message`` or ``unknown_type``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _reject_constant(name: str) -> Any:
+    raise MessageError("invalid_json", f"{name} is not JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+encode = _encoder.encode
+
+
+def decode(text: str) -> tuple[str, dict[str, Any]]:
+    """Parse one text frame into ``(type, object)``.
+
+    Raises:
+        MessageError: ``invalid_json`` when the text is not JSON (``NaN`` and
+        ``Infinity`` included), ``invalid_message`` when it is not an object
+        with a string ``type``, ``unknown_type`` for a type not in SPEC §4.
+    """
+    try:
+        obj = _decoder.decode(text)
+    except ValueError as exc:  # JSONDecodeError, and int digits over the limit
+        raise MessageError("invalid_json", "message is not valid JSON") from exc
+    except RecursionError:
+        raise MessageError("invalid_message", "message is nested too deeply") from None
+    if type(obj) is not dict:
+        raise MessageError("invalid_message", "message must be a JSON object")
+    kind = obj.get("type")
+    if type(kind) is not str:
+        raise MessageError("invalid_message", "field 'type' must be a string")
+    if kind not in KNOWN_TYPES:
+        raise MessageError("unknown_type", "unknown message type")
+    return kind, obj
+
+
+def parse_authenticate(obj: dict[str, Any]) -> tuple[str, str]:
+    """Return ``(session_id, user_id)`` of an ``authenticate`` message.
+
+    Raises:
+        MessageError: ``invalid_message`` when either is not a non-empty
+        string of at most 255 code points.
+    """
+    session_id = obj.get("session_id")
+    user_id = obj.get("user_id")
+    for name, value in (("session_id", session_id), ("user_id", user_id)):
+        if type(value) is not str or not value or len(value) > MAX_ID_LENGTH:
+            raise MessageError("invalid_message", f"field '{name}' must be a non-empty string")
+    return session_id, user_id  # type: ignore[return-value]
+
+
+def relay_payload(kind: str, obj: dict[str, Any]) -> str:
+    """Rebuild a relayed message from its defined fields and serialize it.
+
+    Raises:
+        MessageError: ``invalid_message`` naming the bad field.
+    """
+    if kind == "ice_candidate":
+        return encode({"type": kind, "candidate": _candidate(obj)})
+    sdp = obj.get("sdp")
+    if type(sdp) is not str or not sdp:
+        raise MessageError("invalid_message", "field 'sdp' must be a non-empty string")
+    return encode({"type": kind, "sdp": sdp})
+
+
+def _candidate(obj: dict[str, Any]) -> dict[str, Any] | None:
+    if "candidate" not in obj:
+        raise MessageError("invalid_message", "field 'candidate' is required")
+    given = obj["candidate"]
+    if given is None:
+        return None  # gathering complete, relayed as given
+    if type(given) is not dict:
+        raise MessageError("invalid_message", "field 'candidate' must be an object or null")
+    line = given.get("candidate")
+    if type(line) is not str:
+        raise MessageError("invalid_message", "field 'candidate.candidate' must be a string")
+    rebuilt: dict[str, Any] = {"candidate": line}
+    if "sdpMid" in given:
+        mid = given["sdpMid"]
+        if mid is not None and type(mid) is not str:
+            raise MessageError("invalid_message", "field 'candidate.sdpMid' must be a string or null")
+        rebuilt["sdpMid"] = mid
+    if "sdpMLineIndex" in given:
+        index = given["sdpMLineIndex"]
+        if index is not None and (type(index) is not int or not 0 <= index <= MAX_MLINE_INDEX):
+            raise MessageError(
+                "invalid_message", "field 'candidate.sdpMLineIndex' must be an integer or null"
+            )
+        rebuilt["sdpMLineIndex"] = index
+    if "usernameFragment" in given:
+        ufrag = given["usernameFragment"]
+        if ufrag is not None and type(ufrag) is not str:
+            raise MessageError(
+                "invalid_message", "field 'candidate.usernameFragment' must be a string or null"
+            )
+        rebuilt["usernameFragment"] = ufrag
+    return rebuilt
+
+
+# Server → client messages (SPEC §4 "Server → client").
+
+PONG = encode({"type": "pong"})
+CALL_TIMEOUT = encode({"type": "call_timeout", "reason": "max_duration_reached"})
+
+
+def authenticated(user_id: str) -> str:
+    return encode({"type": "authenticated", "user_id": user_id})
+
+
+def session_joined(session_id: str, ride_id: str, role: str) -> str:
+    return encode({"type": "session_joined", "session_id": session_id, "ride_id": ride_id, "role": role})
+
+
+def participant_joined(role: str) -> str:
+    return encode({"type": "participant_joined", "role": role})
+
+
+def participant_left(role: str) -> str:
+    return encode({"type": "participant_left", "role": role})
+
+
+def call_ended(reason: str) -> str:
+    return encode({"type": "call_ended", "reason": reason})
+
+
+def call_timeout() -> str:
+    return CALL_TIMEOUT
+
+
+def unauthorized(reason: str) -> str:
+    return encode({"type": "unauthorized", "reason": reason})
+
+
+def error(code: str, message: str) -> str:
+    return encode({"type": "error", "code": code, "message": message})

@@ -1,0 +1,121 @@
+"""Client identity and rate limits: per-IP windows and per-connection buckets.
+
+Pure logic with the clock passed in (seconds, any monotonic origin), so the
+rules are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from collections.abc import Mapping
+
+__all__ = ["SlidingWindow", "TokenBucket", "client_ip"]
+
+
+def client_ip(peer: str, headers: Mapping[str, str], trusted: frozenset[str]) -> str:
+    """The client IP of a request (SPEC §4 first rule).
+
+    The TCP peer, unless the peer is in ``TRUSTED_PROXIES``: then
+    ``X-Real-IP``, else the last address of ``X-Forwarded-For``. A header
+    value that is not an IP address is ignored (the peer is used), so a
+    proxy bug cannot merge every client into one bucket named "unknown".
+    """
+    if peer not in trusted:
+        return peer
+    real = headers.get("X-Real-IP")
+    if real and _is_ip(real.strip()):
+        return real.strip()
+    forwarded = headers.get("X-Forwarded-For")
+    if forwarded:
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        if _is_ip(last):
+            return last
+    return peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class SlidingWindow:
+    """At most ``limit`` events per key in any ``window`` seconds.
+
+    Memory is bounded by ``limit`` timestamps per key; keys whose events all
+    left the window are dropped by :meth:`prune`.
+    """
+
+    __slots__ = ("limit", "window", "_events")
+
+    def __init__(self, limit: int, window: float = 60.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._events: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> deque[float] | None:
+        events = self._events.get(key)
+        if events is not None:
+            horizon = now - self.window
+            while events and events[0] <= horizon:
+                events.popleft()
+        return events
+
+    def full(self, key: str, now: float) -> bool:
+        """True when ``key`` already has ``limit`` events in the window."""
+        events = self._recent(key, now)
+        return events is not None and len(events) >= self.limit
+
+    def hit(self, key: str, now: float) -> None:
+        """Record one event (the oldest falls off past ``limit``)."""
+        events = self._recent(key, now)
+        if events is None:
+            events = self._events[key] = deque(maxlen=self.limit)
+        events.append(now)
+
+    def allow(self, key: str, now: float) -> bool:
+        """Record an event and return True, or False (nothing recorded) when
+        the window is full."""
+        if self.full(key, now):
+            return False
+        self.hit(key, now)
+        return True
+
+    def prune(self, now: float) -> None:
+        """Forget keys with no event in the window (periodic housekeeping)."""
+        horizon = now - self.window
+        stale = [key for key, events in self._events.items() if not events or events[-1] <= horizon]
+        for key in stale:
+            del self._events[key]
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; one token per frame
+    (SPEC §4 rule 7: 50 msg/s sustained, bursts of 100)."""
+
+    __slots__ = ("tokens", "stamp")
+
+    RATE = 50.0
+    BURST = 100.0
+
+    def __init__(self, now: float) -> None:
+        self.tokens = self.BURST
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token; False when none is left."""
+        tokens = self.tokens + (now - self.stamp) * self.RATE
+        self.stamp = now
+        if tokens > self.BURST:
+            tokens = self.BURST
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True

@@ -1,0 +1,154 @@
+"""The process: start-up, serving, signals and graceful shutdown in one place
+(SPEC §2, §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from websockets.asyncio.server import serve
+
+from .calllog import CallLogWriter
+from .calllog.sqlite import SQLiteStore
+from .config import Config
+from .http_api import HTTPAPI
+from .metrics import Metrics
+from .signaling import Signaling
+from .wire import HTTPServerConnection
+
+__all__ = ["run", "Server"]
+
+log = logging.getLogger("intaleq_signal")
+
+#: Bound on the opening handshake, HTTP request bodies included (seconds):
+#: slow or idle HTTP clients are dropped after it (SPEC §3).
+OPEN_TIMEOUT = 10.0
+#: Bound on each WebSocket closing handshake (seconds).
+CLOSE_TIMEOUT = 2.0
+#: Bound on flushing the call log at shutdown (seconds).
+FLUSH_TIMEOUT = 5.0
+
+
+def make_store(config: Config) -> Any:
+    """The call-log store the configuration asks for (SPEC §2, §5)."""
+    if config.uses_mysql:
+        from .calllog.mysql import MySQLStore
+
+        return MySQLStore(config)
+    return SQLiteStore(config.sqlite_path)
+
+
+class Server:
+    """One daemon instance: call :meth:`run` and it serves until stopped."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.started = time.monotonic()
+        self.stopping = False
+        store = make_store(config)
+        threads = config.db_pool_size if config.uses_mysql else 1
+        self.calllog = CallLogWriter(store, threads=threads)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """``/health``: 200 with figures while serving, 503 while stopping."""
+        if self.stopping:
+            return 503, {"status": "shutting_down"}
+        signaling = self.signaling
+        return 200, {
+            "status": "ok",
+            "uptime_seconds": int(time.monotonic() - self.started),
+            "sessions": signaling.registry.live,
+            "active_calls": signaling.active_calls(),
+            "connections": len(signaling.clients),
+            "database": self.calllog.state,
+        }
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down:
+        refuse new sessions, end calls with ``server_shutdown`` (close
+        1001), flush the call log, return."""
+        loop = asyncio.get_running_loop()
+        stop = stop or asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        self.calllog.start()
+        self.signaling = Signaling(self.config, self.calllog, self.metrics)
+        self.api = HTTPAPI(self.config, self.signaling, self.metrics, self.health)
+        self._gauges()
+        config = self.config
+        async with serve(
+            self.signaling.handler,
+            config.host,
+            config.port,
+            process_request=self.api.process_request,
+            create_connection=HTTPServerConnection,
+            compression=None,
+            max_size=config.max_message_bytes,
+            ping_interval=None,  # our own heartbeat sweep (SPEC §4 rule 8)
+            open_timeout=OPEN_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            server_header=None,
+            max_queue=4,
+        ) as server:
+            addresses = ", ".join(_address(sock.getsockname()) for sock in server.sockets)
+            log.info(
+                "listening on %s (environment=%s, call log=%s)",
+                addresses,
+                config.environment,
+                "mysql" if config.uses_mysql else config.sqlite_path,
+            )
+            self.sockets = server.sockets
+            tasks = [
+                loop.create_task(self.signaling.heartbeat()),
+                loop.create_task(self._housekeeping()),
+            ]
+            await stop.wait()
+            log.info("stopping: ending live calls")
+            self.stopping = True
+            self.signaling.shutdown()
+            await self.signaling.drain(CLOSE_TIMEOUT + 1)
+            for task in tasks:
+                task.cancel()
+            server.close(close_connections=True)
+            await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT + 1)
+        left = await loop.run_in_executor(None, self.calllog.close, FLUSH_TIMEOUT)
+        log.info("stopped (%d call-log events unwritten)", left)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            self.api.prune(time.monotonic())
+
+    def _gauges(self) -> None:
+        signaling = self.signaling
+        self.metrics.gauge(
+            "intaleq_sessions_live", "Sessions neither ended nor expired.", lambda: signaling.registry.live
+        )
+        self.metrics.gauge("intaleq_calls_active", "Calls in progress.", signaling.active_calls)
+        self.metrics.gauge(
+            "intaleq_connections_open", "Open WebSocket connections.", lambda: len(signaling.clients)
+        )
+        self.metrics.gauge(
+            "intaleq_calllog_writes_pending", "Call-log events queued.", lambda: self.calllog.pending
+        )
+        self.metrics.gauge(
+            "intaleq_calllog_writes_failed", "Failed call-log write attempts.", lambda: self.calllog.failures
+        )
+
+
+def _address(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(config: Config) -> None:
+    """Run a server in a fresh event loop until it is stopped by a signal."""
+    asyncio.run(Server(config).run())

@@ -1,0 +1,178 @@
+"""Request bodies on the WebSocket port: the one place that works around the
+websockets HTTP parser (SPEC §1 "Known obstacle").
+
+``websockets.http11.Request.parse`` refuses any request with a body
+(``Content-Length`` other than 0 raises "unsupported request body"), and
+before websockets 17.0 it also refuses every method but GET. So that
+``process_request`` can answer ``POST /sessions`` on the same port,
+:class:`HTTPServerConnection` — handed to ``serve(create_connection=...)`` —
+reads the request head off the byte stream before the library's parser sees
+it, takes a bounded ``Content-Length`` body off the stream, and feeds the
+parser a body-less ``GET`` head. The real method and the body are kept on the
+connection as :attr:`http_method` and :attr:`http_body`, and any reason to
+refuse the body as :attr:`http_body_error` (411/413/400, answered by
+``process_request`` in :mod:`intaleq_signal.http_api`).
+
+Tested with the oldest and newest websockets versions that ``setup.cfg``
+allows (``make test-compat``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+
+__all__ = ["HTTPServerConnection", "error_body", "MAX_BODY_BYTES", "MAX_HEAD_BYTES"]
+
+#: Largest request body accepted (SPEC §3: larger is 413).
+MAX_BODY_BYTES = 16 * 1024
+#: Largest request head looked at; past it the library's own limits answer.
+MAX_HEAD_BYTES = 16 * 1024
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEAD_END = b"\r\n\r\n"
+
+
+class HTTPServerConnection(ServerConnection):
+    """A ``ServerConnection`` that lifts a request body off the stream.
+
+    Attributes:
+        http_method: the request method as sent (``"GET"``, ``"POST"``, ...).
+        http_body: the body bytes, ``b""`` when there was none.
+        http_body_error: ``None``, or ``(status, code, message)`` when the
+            body framing is refused: 411 without ``Content-Length`` on a
+            method that needs one or with ``Transfer-Encoding``; 413 over
+            :data:`MAX_BODY_BYTES`; 400 for an invalid ``Content-Length``.
+        last_received: ``loop.time()`` of the latest bytes received, read by
+            the heartbeat sweep (SPEC §4 rule 8).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.http_method = "GET"
+        self.http_body = b""
+        self.http_body_error: tuple[int, str, str] | None = None
+        self.last_received = 0.0
+        self._pending: bytearray | None = bytearray()  # None once the head is handed on
+        self._body_length = -1
+        self._head = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = self.loop.time()
+        if self._pending is None:
+            super().data_received(data)
+            return
+        self._pending += data
+        if self._body_length < 0:
+            end = self._pending.find(_HEAD_END)
+            if end < 0:
+                if len(self._pending) > MAX_HEAD_BYTES:
+                    self._hand_on(bytes(self._pending))  # let the library refuse it
+                return
+            head = bytes(self._pending[: end + 4])
+            del self._pending[: end + 4]
+            if not self._inspect_head(head):
+                return
+            self._head = head
+        if len(self._pending) >= self._body_length:
+            self.http_body = bytes(self._pending[: self._body_length])
+            del self._pending[: self._body_length]
+            rest = bytes(self._pending)
+            self._hand_on(self._rewrite(self._head) + rest)
+
+    def _inspect_head(self, head: bytes) -> bool:
+        """Read method and body framing; False when the head was handed on."""
+        lines = head[:-4].split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if (
+            len(parts) != 3
+            or not parts[0].isalpha()
+            or not parts[1].startswith(b"/")
+            or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")
+            or any(b":" not in line or line[:1] in b" \t" for line in lines[1:])
+        ):
+            self._refuse_malformed()
+            return False
+        self.http_method = parts[0].decode("ascii")
+        lengths: set[bytes] = set()
+        chunked = False
+        expect_continue = False
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            name = name.strip().lower()
+            value = value.strip()
+            if name == b"content-length":
+                lengths.add(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expect_continue = True
+        if chunked:
+            error = (411, "length_required", "chunked bodies are not accepted; send Content-Length")
+        elif len(lengths) > 1 or any(not v.isdigit() for v in lengths):
+            error = (400, "invalid_request", "invalid Content-Length header")
+        elif lengths and int(next(iter(lengths))) > MAX_BODY_BYTES:
+            error = (413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+        elif not lengths and self.http_method in ("POST", "PUT", "PATCH"):
+            error = (411, "length_required", "Content-Length is required")
+        else:
+            self._body_length = int(next(iter(lengths))) if lengths else 0
+            if expect_continue and self._body_length:
+                self.transport.write(_CONTINUE)
+            return True
+        # Refused framing: answer from the head alone and drop whatever follows.
+        self.http_body_error = error
+        self._hand_on(self._rewrite(head))
+        self.data_received = self._discard  # type: ignore[method-assign]
+        return False
+
+    @staticmethod
+    def _rewrite(head: bytes) -> bytes:
+        """The head as the library's parser accepts it: method ``GET``, no
+        body framing headers."""
+        lines = head[:-4].split(b"\r\n")
+        _, _, rest = lines[0].partition(b" ")
+        kept = [b"GET " + rest]
+        for line in lines[1:]:
+            name = line.partition(b":")[0].strip().lower()
+            if name not in (b"content-length", b"transfer-encoding", b"expect"):
+                kept.append(line)
+        return b"\r\n".join(kept) + _HEAD_END
+
+    def _refuse_malformed(self) -> None:
+        """SPEC §3: malformed HTTP gets 400 and close. The library would only
+        drop the connection, so the answer is written here."""
+        body = error_body("bad_request", "malformed HTTP request")
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self._pending = None
+        self.data_received = self._discard  # type: ignore[method-assign]
+        self.transport.close()
+
+    def _hand_on(self, data: bytes) -> None:
+        self._pending = None
+        self._head = b""
+        super().data_received(data)
+
+    def _discard(self, data: bytes) -> None:
+        self.last_received = self.loop.time()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.last_received = self.loop.time()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pending = None
+        super().connection_lost(exc)
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The JSON error body of every HTTP error answer (SPEC §3)."""
+    return json.dumps({"error": code, "message": message}).encode()
