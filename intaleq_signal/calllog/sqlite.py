@@ -1,18 +1,18 @@
 """Embedded development call log: the ``call_logs`` table in a SQLite file
 (SPEC §2: ``ENVIRONMENT=development`` without ``DB_USERNAME``).
 
-Same columns and the same idempotent writes as the MySQL store; times are
-stored as UTC ISO-8601 text with milliseconds.
+Same columns and the same idempotent writes (:mod:`.sql`) as the MySQL
+store; times are stored as UTC text with milliseconds.
 """
 
 from __future__ import annotations
 
-import datetime
 import sqlite3
 
-from .events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from .events import CallEvent
+from .sql import SQLITE
 
-__all__ = ["SQLiteStore", "utc_text"]
+__all__ = ["SQLiteStore"]
 
 DDL = """
 CREATE TABLE IF NOT EXISTS call_logs (
@@ -30,12 +30,6 @@ CREATE TABLE IF NOT EXISTS call_logs (
 );
 CREATE INDEX IF NOT EXISTS idx_call_logs_ride_id ON call_logs (ride_id);
 """
-
-
-def utc_text(at: float) -> str:
-    """Epoch seconds as ``YYYY-MM-DD HH:MM:SS.mmm`` in UTC."""
-    moment = datetime.datetime.fromtimestamp(at, datetime.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
 
 
 class SQLiteStore:
@@ -56,29 +50,7 @@ class SQLiteStore:
         conn.executescript(DDL)
 
     def apply(self, conn: sqlite3.Connection, event: CallEvent) -> None:
-        if isinstance(event, SessionCreated):
-            conn.execute(
-                "INSERT OR IGNORE INTO call_logs (session_id, ride_id, driver_id, passenger_id,"
-                " status, created_at) VALUES (?, ?, ?, ?, 'created', ?)",
-                (event.session_id, event.ride_id, event.driver_id, event.passenger_id, utc_text(event.at)),
-            )
-        elif isinstance(event, CallActive):
-            conn.execute(
-                "UPDATE call_logs SET status = 'active', connected_at = ?"
-                " WHERE session_id = ? AND status = 'created'",
-                (utc_text(event.at), event.session_id),
-            )
-        elif isinstance(event, CallInitiated):
-            conn.execute(
-                "UPDATE call_logs SET initiated_by = ? WHERE session_id = ? AND initiated_by IS NULL",
-                (event.user_id, event.session_id),
-            )
-        elif isinstance(event, CallEnded):
-            conn.execute(
-                "UPDATE call_logs SET status = 'ended', end_reason = ?, ended_at = ?"
-                " WHERE session_id = ? AND status <> 'ended'",
-                (event.reason, utc_text(event.at), event.session_id),
-            )
+        conn.execute(*SQLITE.statement(event))
 
     def close(self, conn: sqlite3.Connection) -> None:
         try:

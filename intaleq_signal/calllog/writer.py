@@ -121,7 +121,7 @@ class CallLogWriter:
     # -- worker thread -------------------------------------------------------
 
     def _run(self, q: queue.SimpleQueue[object]) -> None:
-        conn = None
+        conn = self._open()
         try:
             while True:
                 event = q.get()
@@ -134,6 +134,20 @@ class CallLogWriter:
         finally:
             if conn is not None:
                 self.store.close(conn)
+
+    def _open(self) -> object | None:
+        """Connect (and create the table when missing) at start, once: the
+        database state is known before the first call, and a database that
+        is down is reported, not waited for."""
+        try:
+            conn = self.store.connect()
+            self.store.prepare(conn)
+        except Exception as exc:  # noqa: BLE001 - reported; writes will retry
+            self.failures += 1
+            self.state = "unavailable"
+            log.error("call log: database unavailable at start, will retry: %s", exc)
+            return None
+        return conn
 
     def _write(self, conn: object | None, event: CallEvent) -> object | None:
         """Apply ``event``, reconnecting and retrying until it lands; returns

@@ -1,0 +1,1 @@
+intaleq_signal/calllog/call_logs.sql

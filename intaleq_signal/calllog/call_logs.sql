@@ -1,0 +1,22 @@
+-- intaleq-signal call log (SPEC §5). One row per call session.
+-- The server runs this at start (CREATE TABLE IF NOT EXISTS), so the table
+-- exists as soon as the daemon has reached the database once.
+-- Times are UTC (the server's MySQL sessions use time_zone '+00:00') with
+-- milliseconds: the moments the events happened, not the moments of the writes.
+CREATE TABLE IF NOT EXISTS call_logs (
+    id INT UNSIGNED NOT NULL AUTO_INCREMENT,
+    session_id VARCHAR(36) NOT NULL,
+    ride_id VARCHAR(255) NOT NULL,
+    driver_id VARCHAR(255) NOT NULL,
+    passenger_id VARCHAR(255) NOT NULL,
+    status VARCHAR(50) NOT NULL DEFAULT 'created',
+    initiated_by VARCHAR(255) NULL,
+    end_reason VARCHAR(255) NULL,
+    created_at TIMESTAMP(3) NULL,
+    connected_at TIMESTAMP(3) NULL,
+    ended_at TIMESTAMP(3) NULL,
+    PRIMARY KEY (id),
+    UNIQUE KEY uq_call_logs_session_id (session_id),
+    KEY idx_call_logs_ride_id (ride_id),
+    KEY idx_call_logs_status (status)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

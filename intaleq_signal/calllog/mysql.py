@@ -1,0 +1,77 @@
+"""Production call log: MySQL through PyMySQL (SPEC §5).
+
+One PyMySQL connection per writer thread (PyMySQL connections are not
+thread-safe). Every network wait is bounded (connect, read, write timeouts)
+so a database that stops answering cannot hang a writer forever; the writer
+then reconnects and replays the write, which the statements of :mod:`.sql`
+make idempotent.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import pymysql
+
+from ..config import Config
+from .events import CallEvent
+from .sql import MYSQL
+
+__all__ = ["DDL", "MySQLStore"]
+
+#: The table definition, the same file as the repository's ``database.sql``.
+DDL = resources.files(__package__).joinpath("call_logs.sql").read_text(encoding="utf-8")
+
+CONNECT_TIMEOUT = 5  # seconds
+IO_TIMEOUT = 10  # seconds, each read or write on the socket
+
+# Errors retrying cannot fix soon: bad credentials, no such database, no rights.
+_FATAL_CODES = frozenset({1044, 1045, 1049, 1142})
+
+
+def _ddl_statements(ddl: str) -> list[str]:
+    lines = [line for line in ddl.splitlines() if not line.lstrip().startswith("--")]
+    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
+
+
+class MySQLStore:
+    """:class:`~intaleq_signal.calllog.store.Store` over MySQL/MariaDB."""
+
+    healthy_state = "ok"
+
+    def __init__(self, config: Config) -> None:
+        self.params: dict[str, Any] = {
+            "host": config.db_host,
+            "port": config.db_port,
+            "user": config.db_username,
+            "password": config.db_password or "",
+            "database": config.db_database,
+            "charset": "utf8mb4",
+            "autocommit": True,
+            "connect_timeout": CONNECT_TIMEOUT,
+            "read_timeout": IO_TIMEOUT,
+            "write_timeout": IO_TIMEOUT,
+            "init_command": "SET time_zone = '+00:00'",
+        }
+
+    def connect(self) -> pymysql.connections.Connection:
+        return pymysql.connect(**self.params)
+
+    def prepare(self, conn: pymysql.connections.Connection) -> None:
+        with conn.cursor() as cursor:
+            for statement in _ddl_statements(DDL):
+                cursor.execute(statement)
+
+    def apply(self, conn: pymysql.connections.Connection, event: CallEvent) -> None:
+        with conn.cursor() as cursor:
+            cursor.execute(*MYSQL.statement(event))
+
+    def close(self, conn: pymysql.connections.Connection) -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - already broken; nothing to do
+            pass
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        return isinstance(exc, pymysql.err.MySQLError) and bool(exc.args) and exc.args[0] in _FATAL_CODES
