@@ -26,8 +26,9 @@ DDL = resources.files(__package__).joinpath("call_logs.sql").read_text(encoding=
 CONNECT_TIMEOUT = 5  # seconds
 IO_TIMEOUT = 10  # seconds, each read or write on the socket
 
-# Errors retrying cannot fix soon: bad credentials, no such database, no rights.
-_FATAL_CODES = frozenset({1044, 1045, 1049, 1142})
+# Errors retrying cannot fix soon: bad credentials (1045, 1698), host not
+# allowed (1130), no such database (1049), no rights (1044, 1142).
+_FATAL_CODES = frozenset({1044, 1045, 1049, 1130, 1142, 1698})
 
 
 def _ddl_statements(ddl: str) -> list[str]:

@@ -53,29 +53,37 @@ class CallLogWriter:
     ) -> None:
         self.store = store
         self.max_pending = max_pending
-        self.state = store.healthy_state
+        self.state = "unavailable"  # until a connection is made
         self.writes = 0
         self.failures = 0
         self.dropped = 0
         self._queues: list[queue.SimpleQueue[object]] = [queue.SimpleQueue() for _ in range(threads)]
         self._threads = [
-            threading.Thread(target=self._run, args=(q,), name=f"calllog-{i}", daemon=True)
-            for i, q in enumerate(self._queues)
+            threading.Thread(target=self._run, args=(i,), name=f"calllog-{i}", daemon=True)
+            for i in range(threads)
         ]
         self._deadline: float | None = None  # monotonic; set by close()
         self._wake = threading.Event()
         self._sleep = sleep
         self._warned_at = 0.0
         self._abandoned = 0
+        self._attempted = [threading.Event() for _ in range(threads)]
+        self._in_hand = [0] * threads  # 1 while thread i holds an unwritten event
 
-    def start(self) -> None:
+    def start(self, wait: float = 1.0) -> None:
+        """Start the threads and wait up to ``wait`` seconds for their first
+        connection attempts, so the database state is known when serving
+        starts (a database that does not answer only delays that much)."""
         for thread in self._threads:
             thread.start()
+        deadline = time.monotonic() + wait
+        for attempted in self._attempted:
+            attempted.wait(max(0.0, deadline - time.monotonic()))
 
     @property
     def pending(self) -> int:
-        """Events queued and not yet written (approximate, for metrics)."""
-        return sum(q.qsize() for q in self._queues)
+        """Events queued or being written (approximate, for metrics)."""
+        return sum(q.qsize() for q in self._queues) + sum(self._in_hand)
 
     def record(self, event: CallEvent) -> None:
         """Queue one event; O(1), never blocks, safe only on the loop thread."""
@@ -103,16 +111,18 @@ class CallLogWriter:
     def close(self, timeout: float) -> int:
         """Write what is queued, waiting at most ``timeout`` seconds, then
         stop the threads. Returns the number of events left unwritten."""
-        self._deadline = time.monotonic() + timeout
         for q in self._queues:
-            q.put(_STOP)
+            q.put(_STOP)  # before the deadline: a thread giving up drains up to it
+        self._deadline = time.monotonic() + timeout
         self._wake.set()
         for thread in self._threads:
             thread.join(max(0.0, self._deadline - time.monotonic()))
-        # A thread still stuck in a write holds its queue (sentinel included,
-        # standing for the event in hand); one that gave up counted its own.
+        # A thread still stuck in a write holds its event and its queue (the
+        # sentinel still in it); one that gave up counted its own.
         left = self._abandoned + sum(
-            q.qsize() for q, t in zip(self._queues, self._threads, strict=True) if t.is_alive()
+            self._in_hand[i] + max(0, q.qsize() - 1)
+            for i, (q, t) in enumerate(zip(self._queues, self._threads, strict=True))
+            if t.is_alive()
         )
         if left:
             log.error("call log: %d events could not be written before exit", left)
@@ -120,17 +130,22 @@ class CallLogWriter:
 
     # -- worker thread -------------------------------------------------------
 
-    def _run(self, q: queue.SimpleQueue[object]) -> None:
+    def _run(self, index: int) -> None:
+        q = self._queues[index]
         conn = self._open()
+        self._attempted[index].set()
         try:
             while True:
                 event = q.get()
                 if event is _STOP:
                     return
+                self._in_hand[index] = 1
                 conn = self._write(conn, event)  # type: ignore[arg-type]
                 if conn is None:  # gave up at the close deadline
                     self._abandoned += 1 + sum(1 for _ in iter(q.get_nowait, _STOP))
+                    self._in_hand[index] = 0
                     return
+                self._in_hand[index] = 0
         finally:
             if conn is not None:
                 self.store.close(conn)
@@ -147,6 +162,7 @@ class CallLogWriter:
             self.state = "unavailable"
             log.error("call log: database unavailable at start, will retry: %s", exc)
             return None
+        self.state = self.store.healthy_state
         return conn
 
     def _write(self, conn: object | None, event: CallEvent) -> object | None:

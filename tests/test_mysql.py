@@ -1,0 +1,310 @@
+"""The MySQL call log against the real MariaDB/MySQL of this machine (SPEC §5).
+
+Each test gets a database with a random name, dropped afterwards. The outage
+tests put a TCP proxy the test controls between the daemon and the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import closed_with, join, recv_json, send_json
+from mysql_support import MYSQL, Database, TCPProxy
+
+from intaleq_signal.calllog.mysql import DDL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def db():
+    database = Database()
+    yield database
+    database.drop()
+
+
+@pytest.fixture
+def proxy():
+    tcp = TCPProxy((MYSQL["host"], MYSQL["port"]))
+    yield tcp
+    tcp.close()
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+def health(server) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def wait_until(predicate, timeout: float = 15.0, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(step)
+
+
+async def connected_call(server, session):
+    driver, _ = await join(server, session, "driver-1")
+    passenger, _ = await join(server, session, "passenger-1")
+    await recv_json(passenger)  # participant_joined
+    await recv_json(driver)
+    return driver, passenger
+
+
+def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
+    """SPEC §5: the table is created at start from database.sql (one source of truth)."""
+    assert (ROOT / "database.sql").read_text(encoding="utf-8") == DDL
+    server_factory(**db.server_env())
+    wait_until(lambda: db.query("SHOW TABLES LIKE 'call_logs'"))
+    columns = {
+        row["COLUMN_NAME"]: row
+        for row in db.query(
+            "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'call_logs'",
+            db.name,
+        )
+    }
+    assert set(columns) == {
+        "id",
+        "session_id",
+        "ride_id",
+        "driver_id",
+        "passenger_id",
+        "status",
+        "initiated_by",
+        "end_reason",
+        "created_at",
+        "connected_at",
+        "ended_at",
+    }
+    assert columns["session_id"]["CHARACTER_MAXIMUM_LENGTH"] == 36
+    [table] = db.query(
+        "SELECT ENGINE, TABLE_COLLATION FROM information_schema.TABLES"
+        " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = 'call_logs'",
+        db.name,
+    )
+    assert table["ENGINE"] == "InnoDB"
+    assert table["TABLE_COLLATION"].startswith("utf8mb4")
+    indexes = {
+        (row["Key_name"], row["Column_name"], row["Non_unique"])
+        for row in db.query("SHOW INDEX FROM call_logs")
+    }
+    assert ("uq_call_logs_session_id", "session_id", 0) in indexes
+    assert any(name != "PRIMARY" and column == "ride_id" for name, column, _ in indexes)
+
+
+def test_every_end_reason_gives_its_row(server_factory, db) -> None:
+    """SPEC §5: created → active → ended rows with event times, for every end reason."""
+    server = server_factory(SESSION_DURATION="2s", RECONNECT_GRACE="300ms", **db.server_env())
+    before = utcnow() - datetime.timedelta(seconds=1)
+    sessions = {}
+
+    def new(reason):
+        sessions[reason] = server.new_session(ride_id=f"ride-{reason}")
+        return sessions[reason]
+
+    new("expired")
+
+    async def scenario() -> None:
+        d, p = await connected_call(server, new("user_terminated"))
+        await send_json(d, {"type": "offer", "sdp": "v=0"})
+        await recv_json(p)
+        await send_json(p, {"type": "end_call"})
+        assert await closed_with(d) == 1000
+
+        d, p = await connected_call(server, new("disconnect_driver"))
+        await d.close()
+        assert await recv_json(p) == {"type": "participant_left", "role": "driver"}
+        assert await recv_json(p) == {"type": "call_ended", "reason": "disconnect_driver"}
+
+        d, p = await connected_call(server, new("disconnect_passenger"))
+        await send_json(p, {"type": "offer", "sdp": "v=0"})
+        await recv_json(d)
+        await p.close()
+        assert await recv_json(d) == {"type": "participant_left", "role": "passenger"}
+        assert await recv_json(d) == {"type": "call_ended", "reason": "disconnect_passenger"}
+
+        d, p = await connected_call(server, new("max_duration_reached"))
+        assert await recv_json(d, timeout=5) == {"type": "call_timeout", "reason": "max_duration_reached"}
+        assert await closed_with(p) == 1000
+
+        shutdown_d, shutdown_p = await connected_call(server, new("server_shutdown"))
+        server.proc.send_signal(15)
+        assert await recv_json(shutdown_d) == {"type": "call_ended", "reason": "server_shutdown"}
+        assert await closed_with(shutdown_p) == 1001
+
+    asyncio.run(scenario())
+    assert server.stop() == 0
+    after = utcnow() + datetime.timedelta(seconds=1)
+    rows = {row["ride_id"]: row for row in db.rows()}
+    assert len(rows) == 6
+    for reason, session in sessions.items():
+        row = rows[f"ride-{reason}"]
+        assert row["session_id"] == session["session_id"]
+        assert (row["driver_id"], row["passenger_id"]) == ("driver-1", "passenger-1")
+        assert row["status"] == "ended", row
+        assert row["end_reason"] == reason, row
+        assert before <= row["created_at"] <= row["ended_at"] <= after, row
+        if reason == "expired":
+            assert row["connected_at"] is None
+            assert row["ended_at"] - row["created_at"] >= datetime.timedelta(seconds=1.9)
+        else:
+            assert row["created_at"] <= row["connected_at"] <= row["ended_at"], row
+    assert rows["ride-user_terminated"]["initiated_by"] == "driver-1"
+    assert rows["ride-disconnect_passenger"]["initiated_by"] == "passenger-1"
+    assert rows["ride-expired"]["initiated_by"] is None
+    call = rows["ride-max_duration_reached"]
+    assert (
+        datetime.timedelta(seconds=1.9)
+        <= call["ended_at"] - call["connected_at"]
+        <= datetime.timedelta(seconds=3.5)
+    )
+
+
+def test_hundreds_of_parallel_sessions(server_factory, db) -> None:
+    """SPEC §5: concurrent sessions and calls over DB_POOL_SIZE threads all land, each in order."""
+    server = server_factory(DB_POOL_SIZE="4", **db.server_env())
+    with ThreadPoolExecutor(16) as pool:
+        sessions = list(pool.map(lambda i: server.new_session(ride_id=f"par-{i}"), range(300)))
+
+    async def call(session) -> None:
+        d, p = await connected_call(server, session)
+        await send_json(p, {"type": "offer", "sdp": "v=0"})
+        await recv_json(d)
+        await send_json(d, {"type": "end_call"})
+        await closed_with(p)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(call(s) for s in sessions[:150]))
+
+    asyncio.run(scenario())
+    assert server.stop() == 0
+    rows = {row["session_id"]: row for row in db.rows()}
+    assert len(rows) == 300
+    for i, session in enumerate(sessions):
+        row = rows[session["session_id"]]
+        assert row["ride_id"] == f"par-{i}"
+        if i < 150:
+            assert (row["status"], row["end_reason"], row["initiated_by"]) == (
+                "ended",
+                "user_terminated",
+                "passenger-1",
+            )
+            assert row["created_at"] <= row["connected_at"] <= row["ended_at"]
+        else:
+            assert (row["status"], row["end_reason"]) == ("ended", "server_shutdown")
+
+
+def test_outage_mid_run_loses_nothing_and_does_not_touch_calls(server_factory, db, proxy) -> None:
+    """SPEC §5: MySQL cut for seconds during live calls: signaling unaffected, every record lands in order."""
+    server = server_factory(**db.server_env(proxy.port))
+    wait_until(lambda: health(server)["database"] == "ok")
+    early = [server.new_session(ride_id=f"early-{i}") for i in range(5)]
+    wait_until(lambda: len(db.rows()) == 5)
+
+    timings: list[float] = []
+
+    async def scenario() -> list[dict]:
+        calls = [await connected_call(server, s) for s in early]
+        proxy.cut()
+        cut_at = utcnow()
+        during = []
+        for i in range(20):  # sessions created and calls relayed while the database is gone
+            started = time.monotonic()
+            during.append(server.new_session(ride_id=f"during-{i}"))
+            timings.append(time.monotonic() - started)
+        for d, p in calls:
+            for n in range(10):
+                started = time.monotonic()
+                await send_json(d, {"type": "ice_candidate", "candidate": {"candidate": f"c{n}"}})
+                assert (await recv_json(p))["candidate"] == {"candidate": f"c{n}"}
+                timings.append(time.monotonic() - started)
+        for d, p in calls[:3]:
+            await send_json(d, {"type": "end_call"})
+            assert await closed_with(p) == 1000
+        await asyncio.sleep(3)
+        assert health(server)["database"] == "unavailable"
+        proxy.restore()
+        return during, cut_at
+
+    during, cut_at = asyncio.run(scenario())
+    assert max(timings) < 0.5, timings  # no waiting on the database anywhere in signaling
+    wait_until(lambda: health(server)["database"] == "ok", timeout=20)
+    wait_until(lambda: len(db.rows()) == 25, timeout=20)
+    assert server.stop() == 0
+    rows = {row["ride_id"]: row for row in db.rows()}
+    for i in range(len(early)):
+        row = rows[f"early-{i}"]
+        expected = "user_terminated" if i < 3 else "server_shutdown"
+        assert (row["status"], row["end_reason"]) == ("ended", expected), row
+        assert row["connected_at"] is not None
+        assert row["created_at"] <= row["connected_at"] <= row["ended_at"]
+    for i, session in enumerate(during):
+        row = rows[f"during-{i}"]
+        assert row["session_id"] == session["session_id"]
+        assert row["status"] == "ended" and row["end_reason"] == "server_shutdown"
+        # the event time, not the (later) time the write reached the database
+        assert row["created_at"] <= cut_at + datetime.timedelta(seconds=3), row
+
+
+def test_start_with_mysql_unreachable(server_factory, db, proxy) -> None:
+    """SPEC §5: the daemon starts and serves with the database down; records land when it comes."""
+    proxy.cut()
+    server = server_factory(**db.server_env(proxy.port))
+    assert health(server)["database"] == "unavailable"
+    session = server.new_session(ride_id="down-at-start")
+
+    async def scenario() -> None:
+        d, p = await connected_call(server, session)
+        await send_json(d, {"type": "offer", "sdp": "v=0"})
+        assert await recv_json(p) == {"type": "offer", "sdp": "v=0"}
+        await send_json(d, {"type": "end_call"})
+        await closed_with(p)
+
+    asyncio.run(scenario())
+    server.wait_for_log("database unavailable")
+    proxy.restore()
+    wait_until(lambda: health(server)["database"] == "ok", timeout=20)
+    wait_until(lambda: db.query("SHOW TABLES LIKE 'call_logs'") and db.rows(), timeout=20)
+    [row] = db.rows()
+    assert (row["session_id"], row["status"], row["end_reason"], row["initiated_by"]) == (
+        session["session_id"],
+        "ended",
+        "user_terminated",
+        "driver-1",
+    )
+
+
+def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> None:
+    """SPEC §5: credentials errors are reported clearly, not retried in a hot loop; signaling works."""
+    env = db.server_env()
+    env["DB_USERNAME"] = "no_such_user_intaleq"
+    env["DB_PASSWORD"] = "wrong"
+    server = server_factory(**env)
+    line = server.wait_for_log("call log: database unavailable")
+    assert "Access denied" in line
+    session = server.new_session(ride_id="bad-credentials")
+    assert session["expires_in"] == 60
+    time.sleep(2)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    failed = next(line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_failed "))
+    assert int(failed.split()[1]) <= 2 * int(env.get("DB_POOL_SIZE", "4")), server.log
+    pending = next(
+        line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_pending ")
+    )
+    assert int(pending.split()[1]) == 1
