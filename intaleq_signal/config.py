@@ -32,7 +32,8 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 ENVIRONMENTS = ("production", "development")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]{1,12}(?:\.[0-9]{1,9})?)\s*(ms|s|m|h)?\s*$")
+_DIGITS = re.compile(r"^[0-9]{1,12}$")  # ASCII only: str.isdigit() takes "²" and "٣"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -77,7 +78,7 @@ def parse_server_addr(text: str) -> tuple[str, int]:
             raise ConfigError(f"{name}={text!r}: {host!r} is not an IPv6 address") from None
     elif ":" in host:
         raise ConfigError(f"{name}={text!r}: write an IPv6 address in brackets, [::1]:47880")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not _DIGITS.match(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{name}={text!r}: port must be a number from 0 to 65535")
     return host, int(port_text)
 
@@ -105,13 +106,18 @@ def load_env_file(path: str) -> dict[str, str]:
         key = key.strip()
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"--env-file {path} line {number}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        values[key] = value
+        values[key] = _env_value(value.strip())
     return values
+
+
+def _env_value(text: str) -> str:
+    """A value as written after ``=``: quoted (the quotes removed, anything
+    after the closing quote ignored) or bare (a `` #`` comment cut off)."""
+    if text[:1] in ("'", '"'):
+        closing = text.find(text[0], 1)
+        if closing > 0:
+            return text[1:closing]
+    return text.split(" #", 1)[0].rstrip()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -225,7 +231,7 @@ class _Reader:
 
     def integer(self, name: str, default: str, low: int, high: int) -> int:
         text = self.get(name, default)
-        if not text.isdigit() or not low <= int(text) <= high:
+        if not _DIGITS.match(text) or not low <= int(text) <= high:
             raise ConfigError(f"{name}={text!r} must be an integer from {low} to {high}")
         return int(text)
 

@@ -20,7 +20,7 @@ from websockets.http11 import Response
 
 from .config import Config
 from .metrics import Metrics
-from .ratelimit import SlidingWindow, client_ip
+from .ratelimit import SlidingWindow, client_ip, peer_address
 from .sessions import Capacity, RideConflict
 from .signaling import Signaling
 from .wire import error_body
@@ -69,10 +69,22 @@ def validate_session_body(body: bytes) -> tuple[str, str, str]:
             raise BadRequest(400, "invalid_request", f"'{field}' must be a non-empty string")
         if len(value) > MAX_FIELD_LENGTH:
             raise BadRequest(400, "invalid_request", f"'{field}' is longer than 255 characters")
+        if not value.isprintable() or not _utf8(value):
+            raise BadRequest(400, "invalid_request", f"'{field}' has control or invalid characters")
         values.append(value)
     if values[1] == values[2]:
         raise BadRequest(400, "invalid_request", "'passenger_id' must differ from 'driver_id'")
     return values[0], values[1], values[2]
+
+
+def _utf8(value: str) -> bool:
+    """False for a lone surrogate (a ``"\ud800"`` escape): no database or
+    log line can store it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _no_constant(name: str) -> Any:
@@ -198,7 +210,7 @@ class HTTPAPI:
 
 def _peer_host(connection: Any) -> str:
     address = connection.remote_address
-    return str(address[0]) if address else "?"
+    return peer_address(str(address[0])) if address else "?"
 
 
 def respond(

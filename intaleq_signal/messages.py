@@ -53,7 +53,10 @@ def _reject_constant(name: str) -> Any:
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# ASCII output: every frame is sendable (a lone surrogate from a "\ud800"
+# escape is re-escaped, not a UnicodeEncodeError) and its length in
+# characters is its length in bytes (the 16 KiB hold bound, SPEC §4 rule 4).
+_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 encode = _encoder.encode
 
 

@@ -10,7 +10,7 @@ import ipaddress
 from collections import deque
 from collections.abc import Mapping
 
-__all__ = ["SlidingWindow", "TokenBucket", "client_ip"]
+__all__ = ["SlidingWindow", "TokenBucket", "client_ip", "peer_address"]
 
 
 def client_ip(peer: str, headers: Mapping[str, str], trusted: frozenset[str]) -> str:
@@ -21,6 +21,7 @@ def client_ip(peer: str, headers: Mapping[str, str], trusted: frozenset[str]) ->
     value that is not an IP address is ignored (the peer is used), so a
     proxy bug cannot merge every client into one bucket named "unknown".
     """
+    peer = peer_address(peer)
     if peer not in trusted:
         return peer
     real = headers.get("X-Real-IP")
@@ -32,6 +33,19 @@ def client_ip(peer: str, headers: Mapping[str, str], trusted: frozenset[str]) ->
         if _is_ip(last):
             return last
     return peer
+
+
+def peer_address(address: str) -> str:
+    """``::ffff:127.0.0.1`` (an IPv4 peer on a dual-stack socket) as
+    ``127.0.0.1``, so it matches ``TRUSTED_PROXIES`` and loopback checks."""
+    if address.startswith("::ffff:"):
+        try:
+            mapped = ipaddress.IPv6Address(address).ipv4_mapped
+        except ValueError:
+            return address
+        if mapped is not None:
+            return str(mapped)
+    return address
 
 
 def _is_ip(text: str) -> bool:

@@ -54,7 +54,7 @@ class Seat:
         held = self.held
         if held is None:
             held = self.held = deque()
-        size = len(text)
+        size = len(text.encode())  # bytes on the wire (holding is the rare path)
         if len(held) >= HOLD_MAX_MESSAGES or self.held_bytes + size > HOLD_MAX_BYTES:
             return False
         held.append(text)
@@ -144,13 +144,6 @@ class Registry:
     def live(self) -> int:
         return len(self.by_ride)
 
-    def find_live(self, ride_id: str, now: float) -> Session | None:
-        """The ride's session if neither ended nor past its deadline."""
-        session = self.by_ride.get(ride_id)
-        if session is not None and now >= session.deadline:
-            return None  # expired; its timer will end it momentarily
-        return session
-
     def create(
         self, ride_id: str, driver_id: str, passenger_id: str, now: float, *, accepting: bool = True
     ) -> tuple[Session, bool]:
@@ -162,17 +155,18 @@ class Registry:
             Capacity: ``MAX_SESSIONS`` reached, or ``accepting`` is False
                 (shutting down). A matching re-POST is never refused.
         """
-        existing = self.find_live(ride_id, now)
+        existing = self.by_ride.get(ride_id)
         if existing is not None:
-            if existing.driver.user_id == driver_id and existing.passenger.user_id == passenger_id:
-                return existing, False
-            raise RideConflict(ride_id)
+            if now < existing.deadline:
+                if existing.driver.user_id == driver_id and existing.passenger.user_id == passenger_id:
+                    return existing, False
+                raise RideConflict(ride_id)
+            # Past its deadline, its timer not fired yet: no longer the ride's
+            # live session, and not counted against MAX_SESSIONS.
+            del self.by_ride[ride_id]
         if not accepting or self.live >= self.max_sessions:
             raise Capacity()
         session = Session(str(uuid.uuid4()), ride_id, driver_id, passenger_id, now, self.duration)
-        stale = self.by_ride.get(ride_id)
-        if stale is not None:  # past its deadline but its timer has not fired yet
-            del self.by_ride[ride_id]
         self.by_id[session.session_id] = session
         self.by_ride[ride_id] = session
         return session, True

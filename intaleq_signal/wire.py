@@ -46,12 +46,28 @@ class HTTPServerConnection(ServerConnection):
             body framing is refused: 411 without ``Content-Length`` on a
             method that needs one or with ``Transfer-Encoding``; 413 over
             :data:`MAX_BODY_BYTES`; 400 for an invalid ``Content-Length``.
+        client_ip: the client address as ``process_request`` resolved it
+            (SPEC §4, ``TRUSTED_PROXIES``).
         last_received: ``loop.time()`` of the latest bytes received, read by
             the heartbeat sweep (SPEC §4 rule 8).
     """
 
+    # Slots, not the inherited __dict__: a few more keys there would make
+    # every connection's attribute dict double in size.
+    __slots__ = (
+        "http_method",
+        "http_body",
+        "http_body_error",
+        "client_ip",
+        "last_received",
+        "_pending",
+        "_body_length",
+        "_head",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.client_ip = "?"
         self.http_method = "GET"
         self.http_body = b""
         self.http_body_error: tuple[int, str, str] | None = None
@@ -116,7 +132,7 @@ class HTTPServerConnection(ServerConnection):
             error = (411, "length_required", "chunked bodies are not accepted; send Content-Length")
         elif len(lengths) > 1 or any(not v.isdigit() for v in lengths):
             error = (400, "invalid_request", "invalid Content-Length header")
-        elif lengths and int(next(iter(lengths))) > MAX_BODY_BYTES:
+        elif lengths and (len(next(iter(lengths))) > 9 or int(next(iter(lengths))) > MAX_BODY_BYTES):
             error = (413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
         elif not lengths and self.http_method in ("POST", "PUT", "PATCH"):
             error = (411, "length_required", "Content-Length is required")

@@ -74,5 +74,8 @@ class MySQLStore:
         except Exception:  # noqa: BLE001 - already broken; nothing to do
             pass
 
+    def is_permanent(self, exc: BaseException) -> bool:
+        return isinstance(exc, (pymysql.err.DataError, pymysql.err.IntegrityError, ValueError))
+
     def is_fatal(self, exc: BaseException) -> bool:
         return isinstance(exc, pymysql.err.MySQLError) and bool(exc.args) and exc.args[0] in _FATAL_CODES

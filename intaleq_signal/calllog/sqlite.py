@@ -58,5 +58,10 @@ class SQLiteStore:
         except sqlite3.Error:
             pass
 
+    def is_permanent(self, exc: BaseException) -> bool:
+        return isinstance(
+            exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError, ValueError)
+        )
+
     def is_fatal(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc)

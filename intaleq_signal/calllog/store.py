@@ -36,4 +36,9 @@ class Store(Protocol):
         """Close a connection, ignoring errors."""
 
     def is_fatal(self, exc: BaseException) -> bool:
-        """True for errors a retry cannot fix soon (bad credentials)."""
+        """True for connection errors a retry cannot fix soon (bad
+        credentials): retried, but slowly."""
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        """True when ``apply`` failed on a working connection because of the
+        event's data: the writer logs and skips that event."""

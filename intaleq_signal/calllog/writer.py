@@ -57,6 +57,7 @@ class CallLogWriter:
         self.writes = 0
         self.failures = 0
         self.dropped = 0
+        self.rejected = 0  # events the database refused as data errors
         self._queues: list[queue.SimpleQueue[object]] = [queue.SimpleQueue() for _ in range(threads)]
         self._threads = [
             threading.Thread(target=self._run, args=(i,), name=f"calllog-{i}", daemon=True)
@@ -67,6 +68,7 @@ class CallLogWriter:
         self._sleep = sleep
         self._warned_at = 0.0
         self._abandoned = 0
+        self._lock = threading.Lock()
         self._attempted = [threading.Event() for _ in range(threads)]
         self._in_hand = [0] * threads  # 1 while thread i holds an unwritten event
 
@@ -142,7 +144,8 @@ class CallLogWriter:
                 self._in_hand[index] = 1
                 conn = self._write(conn, event)  # type: ignore[arg-type]
                 if conn is None:  # gave up at the close deadline
-                    self._abandoned += 1 + sum(1 for _ in iter(q.get_nowait, _STOP))
+                    with self._lock:
+                        self._abandoned += 1 + sum(1 for _ in iter(q.get_nowait, _STOP))
                     self._in_hand[index] = 0
                     return
                 self._in_hand[index] = 0
@@ -177,6 +180,17 @@ class CallLogWriter:
                 self.store.apply(conn, event)
             except Exception as exc:  # noqa: BLE001 - any driver error means retry
                 self.failures += 1
+                if conn is not None and self.store.is_permanent(exc):
+                    # The database answered and refused this event's data:
+                    # retrying cannot help and would block the queue behind it.
+                    self.rejected += 1
+                    log.error(
+                        "call log: %s for session %s refused, not retried: %s",
+                        type(event).__name__,
+                        event.session_id,
+                        exc,
+                    )
+                    return conn
                 if conn is not None:
                     self.store.close(conn)
                     conn = None

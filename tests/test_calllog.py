@@ -1,0 +1,525 @@
+"""Unit tests of the call log (SPEC §5): the writer thread pool against an
+in-memory fake Store, and the SQLite store on a temporary file."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from intaleq_signal.calllog import CallActive, CallEnded, CallInitiated, CallLogWriter, SessionCreated
+from intaleq_signal.calllog.sql import utc_text
+from intaleq_signal.calllog.sqlite import SQLiteStore
+from intaleq_signal.calllog.writer import BACKOFF_FATAL, BACKOFF_FIRST, BACKOFF_MAX
+
+
+def no_sleep(seconds: float) -> None:
+    pass
+
+
+class FakeStore:
+    """An in-memory Store: records applied events, fails on demand."""
+
+    healthy_state = "ok"
+
+    def __init__(
+        self,
+        fail_first: int = 0,
+        always_fail: bool = False,
+        fail_every: int = 0,
+        connect_fail_first: int = 0,
+        fatal: bool = False,
+        apply_delay: float = 0.0,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.fail_first = fail_first
+        self.always_fail = always_fail
+        self.fail_every = fail_every
+        self.connect_fail_first = connect_fail_first
+        self.fatal = fatal
+        self.apply_delay = apply_delay
+        self.applied: list[Any] = []
+        self.attempts = 0
+        self.connect_attempts = 0
+        self.connections = 0
+        self.prepared = 0
+        self.closed = 0
+        self.threads: set[str] = set()
+        self.states_at_apply: list[str] = []
+        self.writer: CallLogWriter | None = None
+        self.gate: threading.Event | None = None  # when set up, apply blocks until it is set
+
+    def connect(self) -> object:
+        with self.lock:
+            self.connect_attempts += 1
+            if self.connect_attempts <= self.connect_fail_first:
+                raise ConnectionRefusedError("connection refused")
+            self.connections += 1
+        return object()
+
+    def prepare(self, conn: object) -> None:
+        with self.lock:
+            self.prepared += 1
+
+    def apply(self, conn: object, event: Any) -> None:
+        if self.gate is not None:
+            self.gate.wait()
+        if self.apply_delay:
+            time.sleep(self.apply_delay)
+        with self.lock:
+            self.attempts += 1
+            self.threads.add(threading.current_thread().name)
+            if self.writer is not None:
+                self.states_at_apply.append(self.writer.state)
+            if (
+                self.always_fail
+                or self.attempts <= self.fail_first
+                or (self.fail_every and self.attempts % self.fail_every == 0)
+            ):
+                raise ConnectionResetError("server has gone away")
+            self.applied.append(event)
+
+    def close(self, conn: object) -> None:
+        with self.lock:
+            self.closed += 1
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        return self.fatal
+
+    def is_permanent(self, exc: BaseException) -> bool:
+        return isinstance(exc, ValueError)
+
+
+def lifecycle_events(session_id: str, t: float = 1_700_000_000.0) -> list[Any]:
+    return [
+        SessionCreated(session_id, f"ride-{session_id}", "drv", "pas", t),
+        CallInitiated(session_id, "drv"),
+        CallActive(session_id, t + 5),
+        CallEnded(session_id, "user_terminated", t + 30),
+    ]
+
+
+def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    """Poll until ``condition()``; used before close() where close's deadline would cap the backoff."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def make_writer(store: FakeStore, **kwargs: Any) -> CallLogWriter:
+    writer = CallLogWriter(store, **kwargs)
+    store.writer = writer
+    return writer
+
+
+# -- CallLogWriter ------------------------------------------------------------
+
+
+def test_writes_in_order_and_flushes_on_close():
+    """SPEC §5: writes for one session are applied in order; close() flushes and reports 0 left."""
+    store = FakeStore()
+    writer = make_writer(store)
+    writer.start()
+    events = lifecycle_events("s1")
+    for event in events:
+        writer.record(event)
+    assert writer.close(5.0) == 0
+    assert store.applied == events
+    assert writer.writes == 4 and writer.failures == 0
+    assert store.connections == 1 and store.prepared == 1
+    assert store.closed == 1  # the thread closes its connection on exit
+
+
+def test_failed_writes_are_retried_in_order():
+    """SPEC §5: an unreachable database delays writes, which retry with backoff and land in order."""
+    store = FakeStore(fail_first=3)
+    delays: list[float] = []
+    writer = make_writer(store, sleep=delays.append)
+    events = lifecycle_events("s1")
+    for event in events:
+        writer.record(event)
+    writer.start()
+    wait_for(lambda: len(store.applied) == 4)
+    assert writer.close(5.0) == 0
+    assert store.applied == events
+    assert writer.failures == 3
+    assert writer.writes == 4
+    assert delays == [BACKOFF_FIRST, BACKOFF_FIRST * 2, BACKOFF_FIRST * 4]
+    # each failure drops the connection and the retry uses a fresh one
+    assert store.connections == 4
+    assert store.prepared == 4
+
+
+def test_state_unavailable_then_back():
+    """SPEC §3 /health: the database state goes `unavailable` while writes fail, then back to ok."""
+    store = FakeStore(fail_first=2)
+    writer = make_writer(store, sleep=no_sleep)
+    writer.record(SessionCreated("s1", "r", "d", "p", 0.0))
+    writer.record(CallEnded("s1", "expired", 60.0))
+    writer.start()
+    assert writer.close(5.0) == 0
+    assert store.states_at_apply == ["ok", "unavailable", "unavailable", "ok"]
+    assert writer.state == "ok"
+
+
+def test_state_known_right_after_start():
+    """SPEC §3 /health: the database state is reported from the start (ok when it connects)."""
+    store = FakeStore()
+    writer = make_writer(store)
+    writer.start()
+    try:
+        assert writer.state == "ok"
+    finally:
+        assert writer.close(1.0) == 0
+
+
+def test_state_unavailable_when_database_down_at_start():
+    """SPEC §3 /health, §5: a database that is down at start is reported unavailable, not waited for."""
+    store = FakeStore(connect_fail_first=10**9)
+    writer = make_writer(store, sleep=no_sleep)
+    started = time.monotonic()
+    writer.start()
+    assert time.monotonic() - started < 1.0
+    assert writer.state == "unavailable"
+    assert writer.close(0.1) == 0
+
+
+def test_backoff_is_exponential_and_capped():
+    """SPEC §5: retries back off exponentially up to a cap (no hot loop against a dead database)."""
+    store = FakeStore(fail_first=9)
+    delays: list[float] = []
+    writer = make_writer(store, sleep=delays.append)
+    writer.record(CallActive("s1", 0.0))
+    writer.start()
+    wait_for(lambda: store.applied)
+    assert writer.close(5.0) == 0
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, BACKOFF_MAX, BACKOFF_MAX, BACKOFF_MAX])
+    assert store.applied == [CallActive("s1", 0.0)]
+
+
+def test_fatal_errors_back_off_long():
+    """SPEC §5: errors a retry cannot fix soon (credentials) are retried slowly."""
+    store = FakeStore(fail_first=2, fatal=True)
+    delays: list[float] = []
+    writer = make_writer(store, sleep=delays.append)
+    writer.record(CallActive("s1", 0.0))
+    writer.start()
+    wait_for(lambda: store.applied)
+    assert writer.close(5.0) == 0
+    assert delays == [BACKOFF_FATAL, BACKOFF_FATAL]
+    assert len(store.applied) == 1
+
+
+def test_connect_failures_are_retried():
+    """SPEC §5: a database that is down at start is retried until it comes up."""
+    store = FakeStore(connect_fail_first=3)
+    writer = make_writer(store, sleep=no_sleep)
+    events = lifecycle_events("s1")
+    for event in events:
+        writer.record(event)
+    writer.start()
+    assert writer.close(5.0) == 0
+    assert store.applied == events
+    assert store.connect_attempts == 4
+    assert store.prepared == 1
+    assert writer.state == "ok"
+
+
+def test_many_sessions_keep_per_session_order_with_threads():
+    """SPEC §5: with several writer threads and a flaky database, each session's writes stay in order."""
+    store = FakeStore(fail_every=7)
+    writer = make_writer(store, threads=4, sleep=no_sleep)
+    writer.start()
+    sessions = [f"session-{i}" for i in range(40)]
+    expected: dict[str, list[Any]] = {s: [] for s in sessions}
+    for seq in range(25):
+        for session_id in sessions:
+            event = CallActive(session_id, float(seq))
+            expected[session_id].append(event)
+            writer.record(event)
+    assert writer.close(10.0) == 0
+    got: dict[str, list[Any]] = {s: [] for s in sessions}
+    for event in store.applied:
+        got[event.session_id].append(event)
+    assert got == expected
+    assert len(store.threads) > 1  # the work really was spread over threads
+    assert writer.failures > 0
+
+
+def test_close_waits_for_slow_writes():
+    """SPEC §6: shutdown flushes the call-log writes that are queued."""
+    store = FakeStore(apply_delay=0.001)
+    writer = make_writer(store, threads=2)
+    writer.start()
+    for i in range(200):
+        writer.record(CallActive(f"s{i % 10}", float(i)))
+    assert writer.close(10.0) == 0
+    assert len(store.applied) == 200
+    assert writer.pending == 0
+
+
+@pytest.mark.parametrize("sleep", [None, no_sleep], ids=["real-backoff", "no-sleep"])
+def test_close_with_dead_database_returns_unwritten_count(sleep):
+    """SPEC §6: shutdown gives up on an unreachable database within the timeout and reports what is lost."""
+    store = FakeStore(always_fail=True)
+    writer = make_writer(store, threads=2, sleep=sleep)
+    writer.start()
+    for i in range(7):
+        writer.record(CallActive(f"s{i}", float(i)))
+    time.sleep(0.05)  # let the threads start failing and backing off
+    started = time.monotonic()
+    left = writer.close(0.3)
+    elapsed = time.monotonic() - started
+    assert left == 7
+    assert elapsed < 1.5
+    assert store.applied == []
+    assert writer.state == "unavailable"
+
+
+def test_close_with_a_stuck_write_returns_within_timeout():
+    """SPEC §6: a write hanging in the driver does not hold shutdown past the timeout."""
+    store = FakeStore()
+    store.gate = threading.Event()
+    writer = make_writer(store)
+    writer.start()
+    for event in lifecycle_events("s1"):
+        writer.record(event)
+    started = time.monotonic()
+    try:
+        left = writer.close(0.2)
+        elapsed = time.monotonic() - started
+    finally:
+        store.gate.set()  # let the daemon thread finish
+    assert left == 4  # one in hand, three queued
+    assert elapsed < 1.0
+
+
+def test_record_never_blocks():
+    """SPEC §5: a slow database never delays signaling: record() returns at once."""
+    store = FakeStore()
+    store.gate = threading.Event()
+    writer = make_writer(store)
+    writer.start()
+    started = time.monotonic()
+    for i in range(5000):
+        writer.record(CallActive(f"s{i}", float(i)))
+    assert time.monotonic() - started < 1.0
+    assert writer.pending >= 4999
+    store.gate.set()
+    assert writer.close(10.0) == 0
+    assert len(store.applied) == 5000
+
+
+def test_max_pending_drops_and_counts(caplog):
+    """SPEC §5: the queue is bounded; past max_pending new events are dropped, counted and warned about."""
+    store = FakeStore()
+    writer = make_writer(store, max_pending=10)
+    with caplog.at_level(logging.WARNING, logger="intaleq_signal.calllog"):
+        events = [CallActive(f"s{i}", float(i)) for i in range(15)]
+        for event in events:
+            writer.record(event)
+    assert writer.dropped == 5
+    assert writer.pending == 10
+    assert any("backlog" in record.getMessage() for record in caplog.records)
+    writer.start()
+    assert writer.close(5.0) == 0
+    assert store.applied == events[:10]
+
+
+# -- SQLiteStore --------------------------------------------------------------
+
+T = 1_700_000_000.25  # 2023-11-14 22:13:20.250 UTC
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    store = SQLiteStore(str(tmp_path / "calls.sqlite3"))
+    conn = store.connect()
+    store.prepare(conn)
+    yield store, conn
+    store.close(conn)
+
+
+def rows(store: SQLiteStore) -> list[dict[str, Any]]:
+    with sqlite3.connect(store.path) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute("SELECT * FROM call_logs ORDER BY id")]
+
+
+def only_row(store: SQLiteStore) -> dict[str, Any]:
+    (row,) = rows(store)
+    return row
+
+
+def test_sqlite_schema_columns(sqlite_store):
+    """SPEC §5: the call_logs columns of the seed schema."""
+    store, conn = sqlite_store
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(call_logs)")]
+    assert columns == [
+        "id",
+        "session_id",
+        "ride_id",
+        "driver_id",
+        "passenger_id",
+        "status",
+        "initiated_by",
+        "end_reason",
+        "created_at",
+        "connected_at",
+        "ended_at",
+    ]
+    store.prepare(conn)  # created when missing: preparing again is harmless
+
+
+def test_sqlite_every_event(sqlite_store):
+    """SPEC §5: created → active → ended rows with initiated_by and the event times in UTC."""
+    store, conn = sqlite_store
+    store.apply(conn, SessionCreated("s1", "ride-1", "drv", "pas", T))
+    assert only_row(store) | {"id": 0} == {
+        "id": 0,
+        "session_id": "s1",
+        "ride_id": "ride-1",
+        "driver_id": "drv",
+        "passenger_id": "pas",
+        "status": "created",
+        "initiated_by": None,
+        "end_reason": None,
+        "created_at": "2023-11-14 22:13:20.250",
+        "connected_at": None,
+        "ended_at": None,
+    }
+    store.apply(conn, CallInitiated("s1", "drv"))
+    assert only_row(store)["initiated_by"] == "drv"
+    store.apply(conn, CallActive("s1", T + 5))
+    row = only_row(store)
+    assert (row["status"], row["connected_at"]) == ("active", "2023-11-14 22:13:25.250")
+    store.apply(conn, CallEnded("s1", "max_duration_reached", T + 65))
+    row = only_row(store)
+    assert (row["status"], row["end_reason"], row["ended_at"]) == (
+        "ended",
+        "max_duration_reached",
+        "2023-11-14 22:14:25.250",
+    )
+    assert row["created_at"] == "2023-11-14 22:13:20.250"
+
+
+def test_sqlite_replays_are_idempotent(sqlite_store):
+    """SPEC §5 / store.py: every apply is idempotent, since the writer resends after a broken connection."""
+    store, conn = sqlite_store
+    for event in lifecycle_events("s1", T):
+        store.apply(conn, event)
+        before = rows(store)
+        store.apply(conn, event)
+        assert rows(store) == before
+    assert len(rows(store)) == 1
+
+
+def test_sqlite_late_replays_do_not_rewind(sqlite_store):
+    """SPEC §5: replaying older events after the end changes nothing (no status going back)."""
+    store, conn = sqlite_store
+    events = lifecycle_events("s1", T)
+    for event in events:
+        store.apply(conn, event)
+    final = rows(store)
+    for event in events:
+        store.apply(conn, event)
+    assert rows(store) == final
+
+
+def test_sqlite_call_ended_never_overwritten(sqlite_store):
+    """SPEC §5: the first end reason and end time stay; a later CallEnded does not overwrite them."""
+    store, conn = sqlite_store
+    store.apply(conn, SessionCreated("s1", "r", "d", "p", T))
+    store.apply(conn, CallEnded("s1", "expired", T + 60))
+    store.apply(conn, CallEnded("s1", "server_shutdown", T + 90))
+    store.apply(conn, CallEnded("s1", "server_restart", T + 900))
+    row = only_row(store)
+    assert (row["status"], row["end_reason"], row["ended_at"]) == ("ended", "expired", utc_text(T + 60))
+    assert row["connected_at"] is None
+
+
+def test_sqlite_initiated_by_set_once(sqlite_store):
+    """SPEC §4 rule 4: the first participant to send an offer is initiated_by."""
+    store, conn = sqlite_store
+    store.apply(conn, SessionCreated("s1", "r", "d", "p", T))
+    store.apply(conn, CallInitiated("s1", "p"))
+    store.apply(conn, CallInitiated("s1", "d"))
+    assert only_row(store)["initiated_by"] == "p"
+
+
+def test_sqlite_sessions_are_separate_rows(sqlite_store):
+    """SPEC §5: one row per session_id (unique)."""
+    store, conn = sqlite_store
+    for session_id in ("a", "b", "c"):
+        store.apply(conn, SessionCreated(session_id, "ride", "d", "p", T))
+    store.apply(conn, CallEnded("b", "expired", T + 60))
+    assert [(r["session_id"], r["status"]) for r in rows(store)] == [
+        ("a", "created"),
+        ("b", "ended"),
+        ("c", "created"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "at, text",
+    [
+        (0.0, "1970-01-01 00:00:00.000"),
+        (1.2345, "1970-01-01 00:00:01.234"),
+        (T, "2023-11-14 22:13:20.250"),
+        (1_735_689_599.999, "2024-12-31 23:59:59.999"),
+    ],
+)
+def test_utc_text(at, text):
+    """SPEC §5: times are UTC, with milliseconds."""
+    assert utc_text(at) == text
+
+
+def test_sqlite_unopenable_path_is_fatal(tmp_path):
+    """SPEC §5: an SQLite file that cannot be opened is not hot-retried."""
+    store = SQLiteStore(str(tmp_path / "missing-dir" / "calls.sqlite3"))
+    with pytest.raises(sqlite3.OperationalError) as info:
+        store.connect()
+    assert store.is_fatal(info.value)
+    assert not store.is_fatal(sqlite3.OperationalError("database is locked"))
+    assert not store.is_fatal(ValueError("x"))
+    assert store.healthy_state == "sqlite"
+
+
+def test_writer_with_sqlite_store(tmp_path):
+    """SPEC §2/§5: in development the writer logs calls to the SQLite file, state `sqlite`."""
+    store = SQLiteStore(str(tmp_path / "calls.sqlite3"))
+    writer = CallLogWriter(store, threads=1)
+    writer.start()
+    for session_id in ("s1", "s2"):
+        for event in lifecycle_events(session_id, T):
+            writer.record(event)
+    assert writer.close(5.0) == 0
+    assert writer.state == "sqlite"
+    assert [(r["session_id"], r["status"], r["initiated_by"], r["end_reason"]) for r in rows(store)] == [
+        ("s1", "ended", "drv", "user_terminated"),
+        ("s2", "ended", "drv", "user_terminated"),
+    ]
+
+
+def test_event_refused_as_data_error_is_skipped_not_retried():
+    """SPEC §5: one event the database refuses for its data does not block the session queue behind it."""
+
+    class RefusingStore(FakeStore):
+        def apply(self, conn: object, event: Any) -> None:
+            if isinstance(event, CallInitiated):
+                raise ValueError("unencodable user id")
+            super().apply(conn, event)
+
+    store = RefusingStore()
+    writer = CallLogWriter(store, threads=1, sleep=lambda s: None)
+    writer.start()
+    for event in lifecycle_events("s1"):
+        writer.record(event)
+    assert writer.close(5.0) == 0
+    assert [type(e).__name__ for e in store.applied] == ["SessionCreated", "CallActive", "CallEnded"]
+    assert writer.rejected == 1

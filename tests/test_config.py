@@ -1,0 +1,495 @@
+"""Unit tests of intaleq_signal.config (SPEC §2): defaults, parsing and the
+one-line errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from intaleq_signal.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    config_from_environment,
+    load_env_file,
+    parse_duration,
+    parse_server_addr,
+)
+
+KEY = "k" * 32
+BASE = {"API_KEY": KEY, "ENVIRONMENT": "development"}
+
+#: Every variable SPEC §2 names, plus SQLITE_PATH, cleared from os.environ
+#: before config_from_environment tests.
+ALL_VARIABLES = (
+    "SERVER_ADDR",
+    "API_KEY",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "MAX_MESSAGE_BYTES",
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_TIMEOUT",
+    "SESSION_DURATION",
+    "AUTH_TIMEOUT",
+    "RECONNECT_GRACE",
+    "RATE_LIMIT_PER_MIN",
+    "TRUSTED_PROXIES",
+    "MAX_SESSIONS",
+    "ENVIRONMENT",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_DATABASE",
+    "DB_USERNAME",
+    "DB_PASSWORD",
+    "DB_POOL_SIZE",
+    "SQLITE_PATH",
+)
+
+
+def build(**overrides: str) -> Config:
+    return Config.from_env({**BASE, **overrides})
+
+
+def config_error(**overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        build(**overrides)
+    return str(info.value)
+
+
+# -- defaults -----------------------------------------------------------------
+
+
+def test_defaults():
+    """SPEC §2 table: the default of every variable."""
+    config = build()
+    assert (config.host, config.port) == ("127.0.0.1", 47880)
+    assert config.api_key == KEY
+    assert config.log_level == "info"
+    assert config.log_format == "text"
+    assert config.max_message_bytes == 4096
+    assert config.heartbeat_interval == 20.0
+    assert config.heartbeat_timeout == 30.0
+    assert config.session_duration == 60.0
+    assert config.auth_timeout == 10.0
+    assert config.reconnect_grace == 15.0
+    assert config.rate_limit_per_min == 10
+    assert config.trusted_proxies == frozenset({"127.0.0.1", "::1"})
+    assert config.max_sessions == 10000
+    assert config.environment == "development"
+    assert (config.db_host, config.db_port, config.db_database) == ("127.0.0.1", 3306, "callDB")
+    assert config.db_username is None
+    assert config.db_password is None
+    assert config.db_pool_size == 4
+    assert config.uses_mysql is False
+
+
+def test_environment_defaults_to_production():
+    """SPEC §2: ENVIRONMENT defaults to production (which then requires DB_USERNAME)."""
+    config = Config.from_env({"API_KEY": KEY, "DB_USERNAME": "calls"})
+    assert config.environment == "production"
+
+
+def test_empty_values_mean_default():
+    """SPEC §2: an empty variable (as EnvironmentFile= writes it) takes the default."""
+    config = build(LOG_LEVEL="", HEARTBEAT_INTERVAL="", MAX_SESSIONS="", SERVER_ADDR="")
+    assert config.log_level == "info"
+    assert config.heartbeat_interval == 20.0
+    assert config.max_sessions == 10000
+    assert config.port == 47880
+
+
+def test_every_variable_is_read():
+    """SPEC §2 table: each variable sets its field."""
+    config = build(
+        SERVER_ADDR="0.0.0.0:9000",
+        LOG_LEVEL="debug",
+        LOG_FORMAT="json",
+        MAX_MESSAGE_BYTES="8192",
+        HEARTBEAT_INTERVAL="5s",
+        HEARTBEAT_TIMEOUT="9s",
+        SESSION_DURATION="2m",
+        AUTH_TIMEOUT="500ms",
+        RECONNECT_GRACE="0",
+        RATE_LIMIT_PER_MIN="30",
+        TRUSTED_PROXIES="10.0.0.1",
+        MAX_SESSIONS="5",
+        DB_HOST="db.internal",
+        DB_PORT="3307",
+        DB_DATABASE="calls",
+        DB_USERNAME="signal",
+        DB_PASSWORD="secret",
+        DB_POOL_SIZE="8",
+    )
+    assert (config.host, config.port) == ("0.0.0.0", 9000)
+    assert (config.log_level, config.log_format) == ("debug", "json")
+    assert config.max_message_bytes == 8192
+    assert (config.heartbeat_interval, config.heartbeat_timeout) == (5.0, 9.0)
+    assert config.session_duration == 120.0
+    assert config.auth_timeout == 0.5
+    assert config.reconnect_grace == 0.0
+    assert config.rate_limit_per_min == 30
+    assert config.trusted_proxies == frozenset({"10.0.0.1"})
+    assert config.max_sessions == 5
+    assert (config.db_host, config.db_port, config.db_database) == ("db.internal", 3307, "calls")
+    assert (config.db_username, config.db_password, config.db_pool_size) == ("signal", "secret", 8)
+
+
+# -- durations ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("500ms", 0.5),
+        ("20s", 20.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("7", 7.0),
+        ("1.5", 1.5),
+        ("0.25s", 0.25),
+        ("0", 0.0),
+        (" 20s ", 20.0),
+    ],
+)
+def test_parse_duration_forms(text, seconds):
+    """SPEC §2: durations accept 500ms, 20s, 5m, 1h or a bare number of seconds."""
+    assert parse_duration("SESSION_DURATION", text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "abc", "-1", "1d", "10 sec", "1e3", "ms", "5mm", "1,5", "inf", "nan", "1" * 400]
+)
+def test_parse_duration_invalid(text):
+    """SPEC §2: an unparsable duration is a ConfigError naming the variable."""
+    with pytest.raises(ConfigError, match="SESSION_DURATION"):
+        parse_duration("SESSION_DURATION", text)
+
+
+@pytest.mark.parametrize(
+    "name", ["HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT", "SESSION_DURATION", "AUTH_TIMEOUT", "RECONNECT_GRACE"]
+)
+def test_unparsable_duration_variable_is_named(name):
+    """SPEC §2: bad duration → one line naming the variable."""
+    assert name in config_error(**{name: "soon"})
+
+
+@pytest.mark.parametrize("name", ["HEARTBEAT_INTERVAL", "SESSION_DURATION", "AUTH_TIMEOUT"])
+def test_zero_duration_refused_where_it_makes_no_sense(name):
+    """SPEC §2: a zero ping interval, session duration or auth timeout is bad configuration."""
+    assert name in config_error(**{name: "0s"})
+
+
+def test_zero_reconnect_grace_allowed():
+    """SPEC §2 RECONNECT_GRACE: 0 means a dropped active participant ends the call at once."""
+    assert build(RECONNECT_GRACE="0").reconnect_grace == 0.0
+
+
+@pytest.mark.parametrize("interval, timeout", [("20s", "20s"), ("30s", "20s"), ("1m", "59s")])
+def test_heartbeat_timeout_must_exceed_interval(interval, timeout):
+    """SPEC §2: HEARTBEAT_TIMEOUT not greater than HEARTBEAT_INTERVAL stops the process."""
+    message = config_error(HEARTBEAT_INTERVAL=interval, HEARTBEAT_TIMEOUT=timeout)
+    assert "HEARTBEAT_TIMEOUT" in message
+
+
+def test_heartbeat_timeout_greater_by_a_millisecond_is_fine():
+    """SPEC §2: any timeout strictly greater than the interval is accepted."""
+    config = build(HEARTBEAT_INTERVAL="1s", HEARTBEAT_TIMEOUT="1001ms")
+    assert config.heartbeat_timeout > config.heartbeat_interval
+
+
+# -- SERVER_ADDR --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:47880", ("127.0.0.1", 47880)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+        ("localhost:1", ("localhost", 1)),
+        ("example.com:65535", ("example.com", 65535)),
+        ("[::1]:47880", ("::1", 47880)),
+        ("[::]:0", ("::", 0)),
+        ("[2001:db8::5]:443", ("2001:db8::5", 443)),
+    ],
+)
+def test_parse_server_addr_forms(text, expected):
+    """SPEC §2 SERVER_ADDR: host:port, IPv6 as [::1]:47880."""
+    assert parse_server_addr(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "localhost",
+        "127.0.0.1",
+        "127.0.0.1:",
+        ":47880",
+        "127.0.0.1:70000",
+        "127.0.0.1:65536",
+        "127.0.0.1:-1",
+        "127.0.0.1:http",
+        "::1:47880",
+        "::1",
+        "2001:db8::5:443",
+        "[::1]",
+        "[::1:47880",
+        "[not-v6]:80",
+        "[]:80",
+        "[127.0.0.1]:80",
+    ],
+)
+def test_parse_server_addr_invalid(text):
+    """SPEC §2: an unparsable SERVER_ADDR is a ConfigError naming SERVER_ADDR."""
+    with pytest.raises(ConfigError, match="SERVER_ADDR"):
+        parse_server_addr(text)
+
+
+def test_bad_server_addr_through_from_env():
+    """SPEC §2: Config.from_env reports a bad SERVER_ADDR by name."""
+    assert "SERVER_ADDR" in config_error(SERVER_ADDR="::1:47880")
+
+
+def test_server_addr_port_with_non_ascii_digit():
+    """SPEC §2: any bad port is a ConfigError (exit 78), never a bare ValueError traceback."""
+    with pytest.raises(ConfigError, match="SERVER_ADDR"):
+        parse_server_addr("127.0.0.1:\u00b2")  # '²'.isdigit() is True but int('²') fails
+
+
+# -- API_KEY ------------------------------------------------------------------
+
+
+def test_api_key_required():
+    """SPEC §2: API_KEY is required."""
+    with pytest.raises(ConfigError, match="API_KEY"):
+        Config.from_env({"ENVIRONMENT": "development"})
+
+
+@pytest.mark.parametrize("length", [1, 16, 31])
+def test_api_key_too_short(length):
+    """SPEC §2: API_KEY of fewer than 32 characters stops the process; the key itself is not printed."""
+    key = "s3cr3t-" + "x" * (length - 7) if length > 7 else "z" * length
+    message = config_error(API_KEY=key)
+    assert "API_KEY" in message
+    assert key not in message
+
+
+def test_api_key_of_32_characters_accepted():
+    """SPEC §2: 32 characters is enough."""
+    assert build(API_KEY="a" * 32).api_key == "a" * 32
+
+
+# -- choices ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["debug", "info", "warn", "error", "INFO", "warning"])
+def test_log_levels(value):
+    """SPEC §2 LOG_LEVEL: debug, info, warn, error."""
+    assert build(LOG_LEVEL=value).log_level in ("debug", "info", "warn", "error")
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("LOG_LEVEL", "verbose"),
+        ("LOG_LEVEL", "trace"),
+        ("LOG_FORMAT", "xml"),
+        ("LOG_FORMAT", "logfmt"),
+        ("ENVIRONMENT", "staging"),
+        ("ENVIRONMENT", "dev"),
+    ],
+)
+def test_unknown_choice(name, value):
+    """SPEC §2: an unknown LOG_LEVEL / LOG_FORMAT / ENVIRONMENT names the variable."""
+    assert name in config_error(**{name: value})
+
+
+# -- ENVIRONMENT and the database -------------------------------------------
+
+
+@pytest.mark.parametrize("env", [{"API_KEY": KEY}, {"API_KEY": KEY, "DB_USERNAME": ""}])
+def test_production_requires_db_username(env):
+    """SPEC §2: in production, missing DB_USERNAME is a configuration error."""
+    with pytest.raises(ConfigError, match="DB_USERNAME"):
+        Config.from_env({**env, "ENVIRONMENT": "production"})
+
+
+def test_development_without_db_username_uses_sqlite():
+    """SPEC §2: development without DB_USERNAME runs with the embedded SQLite log."""
+    config = build()
+    assert config.uses_mysql is False
+    assert config.sqlite_path
+
+
+@pytest.mark.parametrize("environment", ["production", "development"])
+def test_db_username_means_mysql(environment):
+    """SPEC §2: DB_USERNAME set → the MySQL call log."""
+    config = build(ENVIRONMENT=environment, DB_USERNAME="signal")
+    assert config.uses_mysql is True
+    assert config.db_username == "signal"
+
+
+# -- integers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MAX_MESSAGE_BYTES", "abc"),
+        ("MAX_MESSAGE_BYTES", "-1"),
+        ("MAX_MESSAGE_BYTES", "0"),
+        ("MAX_MESSAGE_BYTES", "4k"),
+        ("RATE_LIMIT_PER_MIN", "0"),
+        ("RATE_LIMIT_PER_MIN", "1.5"),
+        ("MAX_SESSIONS", "0"),
+        ("MAX_SESSIONS", "many"),
+        ("DB_PORT", "0"),
+        ("DB_PORT", "65536"),
+        ("DB_POOL_SIZE", "0"),
+        ("DB_POOL_SIZE", "-4"),
+    ],
+)
+def test_bad_integer_names_variable(name, value):
+    """SPEC §2: a bad number names the variable."""
+    assert name in config_error(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["MAX_MESSAGE_BYTES", "DB_PORT"])
+def test_integer_with_non_ascii_digit_is_a_config_error(name):
+    """SPEC §2: bad configuration exits 78 with a line naming the variable, not a ValueError traceback."""
+    with pytest.raises(ConfigError, match=name):
+        build(**{name: "\u00b2"})  # '²'.isdigit() is True but int('²') raises ValueError
+
+
+# -- TRUSTED_PROXIES ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("10.0.0.1", {"10.0.0.1"}),
+        ("10.0.0.1, 10.0.0.2", {"10.0.0.1", "10.0.0.2"}),
+        ("127.0.0.1,::1", {"127.0.0.1", "::1"}),
+        ("0:0:0:0:0:0:0:1", {"::1"}),
+        ("10.0.0.1,,", {"10.0.0.1"}),
+        ("", set()),
+        (" , ", set()),
+    ],
+)
+def test_trusted_proxies(text, expected):
+    """SPEC §2 TRUSTED_PROXIES: comma-separated addresses; an empty value trusts nobody."""
+    assert build(TRUSTED_PROXIES=text).trusted_proxies == frozenset(expected)
+
+
+@pytest.mark.parametrize("text", ["nginx", "10.0.0.1,10.0.0.300", "10.0.0.0/8", "localhost"])
+def test_trusted_proxies_bad_address(text):
+    """SPEC §2: a bad TRUSTED_PROXIES entry names the variable."""
+    assert "TRUSTED_PROXIES" in config_error(TRUSTED_PROXIES=text)
+
+
+def test_exit_status_is_ex_config():
+    """SPEC §2: bad configuration exits with status 78 (EX_CONFIG)."""
+    assert EX_CONFIG == 78
+
+
+# -- load_env_file ------------------------------------------------------------
+
+
+def test_load_env_file(tmp_path):
+    """SPEC §2 --env-file: KEY=VALUE lines, # comments, blank lines, optional quotes, export prefix."""
+    path = tmp_path / ".env"
+    path.write_text(
+        "# a comment\n"
+        "\n"
+        "   \n"
+        "PLAIN=value\n"
+        'DOUBLE="two words"\n'
+        "SINGLE='single # not a comment'\n"
+        "export EXPORTED=yes\n"
+        "SPACED = padded \n"
+        "EMPTY=\n"
+        "EQUALS=a=b=c\n"
+        "TRAILING=value # comment\n"
+        "HASH=abc#def\n"
+        "  # indented comment\n",
+        encoding="utf-8",
+    )
+    assert load_env_file(str(path)) == {
+        "PLAIN": "value",
+        "DOUBLE": "two words",
+        "SINGLE": "single # not a comment",
+        "EXPORTED": "yes",
+        "SPACED": "padded",
+        "EMPTY": "",
+        "EQUALS": "a=b=c",
+        "TRAILING": "value",
+        "HASH": "abc#def",
+    }
+
+
+def test_load_env_file_quoted_value_with_trailing_comment(tmp_path):
+    """SPEC §2: optional quotes and # comments combine: KEY="v" # note gives v without quotes."""
+    path = tmp_path / ".env"
+    path.write_text('API_KEY="abc def" # production key\n', encoding="utf-8")
+    assert load_env_file(str(path)) == {"API_KEY": "abc def"}
+
+
+@pytest.mark.parametrize("line", ["NOEQUALS", "=value", "1KEY=x", "BAD KEY=x", "KEY-NAME=x"])
+def test_load_env_file_bad_line(tmp_path, line):
+    """SPEC §2: a line that is not KEY=VALUE is a ConfigError giving the file and line number."""
+    path = tmp_path / ".env"
+    path.write_text(f"# header\nOK=1\n{line}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_env_file(str(path))
+    assert str(path) in str(info.value)
+    assert "line 3" in str(info.value)
+
+
+def test_load_env_file_missing(tmp_path):
+    """SPEC §2: an unreadable --env-file is a ConfigError naming the file."""
+    path = tmp_path / "missing.env"
+    with pytest.raises(ConfigError, match="--env-file"):
+        load_env_file(str(path))
+
+
+def test_load_env_file_not_utf8(tmp_path):
+    """SPEC §2: an undecodable --env-file is a ConfigError, not a traceback."""
+    path = tmp_path / ".env"
+    path.write_bytes(b"KEY=\xff\xfe\n")
+    with pytest.raises(ConfigError, match="--env-file"):
+        load_env_file(str(path))
+
+
+# -- config_from_environment --------------------------------------------------
+
+
+@pytest.fixture
+def clean_environ(monkeypatch):
+    for name in ALL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_real_environment_wins_over_env_file(tmp_path, clean_environ):
+    """SPEC §2: --env-file is loaded first; real environment variables win."""
+    path = tmp_path / ".env"
+    path.write_text(
+        f"API_KEY={'f' * 40}\nENVIRONMENT=development\nLOG_LEVEL=debug\nMAX_SESSIONS=7\n", encoding="utf-8"
+    )
+    clean_environ.setenv("LOG_LEVEL", "error")
+    config = config_from_environment(str(path))
+    assert config.log_level == "error"
+    assert config.api_key == "f" * 40
+    assert config.max_sessions == 7
+
+
+def test_config_from_environment_without_file(clean_environ):
+    """SPEC §2: without --env-file the environment alone configures the server."""
+    clean_environ.setenv("API_KEY", KEY)
+    clean_environ.setenv("ENVIRONMENT", "development")
+    assert config_from_environment(None).api_key == KEY
+
+
+def test_config_from_environment_missing_file(tmp_path, clean_environ):
+    """SPEC §2: a missing --env-file stops the process with a configuration error."""
+    clean_environ.setenv("API_KEY", KEY)
+    with pytest.raises(ConfigError):
+        config_from_environment(str(tmp_path / "nope.env"))

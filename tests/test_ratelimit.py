@@ -1,0 +1,205 @@
+"""Unit tests of client identity and rate limits (SPEC §3 API-key failures,
+§4 first rule and rule 7). The clock is passed in explicitly."""
+
+from __future__ import annotations
+
+import pytest
+from websockets.datastructures import Headers
+
+from intaleq_signal.ratelimit import SlidingWindow, TokenBucket, client_ip
+
+TRUSTED = frozenset({"127.0.0.1", "::1"})
+
+
+# -- client_ip ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"X-Real-IP": "203.0.113.9"}, {"X-Forwarded-For": "203.0.113.9"}],
+)
+def test_untrusted_peer_ignores_headers(headers):
+    """SPEC §4: the client IP is the TCP peer unless the peer is in TRUSTED_PROXIES."""
+    assert client_ip("198.51.100.7", headers, TRUSTED) == "198.51.100.7"
+
+
+def test_trust_nobody():
+    """SPEC §2/§4: an empty TRUSTED_PROXIES believes no header, even from loopback."""
+    assert client_ip("127.0.0.1", {"X-Real-IP": "203.0.113.9"}, frozenset()) == "127.0.0.1"
+
+
+def test_trusted_peer_uses_x_real_ip():
+    """SPEC §4: from a trusted proxy, X-Real-IP is the client."""
+    headers = {"X-Real-IP": "203.0.113.9", "X-Forwarded-For": "192.0.2.1, 192.0.2.2"}
+    assert client_ip("127.0.0.1", headers, TRUSTED) == "203.0.113.9"
+
+
+def test_trusted_ipv6_peer_uses_x_real_ip():
+    """SPEC §4: IPv6 proxies and clients work the same."""
+    assert client_ip("::1", {"X-Real-IP": "2001:db8::7"}, TRUSTED) == "2001:db8::7"
+
+
+@pytest.mark.parametrize(
+    "forwarded, expected",
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("192.0.2.1, 203.0.113.9", "203.0.113.9"),
+        ("192.0.2.1,203.0.113.9", "203.0.113.9"),
+        ("spoofed, 192.0.2.1 , 2001:db8::1 ", "2001:db8::1"),
+    ],
+)
+def test_trusted_peer_falls_back_to_last_forwarded_for(forwarded, expected):
+    """SPEC §4: without X-Real-IP, the last address of X-Forwarded-For (the one the proxy added)."""
+    assert client_ip("127.0.0.1", {"X-Forwarded-For": forwarded}, TRUSTED) == expected
+
+
+def test_ipv4_mapped_loopback_peer_is_trusted():
+    """SPEC §4: a trusted proxy seen as an IPv4-mapped address (::ffff:127.0.0.1) is still trusted."""
+    # With SERVER_ADDR=[::]:port (dual-stack), Nginx on 127.0.0.1 shows up as ::ffff:127.0.0.1;
+    # not trusting it puts every phone in one rate-limit bucket.
+    assert client_ip("::ffff:127.0.0.1", {"X-Real-IP": "203.0.113.9"}, TRUSTED) == "203.0.113.9"
+
+
+def test_x_real_ip_whitespace_is_stripped():
+    """SPEC §4: a header value with surrounding spaces is still the address."""
+    assert client_ip("127.0.0.1", {"X-Real-IP": " 203.0.113.9 "}, TRUSTED) == "203.0.113.9"
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        ({"X-Real-IP": "unknown"}, "127.0.0.1"),
+        ({"X-Real-IP": ""}, "127.0.0.1"),
+        ({"X-Real-IP": "203.0.113.9:5555"}, "127.0.0.1"),
+        ({"X-Real-IP": "garbage", "X-Forwarded-For": "203.0.113.9"}, "203.0.113.9"),
+        ({"X-Forwarded-For": "203.0.113.9, unknown"}, "127.0.0.1"),
+        ({"X-Forwarded-For": ""}, "127.0.0.1"),
+        ({"X-Forwarded-For": "203.0.113.9,"}, "127.0.0.1"),
+        ({"X-Real-IP": "999.1.1.1", "X-Forwarded-For": "not-an-ip"}, "127.0.0.1"),
+    ],
+)
+def test_invalid_header_values_ignored(headers, expected):
+    """SPEC §4: a header value that is not an IP address is ignored (the next source, then the peer)."""
+    assert client_ip("127.0.0.1", headers, TRUSTED) == expected
+
+
+def test_header_names_case_insensitive_with_websockets_headers():
+    """SPEC §4: real requests carry websockets Headers; the header name's case does not matter."""
+    headers = Headers([("x-real-ip", "203.0.113.9")])
+    assert client_ip("127.0.0.1", headers, TRUSTED) == "203.0.113.9"
+    headers = Headers([("x-forwarded-for", "192.0.2.1, 203.0.113.10")])
+    assert client_ip("127.0.0.1", headers, TRUSTED) == "203.0.113.10"
+
+
+# -- SlidingWindow ------------------------------------------------------------
+
+
+def test_sliding_window_limit():
+    """SPEC §4: at most RATE_LIMIT_PER_MIN attempts per IP in any minute."""
+    window = SlidingWindow(limit=3, window=60.0)
+    assert [window.allow("ip", t) for t in (0.0, 1.0, 2.0)] == [True, True, True]
+    assert window.allow("ip", 3.0) is False
+    assert window.allow("ip", 59.9) is False
+    assert window.allow("ip", 60.1) is True  # the attempt at 0.0 left the window
+    assert window.allow("ip", 60.2) is False
+    assert window.allow("ip", 61.1) is True  # the one at 1.0 left
+
+
+def test_sliding_window_refusals_are_not_recorded():
+    """SPEC §4: a refused attempt does not push the window further (the minute passes anyway)."""
+    window = SlidingWindow(limit=2, window=60.0)
+    window.allow("ip", 0.0)
+    window.allow("ip", 0.0)
+    for t in range(1, 60):
+        assert window.allow("ip", float(t)) is False
+    assert window.allow("ip", 60.5) is True
+
+
+def test_sliding_window_keys_are_independent():
+    """SPEC §4: one abusive client does not lock out the others."""
+    window = SlidingWindow(limit=1, window=60.0)
+    assert window.allow("a", 0.0)
+    assert not window.allow("a", 1.0)
+    assert window.allow("b", 1.0)
+    assert window.allow("c", 1.0)
+
+
+def test_sliding_window_full_and_hit():
+    """SPEC §3: 10 wrong keys within a minute → 429 until the minute passes (hit records, full checks)."""
+    window = SlidingWindow(limit=10, window=60.0)
+    for t in range(10):
+        assert not window.full("ip", float(t))
+        window.hit("ip", float(t))
+    assert window.full("ip", 10.0)
+    assert window.full("ip", 59.9)
+    assert not window.full("ip", 60.5)
+    assert not window.full("other", 10.0)
+
+
+def test_sliding_window_hits_beyond_limit_keep_the_latest():
+    """SPEC §3: failures keep counting past the limit, so a client that keeps failing stays blocked."""
+    window = SlidingWindow(limit=3, window=60.0)
+    for t in range(10):
+        window.hit("ip", float(t))  # events 0..9; only the last 3 matter
+    assert window.full("ip", 66.9)  # 7, 8, 9 still inside
+    assert not window.full("ip", 67.5)  # 7 left
+
+
+def test_sliding_window_prune():
+    """SPEC §4: keys whose events all left the window are forgotten (bounded memory)."""
+    window = SlidingWindow(limit=5, window=60.0)
+    window.allow("old", 0.0)
+    window.allow("recent", 50.0)
+    assert len(window) == 2
+    window.prune(59.0)
+    assert len(window) == 2
+    window.prune(70.0)
+    assert len(window) == 1
+    assert window.allow("recent", 70.0)
+    window.prune(200.0)
+    assert len(window) == 0
+    assert window.allow("old", 200.0)
+
+
+# -- TokenBucket --------------------------------------------------------------
+
+
+def test_token_bucket_burst_of_100():
+    """SPEC §4 rule 7: bursts of 100 messages are allowed, the 101st is refused."""
+    bucket = TokenBucket(now=0.0)
+    assert all(bucket.take(0.0) for _ in range(100))
+    assert bucket.take(0.0) is False
+    assert bucket.take(0.0) is False
+
+
+def test_token_bucket_refills_at_50_per_second():
+    """SPEC §4 rule 7: 50 messages per second sustained."""
+    bucket = TokenBucket(now=0.0)
+    for _ in range(100):
+        bucket.take(0.0)
+    assert bucket.take(0.0) is False
+    granted = sum(bucket.take(1.0) for _ in range(60))
+    assert granted == 50
+    assert bucket.take(1.01) is False  # half a token
+    assert bucket.take(1.02) is True  # one token after 20 ms
+
+
+def test_token_bucket_sustained_50_per_second_is_fine():
+    """SPEC §4 rule 7: a client steadily at 50 msg/s (after a burst of 90) is never refused."""
+    bucket = TokenBucket(now=0.0)
+    for _ in range(90):
+        assert bucket.take(0.0)
+    assert all(bucket.take(i / 50) for i in range(1, 5000))
+
+
+def test_token_bucket_above_rate_is_eventually_refused():
+    """SPEC §4 rule 7: more than 50 msg/s sustained runs out (60/s: after ~10 s)."""
+    bucket = TokenBucket(now=0.0)
+    refused_at = next(i / 60 for i in range(1, 6000) if not bucket.take(i / 60))
+    assert 9.0 < refused_at < 11.0
+
+
+def test_token_bucket_caps_at_burst():
+    """SPEC §4 rule 7: a long idle period still allows only a burst of 100."""
+    bucket = TokenBucket(now=0.0)
+    assert sum(bucket.take(3600.0) for _ in range(150)) == 100
