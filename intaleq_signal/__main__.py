@@ -8,7 +8,7 @@ import sys
 
 from .config import EX_CONFIG, ConfigError, config_from_environment
 from .logs import setup_logging
-from .server import run
+from .server import ListenError, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
     try:
         run(config)
-    except OSError as exc:  # the address is taken, or not ours to bind
-        print(f"intaleq-signal: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+    except ListenError as exc:  # the address is taken, or not ours to bind
+        print(f"intaleq-signal: {exc}", file=sys.stderr)
         return 1
     return 0
 

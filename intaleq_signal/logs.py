@@ -49,4 +49,14 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
-    logging.getLogger("websockets").setLevel(max(_LEVELS[level], logging.WARNING))
+    library = logging.getLogger("websockets")
+    library.setLevel(max(_LEVELS[level], logging.WARNING))
+    # Filters apply where a record is made, so on the child logger itself.
+    logging.getLogger("websockets.server").addFilter(_quiet_failed_handshakes)
+
+
+def _quiet_failed_handshakes(record: logging.LogRecord) -> bool:
+    """websockets < 15 logs every connection that ends before a whole
+    request (a port probe, a client gone, our own 400) as an ERROR with a
+    traceback; that is routine on a public port, not an error."""
+    return record.getMessage() != "opening handshake failed"

@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .signaling import Signaling
 from .wire import HTTPServerConnection
 
-__all__ = ["run", "Server"]
+__all__ = ["ListenError", "run", "Server"]
 
 log = logging.getLogger("intaleq_signal")
 
@@ -31,6 +31,10 @@ OPEN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 #: Bound on flushing the call log at shutdown (seconds).
 FLUSH_TIMEOUT = 5.0
+
+
+class ListenError(OSError):
+    """The listening socket could not be opened (address taken, not ours)."""
 
 
 def make_store(config: Config) -> Any:
@@ -84,20 +88,29 @@ class Server:
         self.api = HTTPAPI(self.config, self.signaling, self.metrics, self.health)
         self._gauges()
         config = self.config
-        async with serve(
-            self.signaling.handler,
-            config.host,
-            config.port,
-            process_request=self.api.process_request,
-            create_connection=HTTPServerConnection,
-            compression=None,
-            max_size=config.max_message_bytes,
-            ping_interval=None,  # our own heartbeat sweep (SPEC §4 rule 8)
-            open_timeout=OPEN_TIMEOUT,
-            close_timeout=CLOSE_TIMEOUT,
-            server_header=None,
-            max_queue=4,
-        ) as server:
+        try:
+            server = await serve(
+                self.signaling.handler,
+                config.host,
+                config.port,
+                process_request=self.api.process_request,
+                create_connection=HTTPServerConnection,
+                compression=None,
+                max_size=config.max_message_bytes,
+                ping_interval=None,  # our own heartbeat sweep (SPEC §4 rule 8)
+                open_timeout=OPEN_TIMEOUT,
+                close_timeout=CLOSE_TIMEOUT,
+                server_header=None,
+                max_queue=4,
+            )
+        except OSError as exc:
+            self.calllog.close(0)
+            raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+        tasks = [
+            loop.create_task(self.signaling.heartbeat()),
+            loop.create_task(self._housekeeping()),
+        ]
+        try:
             addresses = ", ".join(_address(sock.getsockname()) for sock in server.sockets)
             log.info(
                 "listening on %s (environment=%s, call log=%s)",
@@ -106,21 +119,24 @@ class Server:
                 "mysql" if config.uses_mysql else config.sqlite_path,
             )
             self.sockets = server.sockets
-            tasks = [
-                loop.create_task(self.signaling.heartbeat()),
-                loop.create_task(self._housekeeping()),
-            ]
             await stop.wait()
             log.info("stopping: ending live calls")
             self.stopping = True
             self.signaling.shutdown()
             await self.signaling.drain(CLOSE_TIMEOUT + 1)
+            server.close(close_connections=True)
+            try:
+                await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT + 1)
+            except TimeoutError:
+                # Connections still in their opening handshake (a half-sent
+                # HTTP request) would hold us until OPEN_TIMEOUT; they are
+                # dropped when the loop ends.
+                log.info("stopping: not waiting for unfinished HTTP requests")
+        finally:
             for task in tasks:
                 task.cancel()
-            server.close(close_connections=True)
-            await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT + 1)
-        left = await loop.run_in_executor(None, self.calllog.close, FLUSH_TIMEOUT)
-        log.info("stopped (%d call-log events unwritten)", left)
+            left = await loop.run_in_executor(None, self.calllog.close, FLUSH_TIMEOUT)
+            log.info("stopped (%d call-log events unwritten)", left)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -7,8 +7,9 @@ before websockets 17.0 it also refuses every method but GET. So that
 ``process_request`` can answer ``POST /sessions`` on the same port,
 :class:`HTTPServerConnection` — handed to ``serve(create_connection=...)`` —
 reads the request head off the byte stream before the library's parser sees
-it, takes a bounded ``Content-Length`` body off the stream, and feeds the
-parser a body-less ``GET`` head. The real method and the body are kept on the
+it, answers a malformed head with 400 itself, takes a bounded
+``Content-Length`` body off the stream, and feeds the parser a body-less
+``GET ... HTTP/1.1`` head. The real method and the body are kept on the
 connection as :attr:`http_method` and :attr:`http_body`, and any reason to
 refuse the body as :attr:`http_body_error` (411/413/400, answered by
 ``process_request`` in :mod:`intaleq_signal.http_api`).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -34,6 +36,11 @@ MAX_HEAD_BYTES = 16 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEAD_END = b"\r\n\r\n"
+# RFC 9112 §3: method SP request-target SP HTTP-version (origin-form targets).
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (/[\x21-\x7e]*) HTTP/1\.[01]")
+# RFC 9110 §5: field-name is a token; field-value is VCHAR, obs-text, SP, HTAB.
+_HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
+_DIGITS = re.compile(rb"[0-9]+")
 
 
 class HTTPServerConnection(ServerConnection):
@@ -86,87 +93,74 @@ class HTTPServerConnection(ServerConnection):
             end = self._pending.find(_HEAD_END)
             if end < 0:
                 if len(self._pending) > MAX_HEAD_BYTES:
-                    self._hand_on(bytes(self._pending))  # let the library refuse it
+                    self._refuse(
+                        431, "Request Header Fields Too Large", "headers_too_large", "request head too large"
+                    )
                 return
-            head = bytes(self._pending[: end + 4])
+            head = bytes(self._pending[:end])
             del self._pending[: end + 4]
             if not self._inspect_head(head):
                 return
-            self._head = head
         if len(self._pending) >= self._body_length:
             self.http_body = bytes(self._pending[: self._body_length])
             del self._pending[: self._body_length]
-            rest = bytes(self._pending)
-            self._hand_on(self._rewrite(self._head) + rest)
+            self._hand_on(self._head + bytes(self._pending))
 
     def _inspect_head(self, head: bytes) -> bool:
-        """Read method and body framing; False when the head was handed on."""
-        lines = head[:-4].split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if (
-            len(parts) != 3
-            or not parts[0].isalpha()
-            or not parts[1].startswith(b"/")
-            or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")
-            or any(b":" not in line or line[:1] in b" \t" for line in lines[1:])
-        ):
-            self._refuse_malformed()
+        """Validate the head (request line and header syntax of RFC 9112
+        §3, §5) and read its body framing; False when it was answered."""
+        lines = head.split(b"\r\n")
+        request_line = _REQUEST_LINE.fullmatch(lines[0])
+        headers = [_HEADER_LINE.fullmatch(line) for line in lines[1:]]
+        if request_line is None or not all(headers):
+            self._refuse(400, "Bad Request", "bad_request", "malformed HTTP request")
             return False
-        self.http_method = parts[0].decode("ascii")
+        self.http_method = request_line[1].decode("ascii")
+        # What the library's parser gets: GET, HTTP/1.1 (websockets < 17
+        # accepts nothing else), no body framing headers.
+        kept = [b"GET " + request_line[2] + b" HTTP/1.1"]
         lengths: set[bytes] = set()
-        chunked = False
-        expect_continue = False
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            name = name.strip().lower()
-            value = value.strip()
+        chunked = expect_continue = False
+        for match in headers:
+            name = match[1].lower()  # type: ignore[index]
             if name == b"content-length":
-                lengths.add(value)
+                lengths.add(match[2])  # type: ignore[index]
             elif name == b"transfer-encoding":
                 chunked = True
-            elif name == b"expect" and value.lower() == b"100-continue":
-                expect_continue = True
+            elif name == b"expect":
+                expect_continue = match[2].lower() == b"100-continue"  # type: ignore[index]
+            else:
+                kept.append(match[0])  # type: ignore[index]
+        self._head = b"\r\n".join(kept) + _HEAD_END
+        length = next(iter(lengths)) if len(lengths) == 1 else b""
         if chunked:
             error = (411, "length_required", "chunked bodies are not accepted; send Content-Length")
-        elif len(lengths) > 1 or any(not v.isdigit() for v in lengths):
+        elif lengths and not _DIGITS.fullmatch(length):
             error = (400, "invalid_request", "invalid Content-Length header")
-        elif lengths and (len(next(iter(lengths))) > 9 or int(next(iter(lengths))) > MAX_BODY_BYTES):
+        elif lengths and (len(length) > 9 or int(length) > MAX_BODY_BYTES):
             error = (413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
         elif not lengths and self.http_method in ("POST", "PUT", "PATCH"):
             error = (411, "length_required", "Content-Length is required")
         else:
-            self._body_length = int(next(iter(lengths))) if lengths else 0
+            self._body_length = int(length) if lengths else 0
             if expect_continue and self._body_length:
                 self.transport.write(_CONTINUE)
             return True
-        # Refused framing: answer from the head alone and drop whatever follows.
+        # Refused framing: process_request answers from the head alone
+        # (the API key is still checked first); whatever follows is dropped.
         self.http_body_error = error
-        self._hand_on(self._rewrite(head))
+        self._hand_on(self._head)
         self.data_received = self._discard  # type: ignore[method-assign]
         return False
 
-    @staticmethod
-    def _rewrite(head: bytes) -> bytes:
-        """The head as the library's parser accepts it: method ``GET``, no
-        body framing headers."""
-        lines = head[:-4].split(b"\r\n")
-        _, _, rest = lines[0].partition(b" ")
-        kept = [b"GET " + rest]
-        for line in lines[1:]:
-            name = line.partition(b":")[0].strip().lower()
-            if name not in (b"content-length", b"transfer-encoding", b"expect"):
-                kept.append(line)
-        return b"\r\n".join(kept) + _HEAD_END
-
-    def _refuse_malformed(self) -> None:
-        """SPEC §3: malformed HTTP gets 400 and close. The library would only
-        drop the connection, so the answer is written here."""
-        body = error_body("bad_request", "malformed HTTP request")
+    def _refuse(self, status: int, phrase: str, code: str, message: str) -> None:
+        """Answer a head the library must not see, and close (SPEC §3:
+        malformed HTTP gets 400 and close; the library would only drop the
+        connection)."""
+        body = error_body(code, message)
         self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body)
         )
         self._pending = None
         self.data_received = self._discard  # type: ignore[method-assign]

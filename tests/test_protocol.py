@@ -29,6 +29,9 @@ SDP_OFFER = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r
 SDP_ANSWER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
 CANDIDATE_LINE = "candidate:842163049 1 udp 1677729535 203.0.113.7 46154 typ srflx raddr 0.0.0.0 rport 0"
 
+# The whole protocol also runs against the oldest websockets allowed (make test-compat).
+pytestmark = pytest.mark.compat
+
 
 # -- helpers -----------------------------------------------------------------
 

@@ -1,0 +1,1056 @@
+"""HTTP on the WebSocket port (SPEC §3), the per-IP connection limit (SPEC §4
+first rule), shutdown (SPEC §6) and process-level configuration errors
+(SPEC §2), all against the real daemon process.
+
+Raw-socket tests speak bytes on purpose: the request-body workaround in
+``intaleq_signal.wire`` sits below websockets' HTTP parser, so framing corner
+cases (100-continue, split packets, chunked, bad ``Content-Length``, garbage)
+are only reachable that way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+from conftest import API_KEY, closed_with, free_port, join, recv_json, send_json
+from websockets.exceptions import InvalidStatus
+
+JSON_HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
+WS_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+#: Every variable of SPEC §2 (plus the development SQLite path), stripped from
+#: the environment of the config-error subprocesses.
+CONFIG_VARS = (
+    "SERVER_ADDR API_KEY LOG_LEVEL LOG_FORMAT MAX_MESSAGE_BYTES HEARTBEAT_INTERVAL HEARTBEAT_TIMEOUT "
+    "SESSION_DURATION AUTH_TIMEOUT RECONNECT_GRACE RATE_LIMIT_PER_MIN TRUSTED_PROXIES MAX_SESSIONS "
+    "ENVIRONMENT DB_HOST DB_PORT DB_DATABASE DB_USERNAME DB_PASSWORD DB_POOL_SIZE SQLITE_PATH"
+).split()
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def ride() -> str:
+    return f"ride-{uuid.uuid4()}"
+
+
+def session_body(ride_id: str, driver_id: str = "driver-1", passenger_id: str = "passenger-1") -> bytes:
+    return json.dumps({"ride_id": ride_id, "driver_id": driver_id, "passenger_id": passenger_id}).encode()
+
+
+def post_raw_body(server: Any, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    return server.request("POST", "/sessions", body, {**JSON_HEADERS, **(headers or {})})
+
+
+def assert_error(
+    answer: tuple[int, dict[str, str], bytes], status: int | tuple[int, ...], code: str | None = None
+) -> dict[str, Any]:
+    """An error answer of SPEC §3: the status, JSON, body ``{"error", "message"}``."""
+    got, headers, body = answer
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert got in statuses, (got, body)
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    document = json.loads(body)
+    assert set(document) == {"error", "message"}, document
+    assert isinstance(document["error"], str) and document["error"]
+    assert isinstance(document["message"], str) and document["message"]
+    if code is not None:
+        assert document["error"] == code, document
+    return document
+
+
+def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 response: ``(status, lower-cased headers, body)``."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, data
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 "), data
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """Read until the server closes: ``(data, closed)``; ``closed`` is False
+    when ``timeout`` passed with the connection still open."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return b"".join(chunks), False
+        except ConnectionResetError:
+            return b"".join(chunks), True
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker not in data:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before {marker!r}: {data!r}"
+        data += chunk
+    return data
+
+
+def connect_raw(server: Any) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def exchange(server: Any, *pieces: bytes, delay: float = 0.0, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send ``pieces`` (``delay`` seconds apart), then read until closed."""
+    with connect_raw(server) as sock:
+        for index, piece in enumerate(pieces):
+            if index and delay:
+                time.sleep(delay)
+            sock.sendall(piece)
+        return read_until_closed(sock, timeout)
+
+
+def post_head(length: int | None, *extra: str, key: str = API_KEY) -> bytes:
+    lines = ["POST /sessions HTTP/1.1", "Host: 127.0.0.1", f"X-API-Key: {key}"]
+    lines.append("Content-Type: application/json")
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    lines.extend(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def attempt(server: Any, headers: dict[str, str] | None = None) -> int:
+    """One WebSocket upgrade attempt: 101, or the HTTP status refusing it."""
+    try:
+        async with server.ws(additional_headers=headers or {}):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+def attempts(server: Any, *headers: dict[str, str] | None) -> list[int]:
+    async def run() -> list[int]:
+        return [await attempt(server, h) for h in headers]
+
+    return asyncio.run(run())
+
+
+def health(server: Any) -> dict[str, Any]:
+    status, headers, body = server.request("GET", "/health")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def daemon_env(tmp_path: Any, **overrides: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
+    env.update(
+        API_KEY=API_KEY,
+        ENVIRONMENT="development",
+        SERVER_ADDR=f"127.0.0.1:{free_port()}",
+        SQLITE_PATH=str(tmp_path / "calls.sqlite3"),
+    )
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+class Daemon:
+    """``python -m intaleq_signal ARGS`` with exactly ``env`` (no fixture defaults)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "intaleq_signal", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if "listening on" in line:
+                self._listening.set()
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_listening(self, timeout: float = 15) -> str:
+        assert self._listening.wait(timeout), self.log
+        return next(line for line in self.lines if "listening on" in line)
+
+    def stop(self) -> int:
+        """SIGTERM if still running; the exit status (killed after 15 s)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(5)
+        return code
+
+
+def sqlite3_rows(path: Any) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(str(path))
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in conn.execute("SELECT * FROM call_logs ORDER BY id")]
+    finally:
+        conn.close()
+
+
+# -- POST /sessions: success, API key ------------------------------------------------
+
+
+@pytest.mark.compat
+def test_post_sessions_creates_session(server) -> None:
+    """SPEC §3: POST /sessions → 200 JSON {session_id: UUID4, ride_id, expires_in: SESSION_DURATION}."""
+    ride_id = ride()
+    status, headers, body = post_raw_body(server, session_body(ride_id))
+    assert status == 200, body
+    assert headers["content-type"].startswith("application/json")
+    document = json.loads(body)
+    assert set(document) == {"session_id", "ride_id", "expires_in"}
+    parsed = uuid.UUID(document["session_id"])
+    assert parsed.version == 4 and str(parsed) == document["session_id"]
+    assert document["ride_id"] == ride_id
+    assert document["expires_in"] == 60 and type(document["expires_in"]) is int
+    # a query string does not change the route
+    status, _, body = server.request("POST", "/sessions?source=backend", session_body(ride()), JSON_HEADERS)
+    assert status == 200, body
+
+
+def test_expires_in_rounds_up_to_whole_seconds(server_factory) -> None:
+    """SPEC §3: expires_in is SESSION_DURATION in whole seconds, rounded up (2500ms → 3)."""
+    server = server_factory(SESSION_DURATION="2500ms")
+    status, body = server.post_session(ride_id=ride())
+    assert status == 200, body
+    assert body["expires_in"] == 3 and type(body["expires_in"]) is int
+
+
+@pytest.mark.compat
+def test_missing_or_wrong_api_key_is_401(server) -> None:
+    """SPEC §3: missing or wrong X-API-Key → 401 unauthorized {"error","message"}."""
+    body = session_body(ride())
+    base = {"Content-Type": "application/json"}
+    assert_error(server.request("POST", "/sessions", body, base), 401, "unauthorized")
+    for key in ("wrong", "", API_KEY[:-1], API_KEY + "x", API_KEY[:-1] + "Y", API_KEY.upper()):
+        answer = server.request("POST", "/sessions", body, {**base, "X-API-Key": key})
+        assert_error(answer, 401, "unauthorized")
+    # the key goes in X-API-Key, not elsewhere
+    answer = server.request("POST", "/sessions", body, {**base, "Authorization": f"Bearer {API_KEY}"})
+    assert_error(answer, 401, "unauthorized")
+    assert API_KEY not in server.log  # SPEC §6: never the API key in the logs
+
+
+def test_wrong_api_keys_are_rate_limited_per_ip(server) -> None:
+    """SPEC §3: after 10 wrong keys from one IP within a minute → 429, even for the right key."""
+    body = session_body(ride())
+    for attempt_number in range(10):
+        answer = post_raw_body(server, body, {"X-API-Key": f"wrong-{attempt_number}"})
+        assert_error(answer, 401, "unauthorized")
+    assert_error(post_raw_body(server, body), 429)
+    assert_error(post_raw_body(server, body, {"X-API-Key": "wrong-again"}), 429)
+    assert_error(server.request("POST", "/sessions", body, {"Content-Type": "application/json"}), 429)
+    # the limit is per client IP: another client behind the trusted proxy is not locked out
+    status, document = server.post_session(ride_id=ride(), headers={"X-Real-IP": "203.0.113.50"})
+    assert status == 200, document
+
+
+def test_wrong_keys_behind_proxy_do_not_lock_out_others(server) -> None:
+    """SPEC §3/§4: key failures count per client IP (X-Real-IP behind a trusted proxy)."""
+    body = session_body(ride())
+    for attempt_number in range(10):
+        answer = post_raw_body(server, body, {"X-API-Key": f"w{attempt_number}", "X-Real-IP": "198.51.100.9"})
+        assert_error(answer, 401, "unauthorized")
+    assert_error(post_raw_body(server, body, {"X-Real-IP": "198.51.100.9"}), 429)
+    status, document = server.post_session(ride_id=ride())  # 127.0.0.1 itself is unaffected
+    assert status == 200, document
+
+
+# -- POST /sessions: body validation -----------------------------------------------
+
+
+@pytest.mark.compat
+def test_invalid_fields_are_400_naming_the_field(server) -> None:
+    """SPEC §3: missing, empty, non-string or >255-char fields → 400 invalid_request naming the field."""
+    good = {"ride_id": ride(), "driver_id": "driver-1", "passenger_id": "passenger-1"}
+    for field in ("ride_id", "driver_id", "passenger_id"):
+        variants: list[tuple[str, dict[str, Any]]] = [
+            ("missing", {k: v for k, v in good.items() if k != field}),
+            ("empty", {**good, field: ""}),
+            ("number", {**good, field: 42}),
+            ("null", {**good, field: None}),
+            ("list", {**good, field: ["a"]}),
+            ("object", {**good, field: {"id": "a"}}),
+            ("bool", {**good, field: True}),
+            ("too long", {**good, field: "x" * 256}),
+            ("too long multi-byte", {**good, field: "é" * 256}),
+        ]
+        for name, document in variants:
+            answer = post_raw_body(server, json.dumps(document).encode())
+            error = assert_error(answer, 400, "invalid_request")
+            assert field in error["message"], (field, name, error)
+
+
+@pytest.mark.compat
+def test_field_length_counts_code_points(server) -> None:
+    """SPEC §3/§4 precise points: 255 characters (code points) are accepted, also multi-byte."""
+    for char in ("x", "é", "ع", "😀"):
+        ride_id = char * 255
+        status, headers, body = post_raw_body(
+            server, session_body(ride_id, driver_id=char * 255, passenger_id="p" + char * 254)
+        )
+        assert status == 200, (char, body)
+        assert json.loads(body)["ride_id"] == ride_id
+    for char in ("é", "😀"):
+        error = assert_error(post_raw_body(server, session_body(char * 256)), 400, "invalid_request")
+        assert "ride_id" in error["message"]
+
+
+@pytest.mark.compat
+def test_driver_equal_to_passenger_is_400(server) -> None:
+    """SPEC §3: driver and passenger must differ → 400 invalid_request naming the field."""
+    answer = post_raw_body(server, session_body(ride(), driver_id="same", passenger_id="same"))
+    error = assert_error(answer, 400, "invalid_request")
+    assert "driver_id" in error["message"] or "passenger_id" in error["message"]
+
+
+@pytest.mark.compat
+def test_not_json_is_400_invalid_json(server) -> None:
+    """SPEC §3: a body that is not JSON (or not UTF-8, or NaN) → 400 invalid_json."""
+    valid = session_body(ride())
+    bodies = [
+        b"",
+        b"not json",
+        valid[:-1],
+        valid + b"}",
+        b"{'ride_id': 'r', 'driver_id': 'd', 'passenger_id': 'p'}",
+        b'{"ride_id": "r\xff", "driver_id": "d", "passenger_id": "p"}',
+        b"\xff\xfe{\x00}\x00",
+        b'{"ride_id": NaN, "driver_id": "d", "passenger_id": "p"}',
+        b'{"ride_id": "r", "driver_id": "d", "passenger_id": "p", "x": Infinity}',
+        b'{"ride_id": "r", "driver_id": "d", "passenger_id": "p", "x": -Infinity}',
+        b"[" * 5000 + b"]" * 5000,
+    ]
+    for body in bodies:
+        assert_error(post_raw_body(server, body), 400, "invalid_json")
+
+
+@pytest.mark.compat
+def test_json_that_is_not_an_object_is_400_invalid_request(server) -> None:
+    """SPEC §3: valid JSON that is not an object (array, string, number, null) → 400 invalid_request."""
+    for body in (b"[]", b'["ride", "driver", "passenger"]', b'"ride"', b"42", b"null", b"true"):
+        assert_error(post_raw_body(server, body), 400, "invalid_request")
+
+
+@pytest.mark.compat
+def test_body_over_16_kib_is_413(server) -> None:
+    """SPEC §3: a body larger than 16 KiB → 413; exactly 16 KiB is accepted."""
+    body = session_body(ride())
+    exact = body[:-1] + b" " * (16 * 1024 - len(body)) + b"}"
+    assert len(exact) == 16 * 1024
+    status, _, answer = post_raw_body(server, exact)
+    assert status == 200, answer
+    over = session_body(ride())
+    over = over[:-1] + b" " * (16 * 1024 + 1 - len(over)) + b"}"
+    assert_error(post_raw_body(server, over), 413)
+    # announced but never sent: answered from the head alone, at once
+    started = time.monotonic()
+    data, closed = exchange(server, post_head(10**9))
+    assert closed and time.monotonic() - started < 3, data
+    assert_error(parse_response(data), 413)
+    # a length with thousands of digits is refused too, not a crash (int() has a digit limit)
+    data, closed = exchange(server, post_head(None, "Content-Length: " + "9" * 5000))
+    assert closed, data
+    assert_error(parse_response(data), (413, 400))
+
+
+@pytest.mark.compat
+def test_chunked_body_is_refused_without_hanging(server) -> None:
+    """SPEC §3: chunked bodies (Transfer-Encoding) → 411 or 400, never a hang."""
+    body = session_body(ride())
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    cases = [
+        (post_head(None, "Transfer-Encoding: chunked"), chunked),
+        (post_head(None, "Transfer-Encoding: chunked"), b""),  # body never sent
+        (post_head(None, "Transfer-Encoding: gzip, chunked"), b""),
+        (post_head(len(body), "Transfer-Encoding: chunked"), body),  # both framings
+    ]
+    for head, rest in cases:
+        started = time.monotonic()
+        data, closed = exchange(server, head + rest)
+        assert closed and time.monotonic() - started < 3, (head, data)
+        assert_error(parse_response(data), (411, 400))
+    assert server.request("GET", "/health")[0] == 200
+
+
+@pytest.mark.compat
+def test_missing_content_length_is_411(server) -> None:
+    """SPEC §3: POST without Content-Length → 411, never a hang."""
+    started = time.monotonic()
+    data, closed = exchange(server, post_head(None))
+    assert closed and time.monotonic() - started < 3, data
+    assert_error(parse_response(data), 411)
+
+
+@pytest.mark.compat
+def test_http_1_0_requests_are_answered(server) -> None:
+    """SPEC §3: an HTTP/1.0 request (health checkers) gets an HTTP answer, not a silent close."""
+    data, closed = exchange(server, b"GET /health HTTP/1.0\r\n\r\n")
+    assert closed, data
+    status, _, body = parse_response(data.replace(b"HTTP/1.0 ", b"HTTP/1.1 ", 1))
+    assert status == 200, data
+    assert json.loads(body)["status"] == "ok"
+    data, closed = exchange(server, post_head(None).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    assert closed, data
+    assert_error(parse_response(data.replace(b"HTTP/1.0 ", b"HTTP/1.1 ", 1)), 411)
+
+
+@pytest.mark.compat
+def test_invalid_content_length_is_400(server) -> None:
+    """SPEC §3: an invalid Content-Length → 400 and close."""
+    body = session_body(ride())
+    for value in ("abc", "-1", "+5", "1e3", "0x10", "12 13", ""):
+        data, closed = exchange(server, post_head(None, f"Content-Length: {value}") + body)
+        assert closed, (value, data)
+        assert_error(parse_response(data), 400)
+    # two different lengths
+    data, closed = exchange(server, post_head(len(body), "Content-Length: 3") + body)
+    assert closed, data
+    assert_error(parse_response(data), 400)
+
+
+@pytest.mark.compat
+def test_api_key_is_checked_before_the_body(server) -> None:
+    """SPEC §3 check order: a wrong key with a bad body → 401, not 400/411/413."""
+    wrong = {"X-API-Key": "wrong"}
+    assert_error(post_raw_body(server, b"not json", wrong), 401, "unauthorized")
+    assert_error(post_raw_body(server, b"[]", wrong), 401, "unauthorized")
+    assert_error(post_raw_body(server, session_body(ride(), "same", "same"), wrong), 401, "unauthorized")
+    for head in (
+        post_head(None, key="wrong"),  # missing Content-Length
+        post_head(None, "Transfer-Encoding: chunked", key="wrong"),
+        post_head(10**6, key="wrong"),  # too large
+        post_head(None, "Content-Length: abc", key="wrong"),
+    ):
+        data, closed = exchange(server, head)
+        assert closed, (head, data)
+        assert_error(parse_response(data), 401, "unauthorized")
+    # with the right key the body is what is refused
+    assert_error(post_raw_body(server, b"not json"), 400, "invalid_json")
+
+
+@pytest.mark.compat
+def test_expect_100_continue(server) -> None:
+    """SPEC §3: `Expect: 100-continue` gets `100 Continue`, then the answer."""
+    ride_id = ride()
+    body = session_body(ride_id)
+    with connect_raw(server) as sock:
+        sock.sendall(post_head(len(body), "Expect: 100-continue"))
+        interim = read_until(sock, b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+        final = interim.partition(b"\r\n\r\n")[2]
+        sock.sendall(body)
+        data, closed = read_until_closed(sock, 5)
+    assert closed
+    status, headers, answer = parse_response(final + data)
+    assert status == 200, answer
+    assert json.loads(answer)["ride_id"] == ride_id
+    # a client that does not wait for the interim answer works as well
+    data, closed = exchange(server, post_head(len(body), "Expect: 100-continue") + session_body(ride()))
+    assert closed
+    interim, _, final = data.partition(b"\r\n\r\n")
+    assert interim == b"HTTP/1.1 100 Continue", data
+    assert parse_response(final)[0] == 200, data
+
+
+@pytest.mark.compat
+def test_body_sent_in_several_tcp_pieces(server) -> None:
+    """SPEC §3: a request whose head and body arrive in several delayed TCP pieces is answered."""
+    ride_id = ride()
+    body = session_body(ride_id)
+    head = post_head(len(body))
+    pieces = [head[:7], head[7:40], head[40:-2], head[-2:] + body[:3], body[3:20], body[20:]]
+    data, closed = exchange(server, *pieces, delay=0.15)
+    assert closed, data
+    status, headers, answer = parse_response(data)
+    assert status == 200, answer
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(answer)["ride_id"] == ride_id
+
+
+# -- POST /sessions: one live session per ride, capacity -------------------------
+
+
+def test_repost_returns_same_session_with_remaining_time(server_factory) -> None:
+    """SPEC §3: a re-POST for a live ride with the same participants returns it with the time left."""
+    server = server_factory(SESSION_DURATION="5s")
+    ride_id = ride()
+    first = server.new_session(ride_id=ride_id)
+    assert first["expires_in"] == 5
+    time.sleep(1.2)
+    status, again = server.post_session(ride_id=ride_id)
+    assert status == 200, again
+    assert again["session_id"] == first["session_id"] and again["ride_id"] == ride_id
+    assert 3 <= again["expires_in"] <= 4, again
+
+    async def scenario() -> None:
+        driver, _ = await join(server, first, "driver-1")
+        passenger, _ = await join(server, first, "passenger-1")
+        await recv_json(driver)
+        await recv_json(passenger)
+        # an active call: the time left before call_timeout, counted from connected_at
+        status, active = server.post_session(ride_id=ride_id)
+        assert status == 200, active
+        assert active["session_id"] == first["session_id"]
+        assert active["expires_in"] == 5, active
+        await driver.close()
+        await passenger.close()
+
+    asyncio.run(scenario())
+    assert server.post_session(ride_id=ride())[0] == 200
+
+
+def test_different_participants_are_409_ride_conflict(server) -> None:
+    """SPEC §3: a POST for a live ride with other participants → 409 ride_conflict."""
+    ride_id = ride()
+    server.new_session(ride_id=ride_id)
+    for driver_id, passenger_id in (
+        ("driver-2", "passenger-1"),
+        ("driver-1", "passenger-2"),
+        ("passenger-1", "driver-1"),
+    ):
+        answer = post_raw_body(server, session_body(ride_id, driver_id, passenger_id))
+        assert_error(answer, 409, "ride_conflict")
+    assert server.post_session(ride_id=ride_id)[0] == 200
+
+
+def test_new_session_after_end_or_expiry(server_factory) -> None:
+    """SPEC §3: once a ride's session ended (end_call) or expired, a POST creates a new session."""
+    server = server_factory(SESSION_DURATION="1500ms")
+    ended_ride, expired_ride = ride(), ride()
+    ended = server.new_session(ride_id=ended_ride)
+    expiring = server.new_session(ride_id=expired_ride)
+    assert ended["expires_in"] == 2
+
+    async def end_call() -> None:
+        driver, _ = await join(server, ended, "driver-1")
+        passenger, _ = await join(server, ended, "passenger-1")
+        await recv_json(driver)
+        await recv_json(passenger)
+        await send_json(driver, {"type": "end_call"})
+        assert await recv_json(driver) == {"type": "call_ended", "reason": "user_terminated"}
+        assert await closed_with(driver) == 1000
+        assert await closed_with(passenger) == 1000
+
+    asyncio.run(end_call())
+    status, after_end = server.post_session(ride_id=ended_ride)
+    assert status == 200, after_end
+    assert after_end["session_id"] != ended["session_id"]
+
+    time.sleep(1.7)  # the session of expired_ride was never joined: it expired
+    status, after_expiry = server.post_session(ride_id=expired_ride, driver_id="driver-9")
+    assert status == 200, after_expiry  # no conflict with an expired session
+    assert after_expiry["session_id"] != expiring["session_id"]
+    assert after_expiry["expires_in"] == 2
+
+
+def test_max_sessions_is_503_but_repost_still_200(server_factory) -> None:
+    """SPEC §3: at MAX_SESSIONS → 503; a re-POST of an existing session is not refused; 409 before 503."""
+    server = server_factory(MAX_SESSIONS="2")
+    first_ride = ride()
+    first = server.new_session(ride_id=first_ride)
+    server.new_session()
+    assert_error(post_raw_body(server, session_body(ride())), 503)
+    status, again = server.post_session(ride_id=first_ride)
+    assert status == 200 and again["session_id"] == first["session_id"], again
+    assert_error(post_raw_body(server, session_body(first_ride, "driver-2")), 409, "ride_conflict")
+    # the key and the body are checked before capacity
+    assert_error(post_raw_body(server, session_body(ride()), {"X-API-Key": "wrong"}), 401)
+    assert_error(post_raw_body(server, b"[]"), 400)
+    assert health(server)["sessions"] == 2
+
+    async def end_first() -> None:
+        driver, _ = await join(server, first, "driver-1")
+        await send_json(driver, {"type": "end_call"})
+        assert await recv_json(driver) == {"type": "call_ended", "reason": "user_terminated"}
+        assert await closed_with(driver) == 1000
+
+    asyncio.run(end_first())
+    assert server.post_session(ride_id=ride())[0] == 200  # room again
+
+
+@pytest.mark.compat
+def test_other_methods_on_sessions_are_405_with_allow(server) -> None:
+    """SPEC §3: other methods on /sessions → 405 with an Allow header listing POST."""
+    for method in ("GET", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        answer = server.request(method, "/sessions", None, {"X-API-Key": API_KEY})
+        assert_error(answer, 405)
+        assert "POST" in [m.strip() for m in answer[1]["allow"].split(",")], (method, answer[1])
+
+
+# -- /health, /metrics, other paths ---------------------------------------------------
+
+
+@pytest.mark.compat
+def test_health_get_and_head(server) -> None:
+    """SPEC §3: GET /health → 200 {"status": "ok", uptime, sessions, calls, connections, database}; HEAD."""
+    status, headers, body = server.request("GET", "/health")
+    assert status == 200
+    assert headers["content-type"].startswith("application/json")
+    document = json.loads(body)
+    assert document["status"] == "ok"
+    assert {"uptime_seconds", "sessions", "active_calls", "connections", "database"} <= set(document)
+    assert document["database"] == "sqlite"
+    for field in ("uptime_seconds", "sessions", "active_calls", "connections"):
+        assert type(document[field]) is int and document[field] >= 0, document
+    assert (document["sessions"], document["active_calls"], document["connections"]) == (0, 0, 0)
+    # HEAD: the status and headers, no body bytes at all
+    data, closed = exchange(server, b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert closed, data
+    status, headers, rest = parse_response(data)
+    assert status == 200 and rest == b"", data
+    assert headers["content-type"].startswith("application/json")
+    assert server.request("HEAD", "/health")[0] == 200
+
+
+def test_health_counts_sessions_calls_and_connections(server) -> None:
+    """SPEC §3: /health reports live sessions, active calls and open connections."""
+    session = server.new_session(ride_id=ride())
+    server.new_session(ride_id=ride())
+    assert health(server)["sessions"] == 2
+
+    async def scenario() -> None:
+        driver, _ = await join(server, session, "driver-1")
+        document = health(server)
+        assert (document["sessions"], document["active_calls"], document["connections"]) == (2, 0, 1)
+        passenger, _ = await join(server, session, "passenger-1")
+        document = health(server)
+        assert (document["sessions"], document["active_calls"], document["connections"]) == (2, 1, 2)
+        await send_json(driver, {"type": "end_call"})
+        assert await closed_with(driver) == 1000
+        assert await closed_with(passenger) == 1000
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 3
+    while True:
+        document = health(server)
+        if document["connections"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (document["sessions"], document["active_calls"], document["connections"]) == (1, 0, 0)
+
+
+@pytest.mark.compat
+def test_metrics_for_loopback_only(server) -> None:
+    """SPEC §3: GET /metrics → Prometheus text to direct loopback clients; proxied requests → 404."""
+    server.new_session(ride_id=ride())
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/plain")
+    text = body.decode()
+    assert "# TYPE intaleq_sessions_created_total counter" in text
+    assert "intaleq_sessions_created_total 1\n" in text
+    for name in (
+        "intaleq_calls_started_total",
+        "intaleq_calls_ended_total",
+        "intaleq_messages_relayed_total",
+        "intaleq_connections_rejected_total",
+        "intaleq_connections_open",
+        "intaleq_calllog_writes_pending",
+        "intaleq_calllog_writes_failed",
+    ):
+        assert f"# TYPE {name} " in text, name
+    proxied = ({"X-Forwarded-For": "203.0.113.7"}, {"X-Real-IP": "203.0.113.7"}, {"X-Real-IP": "127.0.0.1"})
+    for header in proxied:
+        assert_error(server.request("GET", "/metrics", None, header), 404)
+
+
+@pytest.mark.compat
+def test_other_paths_and_ws_without_upgrade(server) -> None:
+    """SPEC §3: /ws without upgrade → 426; POST /ws → 405; unknown path → 404."""
+    assert_error(server.request("GET", "/ws"), 426)
+    assert_error(server.request("GET", "/ws", None, {"Connection": "Upgrade"}), 426)
+    assert_error(server.request("POST", "/ws", b"", {"X-API-Key": API_KEY}), 405)
+    for path in ("/", "/nope", "/session", "/sessions/x", "/wss", "/health/x", "/ws/x"):
+        assert_error(server.request("GET", path), 404)
+    assert_error(server.request("POST", "/nope", b"{}"), 404)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        b"GET /health\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n",
+        b"GET health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nthis is not a header\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\n folded: continuation\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nX-Test: a\x01b\r\n\r\n",
+        b"POST /sessions HTTP/1.1\r\nContent-Length: 2\r\nX Bad: y\r\n\r\n{}",
+    ],
+    ids=[
+        "garbage",
+        "tls-hello",
+        "no-version",
+        "http2-version",
+        "extra-token",
+        "no-slash",
+        "bad-method",
+        "no-colon",
+        "folded",
+        "space-in-name",
+        "control-char-value",
+        "post-bad-header",
+    ],
+)
+def test_malformed_http_is_400_and_close(server, request_bytes: bytes) -> None:
+    """SPEC §3: malformed HTTP → 400 and the connection is closed."""
+    data, closed = exchange(server, request_bytes)
+    assert closed, data
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    status, headers, body = parse_response(data)
+    assert_error((status, headers, body), 400)
+
+
+@pytest.mark.compat
+def test_refused_and_aborted_connections_log_one_line(server) -> None:
+    """SPEC §6: a malformed request or a connection closed before its request logs no traceback."""
+    exchange(server, b"GARBAGE\r\n\r\n")
+    socket.create_connection(("127.0.0.1", server.port), timeout=5).close()  # TCP probe
+    with connect_raw(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # half a head, then gone
+    assert server.request("GET", "/health")[0] == 200
+    assert server.stop() == 0
+    assert "Traceback" not in server.log, server.log
+    assert "opening handshake failed" not in server.log, server.log
+
+
+def test_idle_and_slow_clients_are_dropped(server) -> None:
+    """SPEC §3: idle clients, half a head or half a body are dropped after a bounded time."""
+    body = session_body(ride())
+    partials = [
+        b"",  # connects and says nothing
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # half a head
+        post_head(len(body)) + body[:10],  # half a body
+    ]
+    started = time.monotonic()
+    sockets = [connect_raw(server) for _ in partials]
+    try:
+        for sock, partial in zip(sockets, partials, strict=True):
+            if partial:
+                sock.sendall(partial)
+        for sock, partial in zip(sockets, partials, strict=True):
+            data, closed = read_until_closed(sock, max(0.1, started + 15 - time.monotonic()))
+            assert closed, (partial, data)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert time.monotonic() - started < 15
+    assert health(server)["status"] == "ok"
+
+
+# -- per-IP WebSocket connection limit (SPEC §4) ---------------------------------------
+
+
+@pytest.mark.compat
+def test_ws_connection_limit_per_ip(server_factory) -> None:
+    """SPEC §4: upgrade attempts above RATE_LIMIT_PER_MIN per client IP → HTTP 429 before the upgrade."""
+    server = server_factory(RATE_LIMIT_PER_MIN="3")
+    assert attempts(server, None, None, None, None, None) == [101, 101, 101, 429, 429]
+
+    async def refused_answer() -> Any:
+        try:
+            async with server.ws():
+                pass
+        except InvalidStatus as exc:
+            return exc.response
+        raise AssertionError("the upgrade was accepted")
+
+    response = asyncio.run(refused_answer())
+    assert response.status_code == 429
+    assert json.loads(response.body)["error"]
+    # plain HTTP does not count, and is not refused
+    assert server.request("GET", "/health")[0] == 200
+    assert server.post_session(ride_id=ride())[0] == 200
+    metrics = server.request("GET", "/metrics")[2].decode()
+    assert 'intaleq_connections_rejected_total{reason="ip_rate_limited"} 3' in metrics
+
+
+def test_ws_limit_uses_x_real_ip_from_trusted_proxy(server_factory) -> None:
+    """SPEC §4: behind a trusted proxy the client IP is X-Real-IP, so clients are counted apart."""
+    server = server_factory(RATE_LIMIT_PER_MIN="3")
+    phone = {"X-Real-IP": "203.0.113.7"}
+    other = {"X-Real-IP": "203.0.113.8"}
+    assert attempts(server, phone, phone, phone, phone) == [101, 101, 101, 429]
+    assert attempts(server, other, None, other, other, other) == [101, 101, 101, 101, 429]
+    # X-Real-IP wins over X-Forwarded-For
+    both = {"X-Real-IP": "203.0.113.7", "X-Forwarded-For": "198.51.100.1"}
+    assert attempts(server, both) == [429]
+    # an X-Real-IP that is not an address does not merge everyone into one bucket
+    assert attempts(server, {"X-Real-IP": "unknown"}, {"X-Real-IP": "2001:db8::1"}) == [101, 101]
+
+
+def test_ws_limit_uses_last_x_forwarded_for_address(server_factory) -> None:
+    """SPEC §4: without X-Real-IP the client IP is the last address of X-Forwarded-For."""
+    server = server_factory(RATE_LIMIT_PER_MIN="3")
+    forwarded = {"X-Forwarded-For": "198.51.100.1, 203.0.113.9"}
+    assert attempts(server, forwarded, forwarded, forwarded, forwarded) == [101, 101, 101, 429]
+    assert attempts(server, {"X-Real-IP": "203.0.113.9"}) == [429]  # same client
+    # the first address is not the client; a different last address is another client
+    assert attempts(server, {"X-Forwarded-For": "203.0.113.9, 198.51.100.77"}) == [101]
+    assert attempts(server, {"X-Forwarded-For": "203.0.113.9,198.51.100.78"}) == [101]
+    assert attempts(server, None) == [101]  # 127.0.0.1 itself untouched
+
+
+def test_ws_limit_ignores_headers_from_untrusted_peers(server_factory) -> None:
+    """SPEC §4: with TRUSTED_PROXIES empty, X-Real-IP / X-Forwarded-For are ignored (TCP peer counts)."""
+    server = server_factory(RATE_LIMIT_PER_MIN="3", TRUSTED_PROXIES="")
+    results = attempts(
+        server,
+        {"X-Real-IP": "203.0.113.1"},
+        {"X-Real-IP": "203.0.113.2"},
+        {"X-Forwarded-For": "203.0.113.3"},
+        {"X-Real-IP": "203.0.113.4"},
+        None,
+    )
+    assert results == [101, 101, 101, 429, 429]
+
+
+# -- shutdown (SPEC §6) -------------------------------------------------------------
+
+
+def test_sigterm_ends_active_call_with_server_shutdown(server) -> None:
+    """SPEC §6: SIGTERM ends live calls with call_ended server_shutdown, close 1001, exit 0, logged."""
+    session = server.new_session(ride_id=ride())
+
+    async def scenario() -> float:
+        driver, _ = await join(server, session, "driver-1")
+        passenger, _ = await join(server, session, "passenger-1")
+        assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
+        assert await recv_json(passenger) == {"type": "participant_joined", "role": "driver"}
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert await recv_json(driver) == {"type": "call_ended", "reason": "server_shutdown"}
+        assert await recv_json(passenger) == {"type": "call_ended", "reason": "server_shutdown"}
+        assert await closed_with(driver) == 1001
+        assert await closed_with(passenger) == 1001
+        return started
+
+    started = asyncio.run(scenario())
+    assert server.proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    [row] = server.call_logs()
+    assert row["session_id"] == session["session_id"]
+    assert row["status"] == "ended"
+    assert row["end_reason"] == "server_shutdown"
+    assert row["connected_at"] is not None and row["ended_at"] is not None
+
+
+def test_while_stopping_sessions_and_health_are_503(server) -> None:
+    """SPEC §6/§3: while stopping, POST /sessions and new upgrades → 503, /health → 503 shutting_down."""
+    with connect_raw(server) as lingering:
+        # a WebSocket client that never answers the closing handshake keeps the
+        # server in its stopping phase for the close timeout
+        lingering.sendall(WS_UPGRADE)
+        assert read_until(lingering, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for_log("stopping")
+        assert_error(post_raw_body(server, session_body(ride())), 503)
+        status, headers, body = server.request("GET", "/health")
+        assert status == 503, body
+        assert json.loads(body) == {"status": "shutting_down"}
+        assert asyncio.run(attempt(server)) == 503
+        # the lingering client was sent a close frame with 1001
+        frame = read_until(lingering, b"\x03\xe9")
+        assert frame[0] == 0x88, frame
+    assert server.proc.wait(10) == 0
+    assert time.monotonic() - started < 8
+
+
+def test_sigint_ends_waiting_session_and_exits_0(server) -> None:
+    """SPEC §6: SIGINT stops like SIGTERM: joined and unauthenticated sockets get close 1001, exit 0."""
+    session = server.new_session(ride_id=ride())
+
+    async def scenario() -> None:
+        driver, _ = await join(server, session, "driver-1")
+        anonymous = await server.ws().__aenter__()
+        await asyncio.sleep(0.1)
+        server.proc.send_signal(signal.SIGINT)
+        assert await recv_json(driver) == {"type": "call_ended", "reason": "server_shutdown"}
+        assert await closed_with(driver) == 1001
+        assert await closed_with(anonymous) == 1001
+
+    asyncio.run(scenario())
+    assert server.proc.wait(10) == 0
+    [row] = server.call_logs()
+    assert row["end_reason"] == "server_shutdown"
+    assert "KeyboardInterrupt" not in server.log
+
+
+def test_sigterm_with_idle_http_client_exits_promptly(tmp_path) -> None:
+    """SPEC §6: SIGTERM exits 0 within a few seconds, call log flushed, even with an idle HTTP client open."""
+    port = free_port()
+    env = daemon_env(tmp_path, SERVER_ADDR=f"127.0.0.1:{port}", LOG_LEVEL="info")
+    daemon = Daemon([], env)
+    try:
+        daemon.wait_listening()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/sessions", session_body(ride()), JSON_HEADERS)
+        response = conn.getresponse()
+        session = json.loads(response.read())
+        conn.close()
+        assert response.status == 200, session
+        address = ("127.0.0.1", port)
+        with socket.create_connection(address), socket.create_connection(address) as half:
+            half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            time.sleep(0.2)
+            started = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+            try:
+                code = daemon.proc.wait(6)
+            except subprocess.TimeoutExpired:
+                code = None
+            elapsed = time.monotonic() - started
+    finally:
+        daemon.stop()
+    assert code == 0 and elapsed < 5, (code, elapsed, daemon.log)
+    assert "Traceback" not in daemon.log, daemon.log
+    rows = sqlite3_rows(tmp_path / "calls.sqlite3")
+    assert [(r["session_id"], r["end_reason"]) for r in rows] == [(session["session_id"], "server_shutdown")]
+
+
+# -- configuration at the process level (SPEC §2) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        ({"API_KEY": "too-short-key"}, "API_KEY"),
+        ({"API_KEY": None}, "API_KEY"),
+        ({"SERVER_ADDR": "nonsense"}, "SERVER_ADDR"),
+        ({"SERVER_ADDR": "127.0.0.1:99999"}, "SERVER_ADDR"),
+        ({"SERVER_ADDR": "::1:47880"}, "SERVER_ADDR"),
+        ({"HEARTBEAT_INTERVAL": "20s", "HEARTBEAT_TIMEOUT": "10s"}, "HEARTBEAT_TIMEOUT"),
+        ({"HEARTBEAT_INTERVAL": "20s", "HEARTBEAT_TIMEOUT": "20s"}, "HEARTBEAT_TIMEOUT"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"ENVIRONMENT": "production", "DB_USERNAME": None}, "DB_USERNAME"),
+        ({"ENVIRONMENT": "staging"}, "ENVIRONMENT"),
+        ({"SESSION_DURATION": "abc"}, "SESSION_DURATION"),
+        ({"AUTH_TIMEOUT": "5x"}, "AUTH_TIMEOUT"),
+        ({"RATE_LIMIT_PER_MIN": "ten"}, "RATE_LIMIT_PER_MIN"),
+        ({"MAX_SESSIONS": "0"}, "MAX_SESSIONS"),
+        ({"TRUSTED_PROXIES": "nginx"}, "TRUSTED_PROXIES"),
+    ],
+    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value,
+)
+def test_config_error_exits_78_naming_the_variable(tmp_path, overrides: dict, variable: str) -> None:
+    """SPEC §2: bad configuration → exit status 78 and one stderr line naming the variable."""
+    env = daemon_env(tmp_path, **overrides)
+    result = subprocess.run(
+        [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=15
+    )
+    assert result.returncode == 78, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0], lines
+    assert "Traceback" not in result.stderr
+    if "API_KEY" in overrides and overrides["API_KEY"]:
+        assert overrides["API_KEY"] not in result.stderr  # never echo the secret
+
+
+def test_env_file_missing_or_malformed_exits_78(tmp_path) -> None:
+    """SPEC §2: an unreadable or malformed --env-file is a configuration error (78, one line)."""
+    bad = tmp_path / "bad.env"
+    bad.write_text("API_KEY\n")
+    for path in (str(tmp_path / "missing.env"), str(bad)):
+        result = subprocess.run(
+            [sys.executable, "-m", "intaleq_signal", "--env-file", path],
+            env=daemon_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+        assert result.returncode == 78, result
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert path in result.stderr or "env-file" in result.stderr, result.stderr
+
+
+def test_env_file_is_loaded_and_real_environment_wins(tmp_path) -> None:
+    """SPEC §2: --env-file loads KEY=VALUE (comments, quotes, export); real environment variables win."""
+    file_key = "file-api-key-" + "k" * 32
+    file_port, real_port = free_port(), free_port()
+    env_file = tmp_path / "signal.env"
+    env_file.write_text(
+        "# intaleq-signal test settings\n"
+        "\n"
+        f'API_KEY="{file_key}"\n'
+        "export ENVIRONMENT=development\n"
+        f"SERVER_ADDR=127.0.0.1:{file_port}\n"
+        "LOG_LEVEL=loud  # invalid, but the real environment overrides it\n"
+        f"SQLITE_PATH='{tmp_path / 'from-file.sqlite3'}'\n"
+        "SESSION_DURATION=42s\n"
+    )
+    env = daemon_env(tmp_path, API_KEY=None, ENVIRONMENT=None, SQLITE_PATH=None)
+    env.update(SERVER_ADDR=f"127.0.0.1:{real_port}", LOG_LEVEL="info")
+    daemon = Daemon(["--env-file", str(env_file)], env)
+    try:
+        assert f"127.0.0.1:{real_port}" in daemon.wait_listening()
+        conn = http.client.HTTPConnection("127.0.0.1", real_port, timeout=5)
+        conn.request("POST", "/sessions", session_body(ride()), {"X-API-Key": file_key})
+        response = conn.getresponse()
+        document = json.loads(response.read())
+        conn.close()
+        assert response.status == 200, document
+        assert document["expires_in"] == 42
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", file_port), timeout=1).close()
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log
+    assert (tmp_path / "from-file.sqlite3").exists()
+    assert file_key not in daemon.log
