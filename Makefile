@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit test-compat clean
+.PHONY: run test lint unit test-compat clean bench-calllog
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,7 @@ test-compat: $(COMPAT_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache
+
+## bench-calllog: session creation and loop lag with no store, SQLite and MySQL (issue 3)
+bench-calllog: $(VENV)/.installed
+	tests/bench_calllog.sh

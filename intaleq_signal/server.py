@@ -49,12 +49,13 @@ def make_store(config: Config) -> Any:
 class Server:
     """One daemon instance: call :meth:`run` and it serves until stopped."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, store: Any = None) -> None:
+        """``store`` replaces the configured call-log store (benchmarks)."""
         self.config = config
         self.metrics = Metrics()
         self.started = time.monotonic()
         self.stopping = False
-        store = make_store(config)
+        store = store if store is not None else make_store(config)
         threads = config.db_pool_size if config.uses_mysql else 1
         self.calllog = CallLogWriter(store, threads=threads)
 
