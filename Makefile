@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit test-compat clean bench-calllog
+.PHONY: run test lint unit test-compat clean bench-calllog install
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +52,20 @@ clean:
 ## bench-calllog: session creation and loop lag with no store, SQLite and MySQL (issue 3)
 bench-calllog: $(VENV)/.installed
 	tests/bench_calllog.sh
+
+## install: as root, put the service in place (user, venv, config, unit); see README
+PREFIX ?= /opt/intaleq-signal
+SYSCONFDIR ?= /etc/intaleq-signal
+UNITDIR ?= /etc/systemd/system
+install:
+	id -u intaleq-signal >/dev/null 2>&1 || useradd --system --home-dir /var/lib/intaleq-signal \
+	    --shell /usr/sbin/nologin intaleq-signal
+	$(PYTHON) -m venv $(PREFIX)/venv
+	$(PREFIX)/venv/bin/pip install --quiet --upgrade .
+	install -d -m 0750 -g intaleq-signal $(SYSCONFDIR)
+	test -e $(SYSCONFDIR)/intaleq-signal.env || \
+	    install -m 0640 -g intaleq-signal .env.example $(SYSCONFDIR)/intaleq-signal.env
+	install -m 0644 intaleq-signal.service $(UNITDIR)/intaleq-signal.service
+	-systemctl daemon-reload
+	@echo "make install: edit $(SYSCONFDIR)/intaleq-signal.env (API_KEY, DB_*), then" \
+	      "systemctl enable --now intaleq-signal"

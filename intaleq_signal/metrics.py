@@ -1,20 +1,53 @@
-"""Counters and gauges of one process, rendered in the Prometheus text
-exposition format (SPEC §3 ``/metrics``).
+"""Counters, gauges and a histogram of one process, rendered in the
+Prometheus text exposition format 0.0.4 (SPEC §3 ``/metrics``).
 
-Counters are plain attributes bumped on the event loop; gauges are read at
-scrape time from callables, so the hot path pays one integer addition.
+Counters are plain attributes bumped on the event loop; values owned by
+other objects are read at scrape time from callables, so the hot path pays
+one integer addition (two and a bisect for the relay-latency histogram).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 
-__all__ = ["Metrics"]
+__all__ = ["Histogram", "Metrics"]
+
+#: Relay latency buckets, seconds: relaying is sub-millisecond when healthy.
+RELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Histogram:
+    """Cumulative-bucket histogram (``_bucket{le}``, ``_sum``, ``_count``)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def samples(self, name: str) -> list[str]:
+        lines = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            label = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'{name}_bucket{{le="{label}"}} {running}')
+        lines.append(f"{name}_sum {self.sum!r}")
+        lines.append(f"{name}_count {self.count}")
+        return lines
 
 
 class Metrics:
-    """The daemon's counters (monotonic totals) and gauge sources."""
+    """The daemon's own counters plus values read from elsewhere."""
 
     def __init__(self) -> None:
         self.sessions_created = 0
@@ -22,49 +55,59 @@ class Metrics:
         self.calls_ended: Counter[str] = Counter()  # by end reason
         self.messages_relayed = 0
         self.connections_rejected: Counter[str] = Counter()  # by reason
-        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.relay_latency = Histogram(RELAY_BUCKETS)
+        self._read: list[tuple[str, str, str, Callable[[], float]]] = []
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        """Register a gauge read at scrape time."""
-        self.gauges[name] = (help_text, read)
+    def register(self, name: str, kind: str, help_text: str, read: Callable[[], float]) -> None:
+        """Add a ``counter`` or ``gauge`` whose value is read at scrape time."""
+        self._read.append((name, kind, help_text, read))
 
     def render(self) -> str:
         """The exposition text (``text/plain; version=0.0.4``)."""
         out: list[str] = []
 
-        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                out.append(f"{name}{labels} {value}")
+        def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+            out.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples))
+
+        def labelled(name: str, label: str, counts: Counter[str]) -> list[str]:
+            return [f'{name}{{{label}="{key}"}} {value}' for key, value in sorted(counts.items())]
 
         family(
             "intaleq_sessions_created_total",
             "counter",
             "Sessions created by POST /sessions.",
-            [("", self.sessions_created)],
+            [f"intaleq_sessions_created_total {self.sessions_created}"],
         )
         family(
-            "intaleq_calls_started_total", "counter", "Calls that became active.", [("", self.calls_started)]
+            "intaleq_calls_started_total",
+            "counter",
+            "Calls that became active (both participants connected).",
+            [f"intaleq_calls_started_total {self.calls_started}"],
         )
         family(
             "intaleq_calls_ended_total",
             "counter",
             "Sessions ended, by end reason.",
-            [(f'{{reason="{r}"}}', n) for r, n in sorted(self.calls_ended.items())],
+            labelled("intaleq_calls_ended_total", "reason", self.calls_ended),
         )
         family(
             "intaleq_messages_relayed_total",
             "counter",
-            "offer, answer and ice_candidate messages relayed or held.",
-            [("", self.messages_relayed)],
+            "offer, answer and ice_candidate messages relayed or held for the peer.",
+            [f"intaleq_messages_relayed_total {self.messages_relayed}"],
         )
         family(
             "intaleq_connections_rejected_total",
             "counter",
-            "WebSocket connections refused, by reason.",
-            [(f'{{reason="{r}"}}', n) for r, n in sorted(self.connections_rejected.items())],
+            "WebSocket connections refused or closed by policy, by reason.",
+            labelled("intaleq_connections_rejected_total", "reason", self.connections_rejected),
         )
-        for name, (help_text, read) in self.gauges.items():
-            family(name, "gauge", help_text, [("", read())])
+        family(
+            "intaleq_relay_latency_seconds",
+            "histogram",
+            "Time from receiving a message to writing it to the peer's socket.",
+            self.relay_latency.samples("intaleq_relay_latency_seconds"),
+        )
+        for name, kind, help_text, read in self._read:
+            family(name, kind, help_text, [f"{name} {read()}"])
         return "\n".join(out) + "\n"

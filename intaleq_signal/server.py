@@ -18,6 +18,7 @@ from .config import Config
 from .http_api import HTTPAPI
 from .metrics import Metrics
 from .signaling import Signaling
+from .systemd import Notifier
 from .wire import HTTPServerConnection
 
 __all__ = ["ListenError", "run", "Server"]
@@ -55,6 +56,7 @@ class Server:
         self.metrics = Metrics()
         self.started = time.monotonic()
         self.stopping = False
+        self.notifier = Notifier()
         store = store if store is not None else make_store(config)
         threads = config.db_pool_size if config.uses_mysql else 1
         self.calllog = CallLogWriter(store, threads=threads)
@@ -111,6 +113,8 @@ class Server:
             loop.create_task(self.signaling.heartbeat()),
             loop.create_task(self._housekeeping()),
         ]
+        if self.notifier.watchdog_interval is not None:
+            tasks.append(loop.create_task(self._watchdog(self.notifier.watchdog_interval)))
         try:
             addresses = ", ".join(_address(sock.getsockname()) for sock in server.sockets)
             log.info(
@@ -120,8 +124,10 @@ class Server:
                 "mysql" if config.uses_mysql else config.sqlite_path,
             )
             self.sockets = server.sockets
+            self.notifier.ready(f"listening on {addresses}")
             await stop.wait()
             log.info("stopping: ending live calls")
+            self.notifier.stopping()
             self.stopping = True
             self.signaling.shutdown()
             await self.signaling.drain(CLOSE_TIMEOUT + 1)
@@ -138,6 +144,14 @@ class Server:
                 task.cancel()
             left = await loop.run_in_executor(None, self.calllog.close, FLUSH_TIMEOUT)
             log.info("stopped (%d call-log events unwritten)", left)
+            self.notifier.close()
+
+    async def _watchdog(self, interval: float) -> None:
+        """``WATCHDOG=1`` from the event loop itself: if the loop wedges,
+        the pings stop and systemd restarts the service (``WatchdogSec=``)."""
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -145,19 +159,43 @@ class Server:
             self.api.prune(time.monotonic())
 
     def _gauges(self) -> None:
-        signaling = self.signaling
-        self.metrics.gauge(
-            "intaleq_sessions_live", "Sessions neither ended nor expired.", lambda: signaling.registry.live
+        signaling, calllog, register = self.signaling, self.calllog, self.metrics.register
+        register(
+            "intaleq_sessions_live",
+            "gauge",
+            "Sessions neither ended nor expired.",
+            lambda: signaling.registry.live,
         )
-        self.metrics.gauge("intaleq_calls_active", "Calls in progress.", signaling.active_calls)
-        self.metrics.gauge(
-            "intaleq_connections_open", "Open WebSocket connections.", lambda: len(signaling.clients)
+        register("intaleq_calls_active", "gauge", "Calls in progress.", signaling.active_calls)
+        register(
+            "intaleq_connections_open", "gauge", "Open WebSocket connections.", lambda: len(signaling.clients)
         )
-        self.metrics.gauge(
-            "intaleq_calllog_writes_pending", "Call-log events queued.", lambda: self.calllog.pending
+        register(
+            "intaleq_calllog_writes_pending",
+            "gauge",
+            "Call-log events queued or being written (the queue depth).",
+            lambda: calllog.pending,
         )
-        self.metrics.gauge(
-            "intaleq_calllog_writes_failed", "Failed call-log write attempts.", lambda: self.calllog.failures
+        register(
+            "intaleq_calllog_writes_total", "counter", "Call-log events written.", lambda: calllog.writes
+        )
+        register(
+            "intaleq_calllog_writes_failed_total",
+            "counter",
+            "Failed call-log write attempts (each retry counts).",
+            lambda: calllog.failures,
+        )
+        register(
+            "intaleq_calllog_events_dropped_total",
+            "counter",
+            "Call-log events dropped: queue full, or refused by the database as bad data.",
+            lambda: calllog.dropped + calllog.rejected,
+        )
+        register(
+            "intaleq_calllog_database_up",
+            "gauge",
+            "1 while the call-log database accepts writes, else 0.",
+            lambda: 0 if calllog.state == "unavailable" else 1,
         )
 
 

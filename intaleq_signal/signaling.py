@@ -285,6 +285,7 @@ class Signaling:
         peer = session.other(seat)
         if peer.conn is not None:
             peer.conn.send(payload)
+            self.metrics.relay_latency.observe(self.loop.time() - client.ws.last_received)
         elif not peer.hold(payload):
             return client.send(msg.error("peer_not_connected", "the other participant is not connected"))
         self.metrics.messages_relayed += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from conftest import closed_with, join, recv_json, send_json
 
 pytestmark = pytest.mark.compat

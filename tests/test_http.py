@@ -25,8 +25,9 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import API_KEY, closed_with, free_port, join, recv_json, send_json
 from websockets.exceptions import InvalidStatus
+
+from conftest import API_KEY, closed_with, free_port, join, recv_json, send_json
 
 JSON_HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
 WS_UPGRADE = (
@@ -695,7 +696,7 @@ def test_metrics_for_loopback_only(server) -> None:
         "intaleq_connections_rejected_total",
         "intaleq_connections_open",
         "intaleq_calllog_writes_pending",
-        "intaleq_calllog_writes_failed",
+        "intaleq_calllog_writes_failed_total",
     ):
         assert f"# TYPE {name} " in text, name
     proxied = ({"X-Forwarded-For": "203.0.113.7"}, {"X-Real-IP": "203.0.113.7"}, {"X-Real-IP": "127.0.0.1"})

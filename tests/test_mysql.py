@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import closed_with, join, recv_json, send_json
-from mysql_support import MYSQL, Database, TCPProxy
 
+from conftest import closed_with, join, recv_json, send_json
 from intaleq_signal.calllog.mysql import DDL
+from mysql_support import MYSQL, Database, TCPProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -302,7 +302,9 @@ def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> Non
     time.sleep(2)
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
         metrics = response.read().decode()
-    failed = next(line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_failed "))
+    failed = next(
+        line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_failed_total ")
+    )
     assert int(failed.split()[1]) <= 2 * int(env.get("DB_POOL_SIZE", "4")), server.log
     pending = next(
         line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_pending ")

@@ -1,0 +1,360 @@
+"""The README's Nginx block in front of the real daemon (SPEC §3, §4, §6).
+
+The ```nginx block is read from README.md at test time and changed only as
+far as a loopback test without TLS needs: the port-80 redirect server is
+dropped, ``listen 443 ssl`` becomes a free loopback port, the ``ssl_*`` lines
+go, and ``proxy_pass`` points at the test daemon. The ``map`` and every
+``location`` directive are kept verbatim, so a README edit that breaks the
+block breaks these tests. A real ``nginx`` binary is required (``.ci/run``
+installs it); the tests fail, not skip, without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from conftest import API_KEY, closed_with, join, recv_json, send_json
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+#: The README's upstream; replaced by the test daemon's port.
+README_UPSTREAM = "proxy_pass http://127.0.0.1:47880;"
+REFUSED = "connection refused reason=ip_rate_limited ip="
+
+
+# -- the README block and its loopback variant --------------------------------
+
+
+def readme_nginx_block() -> str:
+    """The one fenced ```nginx block of the README's Nginx section."""
+    text = README.read_text(encoding="utf-8")
+    assert "### Nginx in front" in text, "README lost its 'Nginx in front' section"
+    blocks = re.findall(r"^```nginx\n(.*?)^```$", text, flags=re.M | re.S)
+    assert len(blocks) == 1, f"expected exactly one ```nginx block in README.md, found {len(blocks)}"
+    return blocks[0]
+
+
+def _code(line: str) -> str:
+    """A config line without its comment and surrounding blanks."""
+    return line.split("#", 1)[0].strip()
+
+
+def top_level_blocks(config: str) -> list[str]:
+    """Split a config into its top-level ``name ... { ... }`` blocks."""
+    blocks: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for line in config.splitlines():
+        code = _code(line)
+        if depth == 0 and not code:
+            continue  # blank lines and comments between blocks
+        current.append(line)
+        depth += code.count("{") - code.count("}")
+        assert depth >= 0, f"unbalanced '}}' in the README nginx block at {line!r}"
+        if depth == 0:
+            blocks.append("\n".join(current))
+            current = []
+    assert depth == 0 and not current, "unbalanced '{' in the README nginx block"
+    return blocks
+
+
+def loopback_config(block: str, listen_port: int, upstream_port: int) -> str:
+    """The README block, minimally changed for plain HTTP on loopback."""
+    blocks = top_level_blocks(block)
+    maps = [b for b in blocks if _code(b.splitlines()[0]).startswith("map $http_upgrade $connection_upgrade")]
+    assert len(maps) == 1, f"README nginx block: expected one map $http_upgrade $connection_upgrade: {blocks}"
+    servers = [b for b in blocks if _code(b.splitlines()[0]) == "server {"]
+    tls = [b for b in servers if any(_code(line) == "listen 443 ssl;" for line in b.splitlines())]
+    assert len(tls) == 1, "README nginx block: expected one server with 'listen 443 ssl;'"
+    redirects = [b for b in servers if b not in tls]
+    for redirect in redirects:
+        assert "return 301 https://$host$request_uri;" in redirect, f"unexpected server block:\n{redirect}"
+    assert len(blocks) == len(maps) + len(servers), f"unexpected top-level blocks: {blocks}"
+
+    seen = {"listen": 0, "listen6": 0, "ssl": 0, "proxy_pass": 0}
+    lines = []
+    for line in tls[0].splitlines():
+        code = _code(line)
+        indent = line[: len(line) - len(line.lstrip())]
+        if code == "listen 443 ssl;":
+            seen["listen"] += 1
+            lines.append(f"{indent}listen 127.0.0.1:{listen_port};")
+        elif code == "listen [::]:443 ssl;":
+            seen["listen6"] += 1
+        elif code.startswith("ssl_"):
+            seen["ssl"] += 1
+        elif code == README_UPSTREAM:
+            seen["proxy_pass"] += 1
+            lines.append(f"{indent}proxy_pass http://127.0.0.1:{upstream_port};")
+        else:
+            lines.append(line)
+    assert seen["listen"] == 1 and seen["proxy_pass"] == 1, f"README nginx block changed shape: {seen}"
+    assert seen["ssl"] >= 2, f"README nginx block: expected ssl_certificate(_key) lines: {seen}"
+    server = "\n".join(lines)
+    assert not re.search(r"\bssl\b", "\n".join(_code(line) for line in lines)), server
+    kept = ("location /metrics { deny all; }", "location / {", "proxy_set_header X-Real-IP $remote_addr;")
+    for directive in kept:
+        assert directive in server, f"README nginx block lost {directive!r}"
+    return f"{maps[0]}\n\n{server}\n"
+
+
+# -- a real Nginx -------------------------------------------------------------
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if found is None:
+        pytest.fail(
+            "nginx not found: install it (Debian/Ubuntu: apt-get install nginx-core); "
+            ".ci/run installs it before `make test`",
+            pytrace=False,
+        )
+    return found
+
+
+class NginxProcess:
+    """Nginx in the foreground with the README block, proxying to ``upstream_port``."""
+
+    def __init__(self, upstream_port: int, prefix: Path) -> None:
+        self.binary = nginx_binary()
+        self.prefix = prefix
+        prefix.mkdir()
+        self.port = _free_port()
+        self.error_log = prefix / "error.log"
+        self.access_log = prefix / "access.log"
+        self.conf = prefix / "nginx.conf"
+        kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        temp = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in kinds)
+        http_block = loopback_config(readme_nginx_block(), self.port, upstream_port)
+        self.conf.write_text(
+            f"daemon off;\n"
+            f"master_process on;\n"
+            f"worker_processes 1;\n"
+            f"worker_shutdown_timeout 2s;\n"
+            f"pid {prefix / 'nginx.pid'};\n"
+            f"error_log {self.error_log} notice;\n"
+            f"events {{ worker_connections 64; }}\n"
+            f"http {{\n"
+            f"    access_log {self.access_log};\n"
+            f"{temp}\n\n"
+            f"{http_block}"
+            f"}}\n",
+            encoding="utf-8",
+        )
+        args = [self.binary, "-p", f"{prefix}/", "-e", str(self.error_log), "-c", str(self.conf)]
+        check = subprocess.run([*args, "-t"], capture_output=True, text=True, timeout=15)
+        assert check.returncode == 0, (
+            f"nginx -t rejects the README block:\n{check.stderr}\n--- {self.conf}:\n{self.conf.read_text()}"
+        )
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_listening(timeout=10)
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"nginx did not start listening on {self.port}:\n{self.log}")
+            time.sleep(0.05)
+
+    @property
+    def log(self) -> str:
+        return self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
+
+    def stop(self) -> int:
+        """Graceful stop (SIGQUIT), then fast (SIGTERM), then kill."""
+        for sig, wait in ((signal.SIGQUIT, 5), (signal.SIGTERM, 5)):
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc.kill()
+        return self.proc.wait(5)
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            if isinstance(body, dict):
+                body = json.dumps(body).encode()
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
+
+    def new_session(self, ride_id: str) -> dict[str, Any]:
+        status, _, data = self.request(
+            "POST",
+            "/sessions",
+            {"ride_id": ride_id, "driver_id": "driver-1", "passenger_id": "passenger-1"},
+            {"X-API-Key": API_KEY, "Content-Type": "application/json"},
+        )
+        assert status == 200, (status, data, self.log)
+        return json.loads(data)
+
+    def ws(self, **kwargs: Any) -> Any:
+        """A websockets client to ``ws://<nginx>/ws`` (so ``conftest.join`` works through Nginx)."""
+        return connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=5, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path, server_factory: Any) -> Iterator[Any]:
+    """``nginx_factory(server)`` starts Nginx in front of a daemon; stopped before the daemon is."""
+    started: list[NginxProcess] = []
+
+    def start(server: Any) -> NginxProcess:
+        nginx = NginxProcess(server.port, tmp_path / f"nginx-{len(started)}")
+        started.append(nginx)
+        return nginx
+
+    yield start
+    for nginx in started:
+        code = nginx.stop()
+        assert code == 0, f"nginx exited with {code}:\n{nginx.log}"
+        assert "[emerg]" not in nginx.log and "[alert]" not in nginx.log, nginx.log
+
+
+# -- tests --------------------------------------------------------------------
+
+
+def test_readme_block_is_loopback_testable() -> None:
+    """Issue: the README's Nginx block keeps the map, the upgrade headers and X-Real-IP (SPEC §6)."""
+    config = loopback_config(readme_nginx_block(), 12345, 23456)
+    assert "listen 127.0.0.1:12345;" in config
+    assert "proxy_pass http://127.0.0.1:23456;" in config
+    assert "proxy_set_header Upgrade $http_upgrade;" in config
+    assert "proxy_set_header Connection $connection_upgrade;" in config
+    assert "47880" not in config and "ssl_certificate" not in config
+
+
+def test_post_sessions_through_nginx(server_factory, nginx_factory) -> None:
+    """SPEC §3: POST /sessions with the API key works through the README's Nginx block."""
+    server = server_factory()
+    nginx = nginx_factory(server)
+    body = {"ride_id": "ride-nginx", "driver_id": "driver-1", "passenger_id": "passenger-1"}
+    status, headers, data = nginx.request(
+        "POST", "/sessions", body, {"X-API-Key": API_KEY, "Content-Type": "application/json"}
+    )
+    assert status == 200, (status, data)
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    session = json.loads(data)
+    assert session["session_id"] and session["ride_id"] == "ride-nginx", session
+    status, _, data = nginx.request("POST", "/sessions", body, {"X-API-Key": "wrong"})
+    assert status == 401, (status, data)
+    server.wait_for_log("wrong API key on POST /sessions ip=127.0.0.1")
+
+
+def test_full_call_through_nginx(server_factory, nginx_factory) -> None:
+    """SPEC §4/§6: a whole call (join, offer/answer/ICE relay, end_call, close 1000) through Nginx."""
+    server = server_factory()
+    nginx = nginx_factory(server)
+    session = nginx.new_session("ride-nginx-call")
+
+    async def scenario() -> None:
+        driver, _ = await join(nginx, session, "driver-1")
+        passenger, _ = await join(nginx, session, "passenger-1")
+        assert await recv_json(passenger) == {"type": "participant_joined", "role": "driver"}
+        assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
+
+        offer = {"type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n"}
+        await send_json(driver, offer)
+        assert await recv_json(passenger) == offer
+        answer = {"type": "answer", "sdp": "v=0\r\nanswer"}
+        await send_json(passenger, answer)
+        assert await recv_json(driver) == answer
+        candidate = {
+            "candidate": "candidate:1 1 udp 1 10.0.0.1 5000 typ host",
+            "sdpMid": "0",
+            "sdpMLineIndex": 0,
+        }
+        await send_json(passenger, {"type": "ice_candidate", "candidate": candidate})
+        assert await recv_json(driver) == {"type": "ice_candidate", "candidate": candidate}
+
+        await send_json(driver, {"type": "end_call"})
+        assert await recv_json(driver) == {"type": "call_ended", "reason": "user_terminated"}
+        assert await recv_json(passenger) == {"type": "call_ended", "reason": "user_terminated"}
+        assert await closed_with(driver) == 1000
+        assert await closed_with(passenger) == 1000
+
+    asyncio.run(scenario())
+    # Both sockets really went through Nginx: it logs the two upgrades (101) once they close.
+    deadline = time.monotonic() + 5
+    while True:
+        access = nginx.access_log.read_text() if nginx.access_log.exists() else ""
+        if access.count('"GET /ws HTTP/1.1" 101 ') >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert access.count('"GET /ws HTTP/1.1" 101 ') == 2, access
+    server.wait_for_log("call ended")
+
+
+def test_metrics_denied_by_nginx_but_served_on_loopback(server_factory, nginx_factory) -> None:
+    """SPEC §3 GET /metrics: Nginx denies it (403); a direct loopback client gets 200."""
+    server = server_factory()
+    nginx = nginx_factory(server)
+    status, _, data = nginx.request("GET", "/metrics")
+    assert status == 403, (status, data)
+    status, headers, data = server.request("GET", "/metrics")
+    assert status == 200, (status, data)
+    assert headers.get("content-type", "").startswith("text/plain"), headers
+
+
+def test_connection_limit_counts_nginx_x_real_ip(server_factory, nginx_factory) -> None:
+    """SPEC §4 first rule: behind Nginx the per-IP limit counts X-Real-IP, which Nginx overwrites."""
+    server = server_factory(RATE_LIMIT_PER_MIN="3")
+    nginx = nginx_factory(server)
+
+    async def status_of(client: Any) -> int:
+        try:
+            async with client:
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def scenario() -> None:
+        # Every test client is 127.0.0.1, so Nginx sends X-Real-IP: 127.0.0.1 for all of them.
+        for attempt in range(3):
+            assert await status_of(nginx.ws()) == 101, f"upgrade {attempt + 1} through Nginx refused"
+        assert await status_of(nginx.ws()) == 429
+        # Counted per X-Real-IP value, not per TCP peer: another client IP from the same
+        # trusted peer (a direct connection to the daemon) still gets in.
+        assert await status_of(server.ws(additional_headers={"X-Real-IP": "203.0.113.9"})) == 101
+        # Nginx replaces a client-supplied X-Real-IP with $remote_addr, so spoofing does not escape the limit.
+        assert await status_of(nginx.ws(additional_headers={"X-Real-IP": "198.51.100.1"})) == 429
+
+    asyncio.run(scenario())
+    server.wait_for_log(REFUSED)
+    refused = [line for line in server.log.splitlines() if REFUSED in line]
+    assert len(refused) == 2, refused
+    assert all(line.endswith(REFUSED + "127.0.0.1") for line in refused), refused
+    assert "198.51.100.1" not in server.log

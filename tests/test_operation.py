@@ -1,0 +1,254 @@
+"""Production operation (SPEC §3 /metrics, §6): systemd notifications and
+unit hardening, Prometheus exposition, logging content and format."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import API_KEY, closed_with, join, recv_json, send_json
+from intaleq_signal.systemd import Notifier
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SDP_OFFER = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=secret-offer-marker\r\n"
+SDP_ANSWER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\na=secret-answer-marker\r\n"
+CANDIDATE = "candidate:842163049 1 udp 1677729535 198.51.100.77 46154 typ srflx secret-candidate-marker"
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    yield path, sock
+    sock.close()
+
+
+def datagrams(sock: socket.socket, until: str, timeout: float = 10.0) -> list[str]:
+    """Read notifications until one contains ``until``."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = sock.recv(4096).decode()
+        seen.append(message)
+        if until in message.split("\n"):
+            return seen
+    raise AssertionError(f"{until} not received: {seen}")
+
+
+def run_call(server, ride_id: str) -> None:
+    session = server.new_session(ride_id=ride_id)
+
+    async def scenario() -> None:
+        driver, _ = await join(server, session, "driver-1")
+        passenger, _ = await join(server, session, "passenger-1")
+        await recv_json(passenger)
+        await recv_json(driver)
+        await send_json(driver, {"type": "offer", "sdp": SDP_OFFER})
+        assert (await recv_json(passenger))["sdp"] == SDP_OFFER
+        await send_json(passenger, {"type": "answer", "sdp": SDP_ANSWER})
+        await recv_json(driver)
+        candidate = {"candidate": CANDIDATE, "sdpMid": "0", "sdpMLineIndex": 0}
+        await send_json(driver, {"type": "ice_candidate", "candidate": candidate})
+        await recv_json(passenger)
+        await send_json(passenger, {"type": "end_call"})
+        assert await closed_with(driver) == 1000
+
+    asyncio.run(scenario())
+
+
+def test_ready_watchdog_and_stopping_notifications(server_factory, notify_socket) -> None:
+    """Issue 4 / SPEC §6: READY=1 once listening, WATCHDOG=1 from the loop, STOPPING=1 on SIGTERM."""
+    path, sock = notify_socket
+    server = server_factory(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000")
+    ready = datagrams(sock, "READY=1")
+    assert any("STATUS=listening on 127.0.0.1:" in message for message in ready)
+    # the socket listens by the time READY=1 is sent
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2):
+        pass
+    started = time.monotonic()
+    pings = [m for m in datagrams(sock, "WATCHDOG=1") + datagrams(sock, "WATCHDOG=1") if m == "WATCHDOG=1"]
+    assert len(pings) >= 2
+    assert time.monotonic() - started < 2.0  # every WATCHDOG_USEC/2 = 0.2 s, not once a minute
+    server.proc.send_signal(15)
+    assert datagrams(sock, "STOPPING=1")
+    assert server.stop() == 0
+
+
+def test_no_watchdog_pings_for_another_pid(server_factory, notify_socket) -> None:
+    """sd_watchdog_enabled(3): WATCHDOG_PID naming another process means no pings from this one."""
+    path, sock = notify_socket
+    server_factory(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+    datagrams(sock, "READY=1")
+    sock.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        sock.recv(4096)
+
+
+def test_notifier_without_socket_is_a_no_op() -> None:
+    """Outside systemd (no NOTIFY_SOCKET) notifications do nothing and never raise."""
+    notifier = Notifier({})
+    assert notifier.ready("x") is False
+    assert notifier.watchdog_interval is None
+    broken = Notifier({"NOTIFY_SOCKET": "/nonexistent/socket", "WATCHDOG_USEC": "30000000"})
+    assert broken.watchdog_interval == 15.0
+    assert broken.watchdog() is False
+
+
+def test_notifier_abstract_socket_address() -> None:
+    """sd_notify(3): an address starting with @ is in the abstract namespace."""
+    assert Notifier({"NOTIFY_SOCKET": "@/org/freedesktop/systemd1/notify"}).address == (
+        "\0/org/freedesktop/systemd1/notify"
+    )
+
+
+def test_unit_file_directives() -> None:
+    """SPEC §6: the unit has the settings the operation depends on."""
+    unit = (ROOT / "intaleq-signal.service").read_text()
+    directives = {line.strip() for line in unit.splitlines() if "=" in line and not line.startswith("#")}
+    for required in (
+        "Type=notify",
+        "User=intaleq-signal",
+        "EnvironmentFile=/etc/intaleq-signal/intaleq-signal.env",
+        "MemoryMax=128M",
+        "RestartPreventExitStatus=78",
+        "Restart=on-failure",
+        "WatchdogSec=30s",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+    ):
+        assert required in directives, required
+    assert any(d.startswith("RestrictAddressFamilies=") for d in directives)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_unit_security_exposure_is_ok() -> None:
+    """Issue 4: systemd-analyze security rates the unit OK or better (exposure <= 2.0)."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(ROOT / "intaleq-signal.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    line = next(line for line in output.splitlines() if "Overall exposure level" in line)
+    exposure = float(line.split(":")[-1].split()[0])
+    assert exposure <= 2.0, line
+
+
+def test_metrics_parse_as_prometheus_text(server) -> None:
+    """SPEC §3: /metrics is valid exposition text with the listed counters, gauges and a histogram."""
+    run_call(server, "ride-metrics")
+    server.post_session(key="wrong-key-for-metrics-" * 2)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in families.values()
+        for sample in family.samples
+    }
+    assert families["intaleq_sessions_created"].type == "counter"
+    assert samples[("intaleq_sessions_created_total", ())] == 1
+    assert samples[("intaleq_calls_started_total", ())] == 1
+    assert samples[("intaleq_calls_ended_total", (("reason", "user_terminated"),))] == 1
+    assert samples[("intaleq_messages_relayed_total", ())] == 3
+    assert families["intaleq_relay_latency_seconds"].type == "histogram"
+    assert samples[("intaleq_relay_latency_seconds_count", ())] == 3
+    assert samples[("intaleq_relay_latency_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert 0 < samples[("intaleq_relay_latency_seconds_sum", ())] < 3
+    for gauge in (
+        "intaleq_sessions_live",
+        "intaleq_calls_active",
+        "intaleq_connections_open",
+        "intaleq_calllog_writes_pending",
+        "intaleq_calllog_database_up",
+    ):
+        assert families[gauge].type == "gauge", gauge
+    assert samples[("intaleq_calllog_database_up", ())] == 1
+    for counter in (
+        "intaleq_calllog_writes",
+        "intaleq_calllog_writes_failed",
+        "intaleq_calllog_events_dropped",
+        "intaleq_connections_rejected",
+    ):
+        assert families[counter].type == "counter", counter
+
+
+def test_info_logs_never_carry_key_sdp_or_candidates(server_factory) -> None:
+    """SPEC §6: a full call at info logs its events but never the API key, SDP bodies or candidates."""
+    server = server_factory(LOG_LEVEL="info")
+    server.post_session(key="x" * 40)  # a wrong key is logged, never echoed
+    run_call(server, "ride-log-leak")
+    assert server.stop() == 0
+    log = server.log
+    for secret in (
+        API_KEY,
+        "x" * 40,
+        "secret-offer-marker",
+        "secret-answer-marker",
+        "secret-candidate-marker",
+        "198.51.100.77",
+    ):
+        assert secret not in log, secret
+    for event in (
+        "session created",
+        "participant joined",
+        "call active",
+        "call ended",
+        "reason=user_terminated",
+        "duration=",
+        "wrong API key",
+    ):
+        assert event in log, event
+    assert " DEBUG " not in log
+
+
+def test_debug_logs_show_relayed_messages(server_factory) -> None:
+    """SPEC §6: SDP and candidates appear only at debug level."""
+    server = server_factory(LOG_LEVEL="debug")
+    run_call(server, "ride-debug")
+    assert "secret-offer-marker" in server.log
+
+
+def test_json_log_format_is_one_object_per_line(server_factory) -> None:
+    """SPEC §2/§6: LOG_FORMAT=json writes one JSON object per line."""
+    server = server_factory(LOG_FORMAT="json", LOG_LEVEL="info")
+    run_call(server, "ride-json")
+    assert server.stop() == 0
+    lines = [line for line in server.log.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert all({"ts", "level", "logger", "msg"} <= set(record) for record in records)
+    assert any(record["msg"].startswith("listening on") for record in records)
+    assert any("call ended" in record["msg"] and record["level"] == "info" for record in records)
+
+
+def test_refused_connection_logged_with_reason_and_ip(server) -> None:
+    """Issue 4: a refused connection is one line with its reason and the client IP."""
+
+    async def scenario() -> None:
+        async with server.ws(additional_headers={"X-Real-IP": "203.0.113.50"}) as ws:
+            await send_json(ws, {"type": "authenticate", "session_id": "nope", "user_id": "u"})
+            assert (await recv_json(ws))["reason"] == "session_not_found"
+
+    asyncio.run(scenario())
+    line = server.wait_for_log("connection refused reason=session_not_found")
+    assert "ip=203.0.113.50" in line
