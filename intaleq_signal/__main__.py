@@ -24,12 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_environment(args.env_file)
+        setup_logging(config.log_level, config.log_format)
+        run(config)
     except ConfigError as exc:
         print(f"intaleq-signal: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    setup_logging(config.log_level, config.log_format)
-    try:
-        run(config)
     except ListenError as exc:  # the address is taken, or not ours to bind
         print(f"intaleq-signal: {exc}", file=sys.stderr)
         return 1

@@ -35,6 +35,8 @@ API_KEY_FAILURES = 10
 WINDOW = 60.0
 
 _SESSION_FIELDS = ("ride_id", "driver_id", "passenger_id")
+_LIBRARY_REFUSAL = b"Failed to open a WebSocket connection"
+_LIBRARY_CODES = {400: "bad_request", 426: "upgrade_required", 500: "internal_error", 503: "shutting_down"}
 
 
 class BadRequest(ValueError):
@@ -57,7 +59,9 @@ def validate_session_body(body: bytes) -> tuple[str, str, str]:
         and passenger different.
     """
     try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+        data = json.loads(
+            body.decode("utf-8"), parse_constant=_no_constant, parse_int=_number, parse_float=_number
+        )
     except (ValueError, RecursionError):
         raise BadRequest(400, "invalid_json", "request body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -87,6 +91,15 @@ def _utf8(value: str) -> bool:
     return True
 
 
+class _Number:
+    """Stands for any JSON number: no field of the body is one, so they are
+    never converted (a 5000-digit integer is valid JSON, just not a string)."""
+
+
+def _number(text: str) -> Any:
+    return _Number
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(name)
 
@@ -110,24 +123,23 @@ class HTTPAPI:
 
     def process_request(self, connection: Any, request: Any) -> Response | None:
         peer = _peer_host(connection)
-        ip = client_ip(peer, request.headers, self.config.trusted_proxies)
+        ip = client_ip(peer, _proxy_headers(request.headers), self.config.trusted_proxies)
         connection.client_ip = ip
         method = connection.http_method
         path = request.path.partition("?")[0]
-        if connection.http_body_error is not None:
-            status, code, message = connection.http_body_error
-            if path == "/sessions" and method == "POST":
-                # SPEC §3 order: the API key is checked before the body.
-                refused = self._check_key(request.headers, ip)
-                if refused is not None:
-                    return refused
-            return respond(status, code, message)
         if path == "/ws":
             return self._upgrade(connection, request, method, ip)
         if path == "/sessions":
             if method != "POST":
                 return respond(405, "method_not_allowed", "use POST", allow="POST")
-            return self._create_session(connection, request, ip)
+            # SPEC §3 order: the API key, then the body (framing refused by
+            # the wire layer included), then the session.
+            refused = self._check_key(request.headers, ip)
+            if refused is not None:
+                return refused
+            if connection.http_body_error is not None:
+                return respond(*connection.http_body_error)
+            return self._create_session(connection.http_body)
         if path == "/health":
             if method not in ("GET", "HEAD"):
                 return respond(405, "method_not_allowed", "use GET", allow="GET, HEAD")
@@ -150,10 +162,25 @@ class HTTPAPI:
             )
         return respond(404, "not_found", "no such path")
 
+    def process_response(self, connection: Any, request: Any, response: Response) -> Response | None:
+        """Give the library's own refusals (a bad WebSocket handshake: 400,
+        426; 500 if ``process_request`` failed; 503 while closing) the JSON
+        error body every HTTP answer has (SPEC §3)."""
+        if response.status_code == 101 or not response.body.startswith(_LIBRARY_REFUSAL):
+            return None
+        status = response.status_code
+        text = response.body.decode("utf-8", "replace").strip().splitlines()[0]
+        code = _LIBRARY_CODES.get(status, "bad_request")
+        refused = respond(status, code, text)
+        for name in ("Upgrade", "Sec-WebSocket-Version"):
+            if name in response.headers:
+                refused.headers[name] = response.headers[name]
+        return refused
+
     def _upgrade(self, connection: Any, request: Any, method: str, ip: str) -> Response | None:
         if method != "GET":
             return respond(405, "method_not_allowed", "use GET with a WebSocket upgrade", allow="GET")
-        if "websocket" not in request.headers.get("Upgrade", "").lower():
+        if "websocket" not in ",".join(request.headers.get_all("Upgrade")).lower():
             return respond(
                 426, "upgrade_required", "/ws takes a WebSocket upgrade", extra={"Upgrade": "websocket"}
             )
@@ -176,19 +203,17 @@ class HTTPAPI:
             return respond(
                 429, "rate_limited", "too many wrong API keys; retry in a minute", extra={"Retry-After": "60"}
             )
-        given = headers.get("X-API-Key", "").encode("utf-8", "surrogateescape")
+        keys = headers.get_all("X-API-Key")  # a repeated header is a wrong key
+        given = keys[0].encode("utf-8", "surrogateescape") if len(keys) == 1 else b""
         if not hmac.compare_digest(given, self.key):
             self.key_failures.hit(ip, now)
             log.warning("wrong API key on POST /sessions ip=%s", ip)
             return respond(401, "unauthorized", "missing or wrong X-API-Key")
         return None
 
-    def _create_session(self, connection: Any, request: Any, ip: str) -> Response:
-        refused = self._check_key(request.headers, ip)
-        if refused is not None:
-            return refused
+    def _create_session(self, body: bytes) -> Response:
         try:
-            ride_id, driver_id, passenger_id = validate_session_body(connection.http_body)
+            ride_id, driver_id, passenger_id = validate_session_body(body)
             session, _ = self.signaling.create_session(ride_id, driver_id, passenger_id)
         except BadRequest as exc:
             return respond(exc.status, exc.code, exc.message)
@@ -206,6 +231,20 @@ class HTTPAPI:
                 "expires_in": session.expires_in(self.signaling.loop.time()),
             },
         )
+
+
+def _proxy_headers(headers: Headers) -> dict[str, str]:
+    """The client-address headers as one value each: a repeated
+    ``X-Real-IP`` is not believed; repeated ``X-Forwarded-For`` headers form
+    one list (RFC 9110 §5.3)."""
+    found = {}
+    real = headers.get_all("X-Real-IP")
+    if len(real) == 1:
+        found["X-Real-IP"] = real[0]
+    forwarded = headers.get_all("X-Forwarded-For")
+    if forwarded:
+        found["X-Forwarded-For"] = ", ".join(forwarded)
+    return found
 
 
 def _peer_host(connection: Any) -> str:

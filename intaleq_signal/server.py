@@ -39,12 +39,18 @@ class ListenError(OSError):
 
 
 def make_store(config: Config) -> Any:
-    """The call-log store the configuration asks for (SPEC §2, §5)."""
+    """The call-log store the configuration asks for (SPEC §2, §5).
+
+    Raises:
+        ConfigError: when the SQLite file cannot be used.
+    """
     if config.uses_mysql:
         from .calllog.mysql import MySQLStore
 
         return MySQLStore(config)
-    return SQLiteStore(config.sqlite_path)
+    store = SQLiteStore(config.sqlite_path)
+    store.check()
+    return store
 
 
 class Server:
@@ -97,6 +103,7 @@ class Server:
                 config.host,
                 config.port,
                 process_request=self.api.process_request,
+                process_response=self.api.process_response,
                 create_connection=HTTPServerConnection,
                 compression=None,
                 max_size=config.max_message_bytes,

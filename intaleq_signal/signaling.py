@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
-from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from . import messages as msg
@@ -68,11 +68,7 @@ class Client:
         """Queue one text frame now; dropped silently once the socket is
         closing (its close handling does the rest)."""
         ws = self.ws
-        if ws.protocol.state is not _OPEN:
-            return
-        ws.protocol.send_text(text.encode())
-        ws.send_data()
-        if ws.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+        if ws.send_text(text) and ws.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             log.warning("dropping a connection that does not read (%s)", self.ip)
             ws.transport.abort()
 
@@ -123,18 +119,26 @@ class Signaling:
     # -- connection lifetime ------------------------------------------------
 
     async def handler(self, ws: Any) -> None:
-        """The websockets connection handler for ``/ws``."""
-        client = Client(ws, getattr(ws, "client_ip", "?"), self.loop.time())
+        """The websockets connection handler for ``/ws``: messages arrive
+        through ``ws.start`` callbacks; this coroutine only waits for the
+        end of the connection."""
+        client = Client(ws, ws.client_ip, self.loop.time())
         client.auth_timer = self.loop.call_later(self.config.auth_timeout, self._auth_expired, client)
         self.clients.add(client)
+        ws.forget_handshake()
         try:
-            async for message in ws:
-                self.on_message(client, message)
-        except ConnectionClosed:
-            pass
+            ws.start(partial(self.on_message, client), partial(self._pinged, client))
+            await ws.wait_closed()
         finally:
             self.clients.discard(client)
             self.on_closed(client)
+
+    def _pinged(self, client: Client) -> None:
+        """A ping frame: it counts against the message rate (SPEC §4
+        "Precise points")."""
+        state = client.lifecycle.state
+        if (state is _AUTHENTICATED or state is _CONNECTED) and not client.bucket.take(self.loop.time()):
+            self._rate_limited(client)
 
     def on_message(self, client: Client, message: str | bytes) -> None:
         """One received frame (SPEC §4 rules 1, 2, 4, 5, 7, 8)."""

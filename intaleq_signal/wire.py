@@ -23,18 +23,31 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.frames import CloseCode, Opcode
+from websockets.protocol import State
 
 __all__ = ["HTTPServerConnection", "error_body", "MAX_BODY_BYTES", "MAX_HEAD_BYTES"]
 
 #: Largest request body accepted (SPEC §3: larger is 413).
 MAX_BODY_BYTES = 16 * 1024
-#: Largest request head looked at; past it the library's own limits answer.
+#: Largest request head accepted (431 past it, as a JSON answer).
 MAX_HEAD_BYTES = 16 * 1024
+#: websockets' own limits (``http11.MAX_LINE_LENGTH``, ``MAX_NUM_HEADERS``),
+#: enforced here first so that the answer is JSON like every other.
+MAX_LINE_BYTES = 8192
+MAX_HEADERS = 128
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TEXT, _BINARY, _CONT, _PING = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING
+_DATA = (_TEXT, _BINARY, _CONT)
+_OPEN = State.OPEN
+_NO_HEADERS = Headers()  # shared, never written to
 _HEAD_END = b"\r\n\r\n"
 # RFC 9112 §3: method SP request-target SP HTTP-version (origin-form targets).
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (/[\x21-\x7e]*) HTTP/1\.[01]")
@@ -82,64 +95,86 @@ class HTTPServerConnection(ServerConnection):
         self._pending: bytearray | None = bytearray()  # None once the head is handed on
         self._body_length = -1
         self._head = b""
+        self._upgrade = False  # the request asks for a protocol upgrade
+        #: After the upgrade: called with each whole message (str for text,
+        #: bytes for binary), and on each ping; set by the signaling layer.
+        self.on_message: Callable[[str | bytes], None] | None = None
+        self.on_ping: Callable[[], None] | None = None
+        self._fragments: list[Any] | None = None  # [opcode, data, ...] of a fragmented message
+        self._early: list[Any] | None = None  # data frames received before start()
 
     def data_received(self, data: bytes) -> None:
         self.last_received = self.loop.time()
         if self._pending is None:
             super().data_received(data)
             return
-        self._pending += data
+        pending = self._pending
+        pending += data
         if self._body_length < 0:
-            end = self._pending.find(_HEAD_END)
-            if end < 0:
-                if len(self._pending) > MAX_HEAD_BYTES:
-                    self._refuse(
-                        431, "Request Header Fields Too Large", "headers_too_large", "request head too large"
-                    )
+            while pending[:2] == b"\r\n":  # RFC 9112 §2.2: ignore empty lines first
+                del pending[:2]
+            end = pending.find(_HEAD_END)
+            if end < 0 or end > MAX_HEAD_BYTES:
+                if b"\n\n" in pending:  # bare LF line endings: never a valid head
+                    self._refuse(400, "bad_request", "malformed HTTP request (line endings)")
+                elif len(pending) > MAX_HEAD_BYTES:
+                    self._refuse(431, "headers_too_large", "request head too large")
                 return
-            head = bytes(self._pending[:end])
-            del self._pending[: end + 4]
+            head = bytes(pending[:end])
+            del pending[: end + 4]
             if not self._inspect_head(head):
                 return
-        if len(self._pending) >= self._body_length:
-            self.http_body = bytes(self._pending[: self._body_length])
-            del self._pending[: self._body_length]
-            self._hand_on(self._head + bytes(self._pending))
+        if len(pending) >= self._body_length:
+            self.http_body = bytes(pending[: self._body_length])
+            del pending[: self._body_length]
+            if self._upgrade:  # WebSocket frames may follow the handshake at once
+                self._hand_on(self._head + bytes(pending))
+            else:  # one request per connection: what follows is dropped
+                self._hand_on(self._head)
+                self.data_received = self._discard  # type: ignore[method-assign]
 
     def _inspect_head(self, head: bytes) -> bool:
         """Validate the head (request line and header syntax of RFC 9112
-        §3, §5) and read its body framing; False when it was answered."""
+        §3, §5, within the library's own line and count limits) and read its
+        body framing; False when it was answered here."""
         lines = head.split(b"\r\n")
+        if len(lines[0]) > MAX_LINE_BYTES:
+            self._refuse(414, "uri_too_long", "request target too long")
+            return False
+        if len(lines) > MAX_HEADERS or any(len(line) > MAX_LINE_BYTES for line in lines):
+            self._refuse(431, "headers_too_large", "too many or too long header lines")
+            return False
         request_line = _REQUEST_LINE.fullmatch(lines[0])
         headers = [_HEADER_LINE.fullmatch(line) for line in lines[1:]]
         if request_line is None or not all(headers):
-            self._refuse(400, "Bad Request", "bad_request", "malformed HTTP request")
+            self._refuse(400, "bad_request", "malformed HTTP request")
             return False
         self.http_method = request_line[1].decode("ascii")
         # What the library's parser gets: GET, HTTP/1.1 (websockets < 17
         # accepts nothing else), no body framing headers.
         kept = [b"GET " + request_line[2] + b" HTTP/1.1"]
         lengths: set[bytes] = set()
-        chunked = expect_continue = False
+        coded = expect_continue = False
         for match in headers:
             name = match[1].lower()  # type: ignore[index]
             if name == b"content-length":
                 lengths.add(match[2])  # type: ignore[index]
             elif name == b"transfer-encoding":
-                chunked = True
+                coded = True
             elif name == b"expect":
                 expect_continue = match[2].lower() == b"100-continue"  # type: ignore[index]
             else:
+                self._upgrade = self._upgrade or name == b"upgrade"
                 kept.append(match[0])  # type: ignore[index]
         self._head = b"\r\n".join(kept) + _HEAD_END
         length = next(iter(lengths)) if len(lengths) == 1 else b""
-        if chunked:
-            error = (411, "length_required", "chunked bodies are not accepted; send Content-Length")
+        if coded:
+            error = (411, "length_required", "Transfer-Encoding is not accepted; send Content-Length")
         elif lengths and not _DIGITS.fullmatch(length):
             error = (400, "invalid_request", "invalid Content-Length header")
-        elif lengths and (len(length) > 9 or int(length) > MAX_BODY_BYTES):
+        elif lengths and (len(length.lstrip(b"0")) > 9 or int(length) > MAX_BODY_BYTES):
             error = (413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
-        elif not lengths and self.http_method in ("POST", "PUT", "PATCH"):
+        elif not lengths and self.http_method == "POST":
             error = (411, "length_required", "Content-Length is required")
         else:
             self._body_length = int(length) if lengths else 0
@@ -153,14 +188,15 @@ class HTTPServerConnection(ServerConnection):
         self.data_received = self._discard  # type: ignore[method-assign]
         return False
 
-    def _refuse(self, status: int, phrase: str, code: str, message: str) -> None:
+    def _refuse(self, status: int, code: str, message: str) -> None:
         """Answer a head the library must not see, and close (SPEC §3:
         malformed HTTP gets 400 and close; the library would only drop the
         connection)."""
         body = error_body(code, message)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body)
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, HTTPStatus(status).phrase.encode(), len(body), body)
         )
         self._pending = None
         self.data_received = self._discard  # type: ignore[method-assign]
@@ -173,6 +209,89 @@ class HTTPServerConnection(ServerConnection):
 
     def _discard(self, data: bytes) -> None:
         self.last_received = self.loop.time()
+
+    # -- after the handshake: messages straight to the signaling layer --------
+
+    def process_event(self, event: Any) -> None:
+        """Hand each whole message to :attr:`on_message` as it is parsed,
+        instead of queueing it for ``recv()``: the library's frame parser
+        still checks every frame (masking, sizes, control frames), but a
+        relayed message costs no queue, future or task switch, and messages
+        are handled in arrival order. Pings are passed to :attr:`on_ping`
+        (SPEC §4: the message rate limit counts every frame)."""
+        if self.request is None:
+            super().process_event(event)  # the handshake request
+            return
+        opcode = event.opcode
+        if self.on_message is None:  # frames sent right behind the upgrade request
+            if opcode in _DATA:
+                self._early = [*(self._early or ()), event]
+            else:
+                super().process_event(event)
+            return
+        if opcode is _TEXT or opcode is _BINARY:
+            if event.fin:
+                self._deliver(opcode, event.data)
+            else:
+                self._fragments = [opcode, event.data]
+        elif opcode is _CONT:
+            fragments = self._fragments
+            if fragments is not None:
+                fragments.append(event.data)
+                if event.fin:
+                    self._fragments = None
+                    self._deliver(fragments[0], b"".join(fragments[1:]))
+        else:
+            if opcode is _PING and self.on_ping is not None:
+                self.on_ping()
+            super().process_event(event)
+
+    def start(self, on_message: Callable[[str | bytes], None], on_ping: Callable[[], None]) -> None:
+        """Begin handing messages to ``on_message`` (and pings to
+        ``on_ping``), those that arrived before this call first."""
+        self.on_message = on_message
+        self.on_ping = on_ping
+        early, self._early = self._early, None
+        for event in early or ():
+            self.process_event(event)
+
+    def _deliver(self, opcode: Any, data: bytes) -> None:
+        if opcode is _BINARY:
+            self.on_message(bytes(data))  # type: ignore[misc]
+            return
+        try:
+            text = bytes(data).decode()
+        except UnicodeDecodeError as exc:  # RFC 6455 §8.1: fail with 1007
+            self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+            self.send_data()
+            return
+        self.on_message(text)  # type: ignore[misc]
+
+    def send_text(self, text: str) -> bool:
+        """Write one unfragmented text frame now, without the library's
+        frame objects; False (nothing sent) unless the connection is open.
+        Server frames are unmasked (RFC 6455 §5.1), so the frame is a 2-,
+        4- or 10-byte header and the UTF-8 payload."""
+        if self.protocol.state is not _OPEN:
+            return False
+        data = text.encode()
+        size = len(data)
+        if size < 126:
+            header = bytes((0x81, size))
+        elif size < 65536:
+            header = b"\x81\x7e" + size.to_bytes(2, "big")
+        else:
+            header = b"\x81\x7f" + size.to_bytes(8, "big")
+        self.transport.write(header + data)
+        return True
+
+    def forget_handshake(self) -> None:
+        """Drop the handshake's headers (a few KiB per idle connection that
+        nothing reads after the upgrade)."""
+        self.request.headers = _NO_HEADERS  # type: ignore[union-attr]
+        if self.response is not None:
+            self.response.headers = _NO_HEADERS
+            self.response.body = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from ..config import ConfigError
 from .events import CallEvent
 from .sql import SQLITE
 
@@ -39,6 +40,22 @@ class SQLiteStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
+
+    def check(self) -> None:
+        """Open the file and create the table once, at start-up.
+
+        Raises:
+            ConfigError: naming ``SQLITE_PATH`` when the file cannot be used
+            (a missing directory, a directory, a file that is not SQLite).
+        """
+        try:
+            conn = self.connect()
+            try:
+                self.prepare(conn)
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"SQLITE_PATH={self.path!r} cannot be used: {exc}") from None
 
     def connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
