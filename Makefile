@@ -11,7 +11,7 @@ COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,fast]'
 	touch $@
 
 .env:
@@ -33,6 +33,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check intaleq_signal tests
 
 unit: $(VENV)/.installed
+	$(PY) -c 'import uvloop'  # this run covers the uvloop loop; test-compat the asyncio one
 	$(VENV)/bin/pytest -q
 
 $(COMPAT_VENV)/.installed: setup.cfg pyproject.toml
@@ -41,9 +42,11 @@ $(COMPAT_VENV)/.installed: setup.cfg pyproject.toml
 	$(COMPAT_VENV)/bin/python -m pip install --quiet $(COMPAT_PINS) -e '.[test]'
 	touch $@
 
-## test-compat: the HTTP front and a full call against the oldest allowed versions
+## test-compat: the HTTP front, the wire edge and the protocol against the oldest
+## allowed versions, on the standard asyncio loop (no uvloop in that venv)
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -c 'import websockets; assert websockets.version.version == "14.2", websockets.version.version'
+	$(COMPAT_VENV)/bin/python -c 'import importlib.util; assert not importlib.util.find_spec("uvloop")'
 	$(COMPAT_VENV)/bin/pytest -q -m compat
 
 clean:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -125,10 +126,11 @@ class Server:
         try:
             addresses = ", ".join(_address(sock.getsockname()) for sock in server.sockets)
             log.info(
-                "listening on %s (environment=%s, call log=%s)",
+                "listening on %s (environment=%s, call log=%s, event loop=%s)",
                 addresses,
                 config.environment,
                 "mysql" if config.uses_mysql else config.sqlite_path,
+                type(loop).__module__.partition(".")[0],
             )
             self.sockets = server.sockets
             self.notifier.ready(f"listening on {addresses}")
@@ -212,5 +214,14 @@ def _address(sockname: Any) -> str:
 
 
 def run(config: Config) -> None:
-    """Run a server in a fresh event loop until it is stopped by a signal."""
-    asyncio.run(Server(config).run())
+    """Run a server in a fresh event loop until it is stopped by a signal:
+    uvloop's when it is installed (``pip install .[fast]``), else asyncio's.
+    ``INTALEQ_EVENT_LOOP=asyncio`` forces the standard loop."""
+    try:
+        if os.environ.get("INTALEQ_EVENT_LOOP") == "asyncio":
+            raise ImportError("the standard loop was asked for")
+        import uvloop
+    except ImportError:
+        asyncio.run(Server(config).run())
+    else:
+        uvloop.run(Server(config).run())

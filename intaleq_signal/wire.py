@@ -83,6 +83,11 @@ class HTTPServerConnection(ServerConnection):
         "_pending",
         "_body_length",
         "_head",
+        "_upgrade",
+        "on_message",
+        "on_ping",
+        "_fragments",
+        "_early",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

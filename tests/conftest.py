@@ -38,7 +38,7 @@ def free_port() -> int:
 class ServerProcess:
     """A running daemon: its port, its log, and helpers to talk to it."""
 
-    def __init__(self, env: dict[str, str], tmp_path: Any) -> None:
+    def __init__(self, env: dict[str, str], tmp_path: Any, argv: list[str] | None = None) -> None:
         self.port = free_port()
         self.sqlite_path = str(tmp_path / f"calls-{self.port}.sqlite3")
         self.env = {
@@ -56,7 +56,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "intaleq_signal"],
+            argv or [sys.executable, "-m", "intaleq_signal"],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
