@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit test-compat clean bench-calllog install
+.PHONY: run test lint unit e2e test-compat clean bench-calllog install
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,18 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check intaleq_signal tests
 	$(VENV)/bin/ruff format --check intaleq_signal tests
 
+CHROMIUM := /usr/bin/chromium
+
 unit: $(VENV)/.installed
 	$(PY) -c 'import uvloop'  # this run covers the uvloop loop; test-compat the asyncio one
+	@test -x $(CHROMIUM) || echo "make test: $(CHROMIUM) is missing, so the real WebRTC tests" \
+	    "(tests/test_webrtc.py) will be SKIPPED; install it with: apt-get install chromium"
 	$(VENV)/bin/pytest -q
+
+## e2e: only the real WebRTC calls through the daemon (Chromium, aiortc)
+e2e: $(VENV)/.installed
+	@test -x $(CHROMIUM) || { echo "make e2e: $(CHROMIUM) is missing: apt-get install chromium"; exit 1; }
+	$(VENV)/bin/pytest -q -m e2e -rs
 
 $(COMPAT_VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(COMPAT_VENV)

@@ -13,7 +13,7 @@ from typing import Any
 
 from websockets.asyncio.server import serve
 
-from .calllog import CallLogWriter
+from .calllog import CallLogWriter, PreviousRunClosed
 from .calllog.sqlite import SQLiteStore
 from .config import Config
 from .http_api import HTTPAPI
@@ -94,6 +94,8 @@ class Server:
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
         self.calllog.start()
+        # SPEC §5: rows a killed predecessor left open end as server_restart.
+        self.calllog.record(PreviousRunClosed(time.time()))
         self.signaling = Signaling(self.config, self.calllog, self.metrics)
         self.api = HTTPAPI(self.config, self.signaling, self.metrics, self.health)
         self._gauges()

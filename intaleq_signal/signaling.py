@@ -289,7 +289,7 @@ class Signaling:
         peer = session.other(seat)
         if peer.conn is not None:
             peer.conn.send(payload)
-            self.metrics.relay_latency.observe(self.loop.time() - client.ws.last_received)
+            self.metrics.relay_latency.observe(time.monotonic() - client.ws.last_received)
         elif not peer.hold(payload):
             return client.send(msg.error("peer_not_connected", "the other participant is not connected"))
         self.metrics.messages_relayed += 1
@@ -368,7 +368,7 @@ class Signaling:
         """One heartbeat pass (SPEC §4 rule 8): close the connections with
         nothing received for ``HEARTBEAT_TIMEOUT``; ping the others when
         ``ping`` is set."""
-        now = self.loop.time()
+        now = time.monotonic()  # the clock of last_received
         timeout = self.config.heartbeat_timeout
         for client in list(self.clients):
             ws = client.ws

@@ -25,6 +25,7 @@ import json
 import re
 from collections.abc import Callable
 from http import HTTPStatus
+from time import monotonic
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -68,7 +69,8 @@ class HTTPServerConnection(ServerConnection):
             :data:`MAX_BODY_BYTES`; 400 for an invalid ``Content-Length``.
         client_ip: the client address as ``process_request`` resolved it
             (SPEC §4, ``TRUSTED_PROXIES``).
-        last_received: ``loop.time()`` of the latest bytes received, read by
+        last_received: ``time.monotonic()`` of the latest bytes received (not
+            ``loop.time()``: uvloop's is cached per loop iteration), read by
             the heartbeat sweep (SPEC §4 rule 8).
     """
 
@@ -109,7 +111,7 @@ class HTTPServerConnection(ServerConnection):
         self._early: list[Any] | None = None  # data frames received before start()
 
     def data_received(self, data: bytes) -> None:
-        self.last_received = self.loop.time()
+        self.last_received = monotonic()
         if self._pending is None:
             super().data_received(data)
             return
@@ -213,7 +215,7 @@ class HTTPServerConnection(ServerConnection):
         super().data_received(data)
 
     def _discard(self, data: bytes) -> None:
-        self.last_received = self.loop.time()
+        self.last_received = monotonic()
 
     # -- after the handshake: messages straight to the signaling layer --------
 
@@ -300,7 +302,7 @@ class HTTPServerConnection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.last_received = self.loop.time()
+        self.last_received = monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending = None

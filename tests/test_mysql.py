@@ -309,4 +309,53 @@ def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> Non
     pending = next(
         line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_pending ")
     )
-    assert int(pending.split()[1]) == 1
+    assert int(pending.split()[1]) == 2  # the restart clean-up and the session's row, both kept
+
+
+def test_sigkill_then_restart_closes_open_rows_as_server_restart(server_factory, db) -> None:
+    """SPEC §5 / issue 7: after a SIGKILL, ended calls keep their final row; rows left open end as
+    server_restart at the restart; new calls work."""
+    env = {"SESSION_DURATION": "10m", **db.server_env()}
+    first = server_factory(**env)
+    ended = first.new_session(ride_id="crash-ended")
+    live = first.new_session(ride_id="crash-live")
+    waiting = first.new_session(ride_id="crash-waiting")
+
+    async def before_crash() -> None:
+        d, p = await connected_call(first, ended)
+        await send_json(d, {"type": "end_call"})
+        assert await closed_with(p) == 1000
+        await connected_call(first, live)
+        wait_until(lambda: len(db.rows()) == 3 and db.rows()[0]["status"] == "ended")
+        wait_until(lambda: {r["ride_id"]: r["status"] for r in db.rows()}["crash-live"] == "active")
+        first.proc.kill()
+        first.proc.wait(10)
+
+    asyncio.run(before_crash())
+    killed_at = utcnow()
+    first.lines.append("(killed with SIGKILL by the test)")
+    first.stop = lambda *args, **kwargs: 0  # already dead; teardown must not expect exit 0 from it
+
+    second = server_factory(**env)
+    wait_until(lambda: all(r["status"] == "ended" for r in db.rows()))
+    rows = {row["ride_id"]: row for row in db.rows()}
+    assert rows["crash-ended"]["end_reason"] == "user_terminated"
+    assert rows["crash-ended"]["ended_at"] < killed_at
+    for ride in ("crash-live", "crash-waiting"):
+        assert rows[ride]["end_reason"] == "server_restart", rows[ride]
+        assert rows[ride]["ended_at"] >= killed_at - datetime.timedelta(seconds=1)
+    assert rows["crash-live"]["connected_at"] is not None and rows["crash-waiting"]["connected_at"] is None
+    assert waiting["session_id"] == rows["crash-waiting"]["session_id"]
+
+    fresh = second.new_session(ride_id="crash-live")  # the ride gets a new session after the restart
+    assert fresh["session_id"] != live["session_id"]
+
+    async def after_restart() -> None:
+        d, p = await connected_call(second, fresh)
+        await send_json(p, {"type": "end_call"})
+        assert await closed_with(d) == 1000
+
+    asyncio.run(after_restart())
+    assert second.stop() == 0
+    row = next(r for r in db.rows() if r["session_id"] == fresh["session_id"])
+    assert (row["status"], row["end_reason"]) == ("ended", "user_terminated")

@@ -5,7 +5,14 @@ thread pool that applies them in order per session, ``sqlite`` the embedded
 development store (and ``mysql`` the production one).
 """
 
-from .events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from .events import (
+    CallActive,
+    CallEnded,
+    CallEvent,
+    CallInitiated,
+    PreviousRunClosed,
+    SessionCreated,
+)
 from .writer import CallLogWriter
 
 __all__ = [
@@ -14,5 +21,6 @@ __all__ = [
     "CallEvent",
     "CallInitiated",
     "CallLogWriter",
+    "PreviousRunClosed",
     "SessionCreated",
 ]

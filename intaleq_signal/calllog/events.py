@@ -46,4 +46,15 @@ class CallEnded:
     at: float
 
 
-CallEvent = SessionCreated | CallActive | CallInitiated | CallEnded
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreviousRunClosed:
+    """At start: rows a previous process left ``created`` or ``active`` (it
+    was killed) are ended with ``server_restart`` at ``at`` (SPEC §5). Only
+    rows created before ``at`` are touched, so it is safe whenever it lands.
+    ``session_id`` is empty: it routes like any event, to one writer thread."""
+
+    at: float
+    session_id: str = ""
+
+
+CallEvent = SessionCreated | CallActive | CallInitiated | CallEnded | PreviousRunClosed

@@ -7,7 +7,9 @@ broken connection leaves the row as if it had been applied once:
   ``session_id`` (the column is unique);
 - ``CallActive`` moves ``created`` → ``active`` only;
 - ``CallInitiated`` sets ``initiated_by`` only while it is NULL;
-- ``CallEnded`` sets the end only on a row not yet ``ended``.
+- ``CallEnded`` sets the end only on a row not yet ``ended``;
+- ``PreviousRunClosed`` ends, with ``server_restart``, the rows still open
+  that were created before this process started.
 
 Times are UTC text with milliseconds, which SQLite stores as is and MySQL
 reads into ``TIMESTAMP(3)`` (the MySQL session runs at ``time_zone='+00:00'``).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from .events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from .events import CallActive, CallEnded, CallEvent, CallInitiated, PreviousRunClosed, SessionCreated
 
 __all__ = ["MYSQL", "SQLITE", "Dialect", "utc_text"]
 
@@ -36,6 +38,10 @@ _TEMPLATES = {
         "UPDATE call_logs SET status = 'ended', end_reason = {p}, ended_at = {p}"
         " WHERE session_id = {p} AND status <> 'ended'"
     ),
+    PreviousRunClosed: (
+        "UPDATE call_logs SET status = 'ended', end_reason = 'server_restart', ended_at = {p}"
+        " WHERE status <> 'ended' AND created_at < {p}"
+    ),
 }
 
 
@@ -52,6 +58,8 @@ def _params(event: CallEvent) -> tuple[Any, ...]:
         return (utc_text(event.at), event.session_id)
     if isinstance(event, CallInitiated):
         return (event.user_id, event.session_id)
+    if isinstance(event, PreviousRunClosed):
+        return (utc_text(event.at), utc_text(event.at))
     return (event.reason, utc_text(event.at), event.session_id)
 
 

@@ -1,0 +1,745 @@
+"""Real WebRTC calls through the real daemon (issue 5).
+
+Two libwebrtc endpoints (two pages of headless Chromium, driven with
+Playwright) run ``tests/webrtc/call.html``, a small client written the way the
+README tells app developers to: trickle ICE, wait for ``participant_joined``,
+the driver offers and the passenger answers, re-offer with an ICE restart
+after a reconnect. The page itself opens the WebSocket to the daemon; the test
+only starts it, waits for what it must see, and reads the page's records.
+A second pairing puts aiortc (a different WebRTC stack, driven from Python with
+the websockets client) against Chromium.
+
+A call passes when both RTCPeerConnections reach ``connected``, audio packets
+keep arriving (inbound-rtp ``packetsReceived`` read twice a second apart), and
+``end_call`` brings ``call_ended`` ``user_terminated`` to both sides. Each test
+prints (``pytest -s``) and logs the figures the README quotes: first offer sent
+→ ``connected``, and the bytes on the wire of offers, answers and candidates.
+
+Media stays on this machine: the page signals only its 127.0.0.1/::1
+candidates and aiortc is made to gather on 127.0.0.1 only (libwebrtc may
+still send its checks and media to them from a socket on another address of
+this host, which the kernel delivers locally).
+
+Needs Debian's Chromium at /usr/bin/chromium (``apt-get install chromium``)
+and the PyPI packages ``playwright`` and ``aiortc`` (never ``playwright
+install``: the system Chromium is used). Without Chromium every test here is
+skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ServerProcess, send_json
+
+try:
+    from playwright import async_api as playwright_api
+except ImportError:  # pragma: no cover - skipped below, with the reason
+    playwright_api = None
+
+CHROMIUM = "/usr/bin/chromium"
+CALL_PAGE = Path(__file__).parent / "webrtc" / "call.html"
+HAVE_AIORTC = importlib.util.find_spec("aiortc") is not None
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)),
+        reason=f"real WebRTC tests need Debian's Chromium at {CHROMIUM}, which is missing: "
+        "install it with `apt-get install chromium`",
+    ),
+    pytest.mark.skipif(
+        playwright_api is None,
+        reason="real WebRTC tests need the PyPI package playwright (pip install -e '.[test]'); "
+        "the browser is Debian's Chromium: never `playwright install`",
+    ),
+]
+
+log = logging.getLogger("test_webrtc")
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--disable-background-networking",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+]
+
+CONNECT_TIMEOUT = 30.0  # s, for ICE + DTLS on a loaded 2-core machine
+SIGNAL_TIMEOUT = 15.0  # s, for a signaling round trip
+
+RELAYED = ("offer", "answer", "ice_candidate")
+GREETING = ("authenticated", "session_joined", "participant_joined")
+#: The page got call_ended user_terminated and its current socket closed with 1000.
+ENDED_JS = (
+    "() => call.received.some(m => m.type === 'call_ended' && m.msg.reason === 'user_terminated')"
+    " && call.closes.length === call.sockets && call.closes.at(-1).code === 1000"
+)
+
+
+# -- reporting ---------------------------------------------------------------
+
+
+def report(request: pytest.FixtureRequest, figures: dict[str, Any]) -> None:
+    """Print (``pytest -s``), log and attach the measured figures, before any
+    assertion on them can stop the test."""
+    line = f"[webrtc] {request.node.name}: {json.dumps(figures, sort_keys=True)}"
+    print(line)
+    log.info(line)
+    for key, value in figures.items():
+        request.node.user_properties.append((key, value))
+
+
+def wire_sizes(sent: list[dict[str, Any]]) -> dict[str, Any]:
+    """Byte sizes of what one endpoint put on the wire, by kind."""
+    offers = [m["bytes"] for m in sent if m["type"] == "offer"]
+    answers = [m["bytes"] for m in sent if m["type"] == "answer"]
+    real = [
+        m["bytes"]
+        for m in sent
+        if m["type"] == "ice_candidate" and m["msg"]["candidate"] and m["msg"]["candidate"]["candidate"]
+    ]
+    ends = [
+        m["bytes"]
+        for m in sent
+        if m["type"] == "ice_candidate"
+        and (m["msg"]["candidate"] is None or m["msg"]["candidate"]["candidate"] == "")
+    ]
+    return {"offer_bytes": offers, "answer_bytes": answers, "candidate_bytes": real, "end_marker_bytes": ends}
+
+
+# -- Chromium ----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def chromium(tmp_path: Path) -> AsyncIterator[Any]:
+    """A headless Debian Chromium with a fresh profile (one browser, many pages)."""
+    profile = tmp_path / "chromium-profile"
+    async with playwright_api.async_playwright() as pw:
+        context = await pw.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield context
+        finally:
+            await context.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+class CallPage:
+    """One endpoint: a page running ``call.html``, and ways to read it."""
+
+    def __init__(self, page: Any, name: str) -> None:
+        self.page = page
+        self.name = name
+        self.console: list[str] = []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+
+    @classmethod
+    async def open(
+        cls, context: Any, server: ServerProcess, session: dict[str, Any], user_id: str
+    ) -> CallPage:
+        page = cls(await context.new_page(), user_id)
+        await page.page.goto(CALL_PAGE.as_uri())
+        await page.page.evaluate(
+            "cfg => call.start(cfg)",
+            {
+                "wsUrl": f"ws://127.0.0.1:{server.port}/ws",
+                "sessionId": session["session_id"],
+                "userId": user_id,
+            },
+        )
+        return page
+
+    async def js(self, expression: str, arg: Any = None) -> Any:
+        return await self.page.evaluate(expression, arg)
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self.js("() => call.snapshot()")
+
+    async def diagnostics(self) -> str:
+        try:
+            snap = await self.snapshot()
+            text = await self.js("() => document.getElementById('log').textContent")
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the failure
+            return f"{self.name}: page unreadable ({exc})"
+        brief = {k: snap[k] for k in ("role", "connectionState", "signalingState", "errors", "closes")}
+        brief["received"] = [m["type"] for m in snap["received"]]
+        brief["sent"] = [m["type"] for m in snap["sent"]]
+        return f"--- {self.name}: {json.dumps(brief)}\n{text}\nconsole: {self.console}"
+
+    async def wait(self, expression: str, what: str, timeout: float, *others: CallPage) -> None:
+        """Poll ``expression`` in the page until it is truthy."""
+        try:
+            await self.page.wait_for_function(expression, timeout=timeout * 1000, polling=100)
+        except playwright_api.TimeoutError:
+            details = [await p.diagnostics() for p in (self, *others)]
+            raise AssertionError(
+                f"{self.name}: not {what} within {timeout}s\n" + "\n".join(details)
+            ) from None
+
+    async def wait_received(self, kind: str, count: int = 1, timeout: float = SIGNAL_TIMEOUT) -> None:
+        await self.wait(
+            f"() => call.received.filter(m => m.type === {json.dumps(kind)}).length >= {count}",
+            f"{count}x {kind} received",
+            timeout,
+        )
+
+    async def wait_connected(self, timeout: float = CONNECT_TIMEOUT, *others: CallPage) -> None:
+        await self.wait(
+            "() => call.pc && call.pc.connectionState === 'connected'", "connected", timeout, *others
+        )
+
+    async def inbound_audio(self) -> dict[str, Any]:
+        return await self.js("() => call.inboundAudio()")
+
+    async def selected_path(self) -> dict[str, Any] | None:
+        return await self.js("() => call.selectedPath()")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]], what: str, timeout: float, diag: Callable[[], Awaitable[str]]
+) -> Any:
+    """Poll ``probe`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout}s\n{await diag()}")
+        await asyncio.sleep(0.1)
+
+
+async def packets_growing(
+    read: Callable[[], Awaitable[int]], what: str, diag: Callable[[], Awaitable[str]]
+) -> tuple[int, int]:
+    """Audio packets received, read twice a second apart: ``(first, second)``
+    with ``second > first > 0`` asserted."""
+    await eventually(read, f"{what}: first audio packet", CONNECT_TIMEOUT, diag)
+    first = await read()
+    await asyncio.sleep(1.0)
+    second = await read()
+    assert second > first > 0, f"{what}: packetsReceived {first} then {second}\n{await diag()}"
+    return first, second
+
+
+def relayed(records: list[dict[str, Any]]) -> list[Any]:
+    return [m["msg"] for m in records if m["type"] in RELAYED]
+
+
+def ufrag(sdp: str) -> str | None:
+    match = re.search(r"^a=ice-ufrag:(\S+)", sdp, re.M)
+    return match.group(1) if match else None
+
+
+async def both(a: CallPage, b: CallPage) -> str:
+    return (await a.diagnostics()) + "\n" + (await b.diagnostics())
+
+
+def on_loopback(path: dict[str, Any] | None) -> bool:
+    """The media runs between host candidates, towards one of the loopback
+    candidates signalled. (libwebrtc also checks from its sockets on this
+    machine's other addresses, so the local end, and a peer-reflexive remote
+    end, whose address the stats redact to "", may be such an address: all of
+    it stays inside this machine's kernel.)"""
+    if not path or not path["local"] or not path["remote"]:
+        return False
+    local_type = path["local"].split()[-1]
+    remote_address, remote_type = path["remote"].split()[1].rsplit(":", 1)[0], path["remote"].split()[-1]
+    return local_type == "host" and (
+        (remote_type == "host" and remote_address in ("127.0.0.1", "::1")) or remote_type == "prflx"
+    )
+
+
+def check_trickled(sent: list[dict[str, Any]], who: str) -> None:
+    """Trickle ICE: no SDP this page sent embeds a candidate; candidates went
+    one per message, each generation closed by "" and gathering by null."""
+    for m in sent:
+        if m["type"] in ("offer", "answer"):
+            assert "a=candidate" not in m["msg"]["sdp"], f"{who} embedded candidates in its {m['type']}"
+    candidates = [m["msg"]["candidate"] for m in sent if m["type"] == "ice_candidate"]
+    assert any(c and c["candidate"] for c in candidates), f"{who} trickled no candidate"
+    assert any(c and c["candidate"] == "" for c in candidates), f"{who} sent no end-of-generation"
+    assert candidates[-1] is None, f"{who} did not end with the null end-of-candidates"
+
+
+# -- Chromium <-> Chromium ----------------------------------------------------
+
+
+async def start_chromium_call(
+    context: Any, server: ServerProcess, session: dict[str, Any]
+) -> tuple[CallPage, CallPage]:
+    """Both pages up and the call connected both ways."""
+    driver = await CallPage.open(context, server, session, "driver-1")
+    passenger = await CallPage.open(context, server, session, "passenger-1")
+    await driver.wait_connected(CONNECT_TIMEOUT, passenger)
+    await passenger.wait_connected(CONNECT_TIMEOUT, driver)
+    return driver, passenger
+
+
+async def audio_both_ways(driver: CallPage, passenger: CallPage) -> dict[str, Any]:
+    async def diag() -> str:
+        return await both(driver, passenger)
+
+    async def packets(page: CallPage) -> int:
+        return (await page.inbound_audio())["packetsReceived"]
+
+    at_passenger = await packets_growing(lambda: packets(passenger), "passenger receiving driver", diag)
+    at_driver = await packets_growing(lambda: packets(driver), "driver receiving passenger", diag)
+    return {"passenger_packets": at_passenger, "driver_packets": at_driver}
+
+
+async def end_call(ender: CallPage, other: CallPage) -> None:
+    await ender.js("() => call.endCall()")
+    for page in (ender, other):
+        await page.wait(
+            ENDED_JS,
+            "call_ended user_terminated and close 1000",
+            SIGNAL_TIMEOUT,
+            ender if page is other else other,
+        )
+
+
+def test_chromium_to_chromium_call(server_factory, tmp_path, request) -> None:
+    server = server_factory()
+    session = server.new_session(ride_id="ride-webrtc")
+
+    async def scenario() -> None:
+        async with chromium(tmp_path) as context:
+            driver, passenger = await start_chromium_call(context, server, session)
+            audio = await audio_both_ways(driver, passenger)
+            energy = [(await page.inbound_audio())["totalAudioEnergy"] for page in (driver, passenger)]
+            path = await passenger.selected_path()
+            await end_call(passenger, driver)
+            d, p = await driver.snapshot(), await passenger.snapshot()
+
+        figures = {
+            "first_offer_to_driver_connected_ms": round(d["connectedAt"] - d["firstOfferSentAt"], 1),
+            "first_offer_to_passenger_connected_ms": round(p["connectedAt"] - d["firstOfferSentAt"], 1),
+            "driver_sent": wire_sizes(d["sent"]),
+            "passenger_sent": wire_sizes(p["sent"]),
+            "candidates_gathered_signalled": [
+                (len(s["gathered"]), len(s["gathered"]) - len(s["skipped"])) for s in (d, p)
+            ],
+            "candidate_example": next(m["text"] for m in d["sent"] if m["type"] == "ice_candidate"),
+            "sdp_with_all_candidates_embedded": [d["embedded"], p["embedded"]],
+            "total_audio_energy": energy,
+            "media_path": path,
+            **audio,
+        }
+        report(request, figures)
+
+        assert d["errors"] == [] and p["errors"] == [], (d["errors"], p["errors"])
+        # SPEC §7: the driver offers after participant_joined, the passenger answers.
+        assert [m["type"] for m in d["sent"] if m["type"] in ("offer", "answer")] == ["offer"]
+        assert [m["type"] for m in p["sent"] if m["type"] in ("offer", "answer")] == ["answer"]
+        first_offer = next(m for m in d["sent"] if m["type"] == "offer")
+        assert any(m["type"] == "participant_joined" and m["t"] <= first_offer["t"] for m in d["received"])
+        check_trickled(d["sent"], "driver")
+        check_trickled(p["sent"], "passenger")
+        # Relayed as given, in order, both ways, including the "" and null forms.
+        assert relayed(p["received"]) == relayed(d["sent"])
+        assert relayed(d["received"]) == relayed(p["sent"])
+        assert on_loopback(path), path
+        assert all(e > 0 for e in energy), f"decoded only silence: totalAudioEnergy {energy}"
+
+    asyncio.run(scenario())
+    assert server.stop() == 0
+    [row] = server.call_logs()
+    assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
+
+
+def test_chromium_reconnect_with_ice_restart(server_factory, tmp_path, request) -> None:
+    server = server_factory(RECONNECT_GRACE="10s")
+    session = server.new_session(ride_id="ride-webrtc-reconnect")
+
+    async def scenario() -> None:
+        async with chromium(tmp_path) as context:
+            driver, passenger = await start_chromium_call(context, server, session)
+            await audio_both_ways(driver, passenger)
+            path_before = await driver.selected_path()
+
+            # The driver's WebSocket drops; its RTCPeerConnection stays.
+            await driver.js("() => call.dropSignaling()")
+            await passenger.wait_received("participant_left")
+            # The audio is peer-to-peer: it goes on while signaling is down.
+            down = [(await passenger.inbound_audio())["packetsReceived"]]
+            await asyncio.sleep(1.0)
+            down.append((await passenger.inbound_audio())["packetsReceived"])
+
+            # Back within RECONNECT_GRACE: authenticate again, and on
+            # participant_joined the driver re-offers with an ICE restart.
+            started = time.monotonic()
+            await driver.js("() => call.reconnect()")
+            await driver.wait_received("participant_joined", 2)
+            rejoined_ms = (time.monotonic() - started) * 1000
+            await passenger.wait_received("participant_joined", 2)
+            await driver.wait_received("answer", 2)
+            # Both transports run on the restarted ICE session (new ufrags).
+            for page, other in ((driver, passenger), (passenger, driver)):
+                await page.wait(
+                    "async () => { const p = await call.selectedPath();"
+                    " return p && p.iceLocalUsernameFragment === p.localDescriptionUfrag; }",
+                    "on the restarted ICE session",
+                    CONNECT_TIMEOUT,
+                    other,
+                )
+            await driver.wait_connected(CONNECT_TIMEOUT, passenger)
+            await passenger.wait_connected(CONNECT_TIMEOUT, driver)
+            audio = await audio_both_ways(driver, passenger)
+            path_after = await driver.selected_path()
+            await end_call(driver, passenger)
+            d, p = await driver.snapshot(), await passenger.snapshot()
+
+        offers = [m for m in d["sent"] if m["type"] == "offer"]
+        answers = [m for m in p["sent"] if m["type"] == "answer"]
+        restart_answered = [
+            m["t"] for m in d["received"] if m["type"] == "answer" and m["t"] > offers[-1]["t"]
+        ]
+        figures = {
+            "reconnect_to_participant_joined_ms": round(rejoined_ms, 1),
+            "passenger_packets_while_signaling_down": down,
+            "restart_offer_to_answer_received_ms": round(restart_answered[0] - offers[-1]["t"], 1)
+            if restart_answered
+            else None,
+            "restart_offer_bytes": offers[-1]["bytes"],
+            "restart_answer_bytes": answers[-1]["bytes"],
+            "driver_sent": wire_sizes(d["sent"]),
+            "passenger_sent": wire_sizes(p["sent"]),
+            "driver_ufrags": [ufrag(o["msg"]["sdp"]) for o in offers],
+            "path_before": path_before,
+            "path_after": path_after,
+            **audio,
+        }
+        report(request, figures)
+
+        assert d["errors"] == [] and p["errors"] == [], (d["errors"], p["errors"])
+        assert down[1] > down[0] > 0, "the audio stopped while the signaling socket was down"
+        # The passenger saw the driver leave, then come back.
+        peer_events = [m["type"] for m in p["received"] if m["type"].startswith("participant_")]
+        assert peer_events == ["participant_joined", "participant_left", "participant_joined"], peer_events
+        # The reconnected driver got the same greeting as on its first join.
+        assert d["sockets"] == 2
+        greetings = [m["type"] for m in d["received"] if m["type"] in GREETING]
+        assert greetings == list(GREETING) * 2, greetings
+        # Re-offered with an ICE restart (new ufrag both ways), answered; no
+        # other offer or answer.
+        assert (len(offers), len(answers)) == (2, 2)
+        assert [m["type"] for m in p["sent"] if m["type"] in ("offer", "answer")] == ["answer", "answer"]
+        assert ufrag(offers[1]["msg"]["sdp"]) != ufrag(offers[0]["msg"]["sdp"])
+        assert ufrag(answers[1]["msg"]["sdp"]) != ufrag(answers[0]["msg"]["sdp"])
+        assert path_after and path_after["iceLocalUsernameFragment"] == ufrag(offers[1]["msg"]["sdp"])
+        check_trickled(d["sent"], "driver")
+        check_trickled(p["sent"], "passenger")
+        assert relayed(p["received"]) == relayed(d["sent"])
+        assert relayed(d["received"]) == relayed(p["sent"])
+        assert on_loopback(path_after), path_after
+        assert [c["code"] for c in d["closes"]][-1] == 1000 and [c["code"] for c in p["closes"]] == [1000]
+
+    asyncio.run(scenario())
+    assert server.stop() == 0
+    [row] = server.call_logs()
+    assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
+
+
+# -- aiortc <-> Chromium -------------------------------------------------------
+
+TONE_HZ = 400
+
+
+class AiortcPeer:
+    """An aiortc endpoint on the daemon's WebSocket (the websockets client).
+
+    aiortc has no trickle ICE: ``setLocalDescription`` gathers every candidate
+    and the SDP it leaves embeds them, so its offer or answer is sent whole,
+    followed by the null end-of-candidates. The candidates Chromium trickles
+    are added one by one with ``candidate_from_sdp``.
+    """
+
+    def __init__(self, server: ServerProcess, session: dict[str, Any], user_id: str) -> None:
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        self.server = server
+        self.session = session
+        self.user_id = user_id
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc.addTrack(tone_track())
+        self.role: str | None = None
+        self.sent: list[dict[str, Any]] = []
+        self.received: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.frames = 0
+        self.loud_frames = 0
+        self.first_offer_sent_at: float | None = None
+        self.connected_at: float | None = None
+        self.pending: list[Any] = []
+        self.ws: Any = None
+        self.tasks: list[asyncio.Task[Any]] = []
+
+        @self.pc.on("connectionstatechange")
+        def _state() -> None:
+            if self.pc.connectionState == "connected" and self.connected_at is None:
+                self.connected_at = time.time() * 1000
+
+        @self.pc.on("track")
+        def _track(track: Any) -> None:
+            self.tasks.append(asyncio.create_task(self._consume(track)))
+
+    async def _consume(self, track: Any) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        try:
+            while True:
+                frame = await track.recv()
+                self.frames += 1
+                samples = array.array("h", bytes(frame.planes[0]))
+                if samples and max(abs(min(samples)), max(samples)) > 300:
+                    self.loud_frames += 1
+        except MediaStreamError:
+            pass
+
+    async def start(self) -> None:
+        self.ws = await self.server.ws().__aenter__()
+        await send_json(
+            self.ws,
+            {"type": "authenticate", "session_id": self.session["session_id"], "user_id": self.user_id},
+        )
+        self.tasks.append(asyncio.create_task(self._run()))
+
+    async def send(self, message: dict[str, Any]) -> None:
+        text = json.dumps(message)
+        await self.ws.send(text)
+        now = time.time() * 1000
+        if message["type"] == "offer" and self.first_offer_sent_at is None:
+            self.first_offer_sent_at = now
+        self.sent.append({"t": now, "type": message["type"], "bytes": len(text.encode()), "msg": message})
+
+    async def _run(self) -> None:
+        try:
+            async for text in self.ws:
+                message = json.loads(text)
+                self.received.append(
+                    {
+                        "t": time.time() * 1000,
+                        "type": message["type"],
+                        "bytes": len(text.encode()),
+                        "msg": message,
+                    }
+                )
+                await self._handle(message)
+        except Exception as exc:  # noqa: BLE001 - recorded, asserted empty by the test
+            if type(exc).__name__ not in ("ConnectionClosedOK",):
+                self.errors.append(repr(exc))
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        from aiortc import RTCSessionDescription
+
+        kind = message["type"]
+        if kind == "session_joined":
+            self.role = message["role"]
+        elif kind == "participant_joined" and self.role == "driver":
+            await self.pc.setLocalDescription(await self.pc.createOffer())
+            await self.send({"type": "offer", "sdp": self.pc.localDescription.sdp})
+            await self.send({"type": "ice_candidate", "candidate": None})
+        elif kind == "offer":
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=message["sdp"], type="offer"))
+            await self._flush()
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+            await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
+            await self.send({"type": "ice_candidate", "candidate": None})
+        elif kind == "answer":
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=message["sdp"], type="answer"))
+            await self._flush()
+        elif kind == "ice_candidate":
+            if self.pc.remoteDescription is None:
+                self.pending.append(message["candidate"])
+            else:
+                await self._add(message["candidate"])
+        elif kind in ("call_ended", "call_timeout"):
+            await self.pc.close()
+        elif kind in ("error", "unauthorized"):
+            self.errors.append(json.dumps(message))
+
+    async def _flush(self) -> None:
+        for candidate in self.pending:
+            await self._add(candidate)
+        self.pending.clear()
+
+    async def _add(self, candidate: dict[str, Any] | None) -> None:
+        from aiortc.sdp import candidate_from_sdp
+
+        if candidate is None or candidate["candidate"] == "":
+            await self.pc.addIceCandidate(None)  # end of candidates
+            return
+        line = candidate["candidate"]
+        ice = candidate_from_sdp(line.split(":", 1)[1] if line.startswith("candidate:") else line)
+        ice.sdpMid = candidate.get("sdpMid")
+        ice.sdpMLineIndex = candidate.get("sdpMLineIndex")
+        await self.pc.addIceCandidate(ice)
+
+    async def end_call(self) -> None:
+        await self.send({"type": "end_call"})
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self.ws is not None:
+            await self.ws.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def diagnostics(self) -> str:
+        return (
+            f"--- aiortc {self.user_id}: state={self.pc.connectionState} frames={self.frames} "
+            f"errors={self.errors} received={[m['type'] for m in self.received]} "
+            f"sent={[m['type'] for m in self.sent]}"
+        )
+
+
+def tone_track() -> Any:
+    """aiortc's AudioStreamTrack (8 kHz mono, 20 ms frames, real-time paced)
+    with a 400 Hz tone instead of silence."""
+    from aiortc.mediastreams import AudioStreamTrack
+
+    period = array.array("h", (int(8000 * math.sin(2 * math.pi * TONE_HZ * i / 8000)) for i in range(160)))
+    tone = period.tobytes()
+
+    class ToneTrack(AudioStreamTrack):
+        async def recv(self) -> Any:
+            frame = await super().recv()
+            plane = frame.planes[0]
+            plane.update(tone.ljust(plane.buffer_size, b"\0")[: plane.buffer_size])
+            return frame
+
+    return ToneTrack()
+
+
+@pytest.fixture
+def aiortc_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiortc (aioice) gathers host candidates on every interface except
+    127.0.0.1; keep this test's media on loopback instead."""
+    import aioice.ice
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+@pytest.mark.skipif(
+    not HAVE_AIORTC, reason="the aiortc pairing needs the PyPI package aiortc (pip install -e '.[test]')"
+)
+@pytest.mark.parametrize("aiortc_role", ["passenger", "driver"])
+def test_aiortc_with_chromium(server_factory, tmp_path, request, aiortc_on_loopback, aiortc_role) -> None:
+    server = server_factory()
+    session = server.new_session(ride_id=f"ride-aiortc-{aiortc_role}")
+    ids = {"driver": "driver-1", "passenger": "passenger-1"}
+    browser_role = "driver" if aiortc_role == "passenger" else "passenger"
+
+    async def scenario() -> None:
+        peer = AiortcPeer(server, session, ids[aiortc_role])
+        try:
+            async with chromium(tmp_path) as context:
+                if aiortc_role == "driver":
+                    await peer.start()
+                    page = await CallPage.open(context, server, session, ids[browser_role])
+                else:
+                    page = await CallPage.open(context, server, session, ids[browser_role])
+                    await peer.start()
+
+                async def diag() -> str:
+                    return peer.diagnostics() + "\n" + await page.diagnostics()
+
+                async def aiortc_connected() -> bool:
+                    return peer.pc.connectionState == "connected"
+
+                await page.wait_connected(CONNECT_TIMEOUT)
+                await eventually(aiortc_connected, "aiortc connected", CONNECT_TIMEOUT, diag)
+
+                async def frames() -> int:
+                    return peer.frames
+
+                async def chromium_packets() -> int:
+                    return (await page.inbound_audio())["packetsReceived"]
+
+                aiortc_frames = await packets_growing(frames, "aiortc receiving Chromium", diag)
+                chromium_rx = await packets_growing(chromium_packets, "Chromium receiving aiortc", diag)
+                energy = (await page.inbound_audio())["totalAudioEnergy"]
+                path = await page.selected_path()
+                await peer.end_call()
+                await page.wait(ENDED_JS, "call_ended user_terminated and close 1000", SIGNAL_TIMEOUT)
+
+                async def aiortc_ended() -> bool:
+                    return peer.ws.close_code == 1000 and any(
+                        m["msg"] == {"type": "call_ended", "reason": "user_terminated"} for m in peer.received
+                    )
+
+                await eventually(
+                    aiortc_ended, "aiortc: call_ended user_terminated, close 1000", SIGNAL_TIMEOUT, diag
+                )
+                browser = await page.snapshot()
+        finally:
+            await peer.close()
+
+        if aiortc_role == "driver":
+            started, connected = peer.first_offer_sent_at, browser["connectedAt"]
+        else:
+            started, connected = browser["firstOfferSentAt"], browser["connectedAt"]
+        figures = {
+            "first_offer_to_chromium_connected_ms": round(connected - started, 1),
+            "first_offer_to_aiortc_connected_ms": round(peer.connected_at - started, 1),
+            "aiortc_sent": wire_sizes(peer.sent),
+            "aiortc_sdp_candidates": [
+                m["msg"]["sdp"].count("a=candidate") for m in peer.sent if "sdp" in m["msg"]
+            ],
+            "chromium_sent": wire_sizes(browser["sent"]),
+            "aiortc_frames": aiortc_frames,
+            "aiortc_loud_frames": peer.loud_frames,
+            "chromium_packets": chromium_rx,
+            "chromium_total_audio_energy": energy,
+            "media_path": path,
+        }
+        report(request, figures)
+
+        assert peer.errors == [] and browser["errors"] == [], (peer.errors, browser["errors"])
+        assert relayed(browser["received"]) == relayed(peer.sent)
+        assert relayed(peer.received) == relayed(browser["sent"])
+        check_trickled(browser["sent"], "Chromium")
+        sizes = [m["bytes"] for m in peer.sent if m["type"] in ("offer", "answer")]
+        assert peer.loud_frames > 0, "aiortc decoded only silence"
+        assert energy > 0, "Chromium decoded only silence"
+        assert on_loopback(path), path
+        # aiortc cannot trickle: its SDP embeds its candidates (one here, as it
+        # gathers on 127.0.0.1 only; ~90 B more per candidate on a phone).
+        assert sizes and max(sizes) <= 4096, f"aiortc's SDP ({sizes} B) is over the default MAX_MESSAGE_BYTES"
+        assert [m["msg"]["candidate"] for m in peer.sent if m["type"] == "ice_candidate"] == [None]
+
+    asyncio.run(scenario())
+    assert server.stop() == 0
+    [row] = server.call_logs()
+    assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
