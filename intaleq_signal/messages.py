@@ -9,6 +9,7 @@ never echoes fields it did not define (SPEC §4, rule 4).
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii as _quote  # the C one when available
 from typing import Any
 
 __all__ = [
@@ -53,6 +54,8 @@ def _reject_constant(name: str) -> Any:
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_scan = _decoder.scan_once  # the C scanner, without decode()'s Python wrappers
+_JSON_SPACE = " \t\n\r"  # RFC 8259 §2 whitespace, nothing else
 # ASCII output: every frame is sendable (a lone surrogate from a "\ud800"
 # escape is re-escaped, not a UnicodeEncodeError) and its length in
 # characters is its length in bytes (the 16 KiB hold bound, SPEC §4 rule 4).
@@ -69,11 +72,15 @@ def decode(text: str) -> tuple[str, dict[str, Any]]:
         with a string ``type``, ``unknown_type`` for a type not in SPEC §4.
     """
     try:
-        obj = _decoder.decode(text)
-    except ValueError as exc:  # JSONDecodeError, and int digits over the limit
+        if text[:1] in _JSON_SPACE:
+            text = text.lstrip(_JSON_SPACE)
+        obj, end = _scan(text, 0)
+    except (StopIteration, ValueError) as exc:  # not JSON; ints over the digit limit
         raise MessageError("invalid_json", "message is not valid JSON") from exc
     except RecursionError:
         raise MessageError("invalid_message", "message is nested too deeply") from None
+    if end != len(text) and text[end:].strip(_JSON_SPACE):
+        raise MessageError("invalid_json", "message is not valid JSON")
     if type(obj) is not dict:
         raise MessageError("invalid_message", "message must be a JSON object")
     kind = obj.get("type")
@@ -102,49 +109,59 @@ def parse_authenticate(obj: dict[str, Any]) -> tuple[str, str]:
 def relay_payload(kind: str, obj: dict[str, Any]) -> str:
     """Rebuild a relayed message from its defined fields and serialize it.
 
+    The JSON text is assembled from the fields directly (strings through
+    the C string encoder), the same bytes ``encode`` would give for the
+    rebuilt object without building that object: this is the hot path.
+
     Raises:
         MessageError: ``invalid_message`` naming the bad field.
     """
     if kind == "ice_candidate":
-        return encode({"type": kind, "candidate": _candidate(obj)})
+        return '{"type":"ice_candidate","candidate":' + _candidate(obj) + "}"
     sdp = obj.get("sdp")
     if type(sdp) is not str or not sdp:
         raise MessageError("invalid_message", "field 'sdp' must be a non-empty string")
-    return encode({"type": kind, "sdp": sdp})
+    return '{"type":"' + kind + '","sdp":' + _quote(sdp) + "}"
 
 
-def _candidate(obj: dict[str, Any]) -> dict[str, Any] | None:
+def _candidate(obj: dict[str, Any]) -> str:
+    """The ``candidate`` value as JSON text: ``null`` or an object with the
+    defined keys present in the input, in a fixed order."""
     if "candidate" not in obj:
         raise MessageError("invalid_message", "field 'candidate' is required")
     given = obj["candidate"]
     if given is None:
-        return None  # gathering complete, relayed as given
+        return "null"  # gathering complete, relayed as given
     if type(given) is not dict:
         raise MessageError("invalid_message", "field 'candidate' must be an object or null")
     line = given.get("candidate")
     if type(line) is not str:
         raise MessageError("invalid_message", "field 'candidate.candidate' must be a string")
-    rebuilt: dict[str, Any] = {"candidate": line}
+    parts = ['{"candidate":', _quote(line)]
     if "sdpMid" in given:
-        mid = given["sdpMid"]
-        if mid is not None and type(mid) is not str:
-            raise MessageError("invalid_message", "field 'candidate.sdpMid' must be a string or null")
-        rebuilt["sdpMid"] = mid
+        parts.append(',"sdpMid":' + _optional_string(given["sdpMid"], "sdpMid"))
     if "sdpMLineIndex" in given:
         index = given["sdpMLineIndex"]
-        if index is not None and (type(index) is not int or not 0 <= index <= MAX_MLINE_INDEX):
+        if index is None:
+            parts.append(',"sdpMLineIndex":null')
+        elif type(index) is int and 0 <= index <= MAX_MLINE_INDEX:
+            parts.append(',"sdpMLineIndex":' + str(index))
+        else:
             raise MessageError(
                 "invalid_message", "field 'candidate.sdpMLineIndex' must be an integer or null"
             )
-        rebuilt["sdpMLineIndex"] = index
     if "usernameFragment" in given:
-        ufrag = given["usernameFragment"]
-        if ufrag is not None and type(ufrag) is not str:
-            raise MessageError(
-                "invalid_message", "field 'candidate.usernameFragment' must be a string or null"
-            )
-        rebuilt["usernameFragment"] = ufrag
-    return rebuilt
+        parts.append(',"usernameFragment":' + _optional_string(given["usernameFragment"], "usernameFragment"))
+    parts.append("}")
+    return "".join(parts)
+
+
+def _optional_string(value: Any, name: str) -> str:
+    if value is None:
+        return "null"
+    if type(value) is not str:
+        raise MessageError("invalid_message", f"field 'candidate.{name}' must be a string or null")
+    return _quote(value)
 
 
 # Server → client messages (SPEC §4 "Server → client").

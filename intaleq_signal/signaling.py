@@ -32,10 +32,6 @@ __all__ = ["Client", "Signaling"]
 
 log = logging.getLogger("intaleq_signal.signaling")
 
-#: A peer whose unsent output passes this many bytes is not reading: drop it
-#: like a lost network rather than buffer without bound.
-MAX_WRITE_BUFFER = 256 * 1024
-
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
@@ -65,12 +61,10 @@ class Client:
         self.auth_timer: asyncio.TimerHandle | None = None
 
     def send(self, text: str) -> None:
-        """Queue one text frame now; dropped silently once the socket is
-        closing (its close handling does the rest)."""
-        ws = self.ws
-        if ws.send_text(text) and ws.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-            log.warning("dropping a connection that does not read (%s)", self.ip)
-            ws.transport.abort()
+        """Queue one text frame (see ``HTTPServerConnection.send_text``);
+        dropped once the socket is closing, whose close handling does the
+        rest."""
+        self.ws.send_text(text)
 
 
 class Signaling:

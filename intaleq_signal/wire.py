@@ -42,6 +42,8 @@ MAX_HEAD_BYTES = 16 * 1024
 #: websockets' own limits (``http11.MAX_LINE_LENGTH``, ``MAX_NUM_HEADERS``),
 #: enforced here first so that the answer is JSON like every other.
 MAX_LINE_BYTES = 8192
+#: Unsent output past which a peer is taken as not reading and dropped.
+MAX_UNREAD_BYTES = 256 * 1024
 MAX_HEADERS = 128
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -90,6 +92,7 @@ class HTTPServerConnection(ServerConnection):
         "on_ping",
         "_fragments",
         "_early",
+        "_out",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -109,6 +112,7 @@ class HTTPServerConnection(ServerConnection):
         self.on_ping: Callable[[], None] | None = None
         self._fragments: list[Any] | None = None  # [opcode, data, ...] of a fragmented message
         self._early: list[Any] | None = None  # data frames received before start()
+        self._out: list[bytes] | None = None  # frames waiting for this loop pass's write
 
     def data_received(self, data: bytes) -> None:
         self.last_received = monotonic()
@@ -274,23 +278,44 @@ class HTTPServerConnection(ServerConnection):
             return
         self.on_message(text)  # type: ignore[misc]
 
-    def send_text(self, text: str) -> bool:
-        """Write one unfragmented text frame now, without the library's
-        frame objects; False (nothing sent) unless the connection is open.
-        Server frames are unmasked (RFC 6455 §5.1), so the frame is a 2-,
-        4- or 10-byte header and the UTF-8 payload."""
+    def send_text(self, text: str) -> None:
+        """Queue one unfragmented text frame, written without the library's
+        frame objects; dropped unless the connection is open.
+
+        Server frames are unmasked (RFC 6455 §5.1): a 2-, 4- or 10-byte
+        header and the UTF-8 payload. Frames queued during one pass of the
+        event loop go out in one ``transport.write`` (one system call for a
+        burst of relayed messages), in order, before anything the library
+        writes later (a close frame comes from a task, after this flush).
+        A peer that lets :data:`MAX_UNREAD_BYTES` pile up unread is dropped
+        like a lost network."""
         if self.protocol.state is not _OPEN:
-            return False
+            return
         data = text.encode()
         size = len(data)
         if size < 126:
-            header = bytes((0x81, size))
+            frame = bytes((0x81, size)) + data
         elif size < 65536:
-            header = b"\x81\x7e" + size.to_bytes(2, "big")
+            frame = b"\x81\x7e" + size.to_bytes(2, "big") + data
         else:
-            header = b"\x81\x7f" + size.to_bytes(8, "big")
-        self.transport.write(header + data)
-        return True
+            frame = b"\x81\x7f" + size.to_bytes(8, "big") + data
+        out = self._out
+        if out is None:
+            self._out = [frame]
+            self.loop.call_soon(self._flush)
+        else:
+            out.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        transport = self.transport
+        # Since queueing, the closing handshake may have begun (the peer's
+        # close frame was answered): no data frame may follow a close frame.
+        if not out or self.protocol.state is not _OPEN or transport.is_closing():
+            return
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
+            transport.abort()
 
     def forget_handshake(self) -> None:
         """Drop the handshake's headers (a few KiB per idle connection that
