@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit e2e test-compat clean bench-calllog install
+.PHONY: run test lint unit e2e test-compat clean bench bench-calllog install
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,3 +81,12 @@ install:
 	-systemctl daemon-reload
 	@echo "make install: edit $(SYSCONFDIR)/intaleq-signal.env (API_KEY, DB_*), then" \
 	      "systemctl enable --now intaleq-signal"
+
+## bench: the side-by-side benchmark against PeerJS (../shared/bench), with and
+## without uvloop; REPEAT=3 by default, QUICK=1 for a smoke run
+bench: $(VENV)/.installed
+	REPEAT=$${REPEAT:-3} TARGET_NAME=uvloop TARGET_CMD="$(CURDIR)/$(PY) -m intaleq_signal" \
+	    TARGET_DIR=$(CURDIR) ../shared/bench/run.sh
+	REPEAT=$${REPEAT:-3} TARGET_NAME=asyncio \
+	    TARGET_CMD="env INTALEQ_EVENT_LOOP=asyncio $(CURDIR)/$(PY) -m intaleq_signal" \
+	    TARGET_DIR=$(CURDIR) ../shared/bench/run.sh
