@@ -207,6 +207,25 @@ async def closed_with(ws: ClientConnection, timeout: float = 5.0) -> int | None:
     return ws.close_code
 
 
+async def relay_and_end(driver: ClientConnection, passenger: ClientConnection) -> None:
+    """The rest of a call once both joined: an offer, an answer and a
+    candidate relayed exactly, then ``end_call`` ending it for both (1000)."""
+    offer = {"type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n"}
+    await send_json(driver, offer)
+    assert await recv_json(passenger) == offer
+    answer = {"type": "answer", "sdp": "v=0\r\nanswer"}
+    await send_json(passenger, answer)
+    assert await recv_json(driver) == answer
+    candidate = {"candidate": "candidate:1 1 udp 1 10.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}
+    await send_json(passenger, {"type": "ice_candidate", "candidate": candidate})
+    assert await recv_json(driver) == {"type": "ice_candidate", "candidate": candidate}
+    await send_json(driver, {"type": "end_call"})
+    assert await recv_json(driver) == {"type": "call_ended", "reason": "user_terminated"}
+    assert await recv_json(passenger) == {"type": "call_ended", "reason": "user_terminated"}
+    assert await closed_with(driver) == 1000
+    assert await closed_with(passenger) == 1000
+
+
 @pytest.fixture
 def server_factory(tmp_path: Any) -> Iterator[Any]:
     started: list[ServerProcess] = []

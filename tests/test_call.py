@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from conftest import closed_with, join, recv_json, send_json
+from conftest import join, recv_json, relay_and_end
 
 pytestmark = pytest.mark.compat
 
@@ -26,23 +26,7 @@ def test_full_call_relays_and_logs(server) -> None:
         assert await recv_json(passenger) == {"type": "participant_joined", "role": "driver"}
         assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
 
-        await send_json(driver, {"type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n"})
-        assert await recv_json(passenger) == {"type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n"}
-        await send_json(passenger, {"type": "answer", "sdp": "v=0\r\nanswer"})
-        assert await recv_json(driver) == {"type": "answer", "sdp": "v=0\r\nanswer"}
-        candidate = {
-            "candidate": "candidate:1 1 udp 1 10.0.0.1 5000 typ host",
-            "sdpMid": "0",
-            "sdpMLineIndex": 0,
-        }
-        await send_json(passenger, {"type": "ice_candidate", "candidate": candidate})
-        assert await recv_json(driver) == {"type": "ice_candidate", "candidate": candidate}
-
-        await send_json(driver, {"type": "end_call"})
-        assert await recv_json(driver) == {"type": "call_ended", "reason": "user_terminated"}
-        assert await recv_json(passenger) == {"type": "call_ended", "reason": "user_terminated"}
-        assert await closed_with(driver) == 1000
-        assert await closed_with(passenger) == 1000
+        await relay_and_end(driver, passenger)
 
     asyncio.run(scenario())
     assert server.stop() == 0

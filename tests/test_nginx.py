@@ -29,7 +29,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import API_KEY, closed_with, join, recv_json, send_json
+from conftest import API_KEY, join, recv_json, relay_and_end
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: The README's upstream; replaced by the test daemon's port.
@@ -286,25 +286,7 @@ def test_full_call_through_nginx(server_factory, nginx_factory) -> None:
         assert await recv_json(passenger) == {"type": "participant_joined", "role": "driver"}
         assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
 
-        offer = {"type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n"}
-        await send_json(driver, offer)
-        assert await recv_json(passenger) == offer
-        answer = {"type": "answer", "sdp": "v=0\r\nanswer"}
-        await send_json(passenger, answer)
-        assert await recv_json(driver) == answer
-        candidate = {
-            "candidate": "candidate:1 1 udp 1 10.0.0.1 5000 typ host",
-            "sdpMid": "0",
-            "sdpMLineIndex": 0,
-        }
-        await send_json(passenger, {"type": "ice_candidate", "candidate": candidate})
-        assert await recv_json(driver) == {"type": "ice_candidate", "candidate": candidate}
-
-        await send_json(driver, {"type": "end_call"})
-        assert await recv_json(driver) == {"type": "call_ended", "reason": "user_terminated"}
-        assert await recv_json(passenger) == {"type": "call_ended", "reason": "user_terminated"}
-        assert await closed_with(driver) == 1000
-        assert await closed_with(passenger) == 1000
+        await relay_and_end(driver, passenger)
 
     asyncio.run(scenario())
     # Both sockets really went through Nginx: it logs the two upgrades (101) once they close.
