@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import partial
 from typing import Any
 
 from websockets.protocol import State
@@ -49,9 +48,10 @@ class Client:
     """Our state for one WebSocket connection (the websockets connection
     object holds the rest). ``__slots__`` keeps it to a few hundred bytes."""
 
-    __slots__ = ("ws", "ip", "lifecycle", "seat", "session", "bucket", "auth_timer")
+    __slots__ = ("engine", "ws", "ip", "lifecycle", "seat", "session", "bucket", "auth_timer")
 
-    def __init__(self, ws: Any, ip: str, now: float) -> None:
+    def __init__(self, engine: Signaling, ws: Any, ip: str, now: float) -> None:
+        self.engine = engine
         self.ws = ws
         self.ip = ip
         self.lifecycle = ConnectionLifecycle()
@@ -65,6 +65,14 @@ class Client:
         dropped once the socket is closing, whose close handling does the
         rest."""
         self.ws.send_text(text)
+
+    def receive(self, message: str | bytes) -> None:
+        """Each whole message received (the connection's ``on_message``)."""
+        self.engine.on_message(self, message)
+
+    def pinged(self) -> None:
+        """Each ping received (the connection's ``on_ping``)."""
+        self.engine.pinged(self)
 
 
 class Signaling:
@@ -116,18 +124,18 @@ class Signaling:
         """The websockets connection handler for ``/ws``: messages arrive
         through ``ws.start`` callbacks; this coroutine only waits for the
         end of the connection."""
-        client = Client(ws, ws.client_ip, self.loop.time())
+        client = Client(self, ws, ws.client_ip, self.loop.time())
         client.auth_timer = self.loop.call_later(self.config.auth_timeout, self._auth_expired, client)
         self.clients.add(client)
         ws.forget_handshake()
         try:
-            ws.start(partial(self.on_message, client), partial(self._pinged, client))
+            ws.start(client.receive, client.pinged)
             await ws.wait_closed()
         finally:
             self.clients.discard(client)
             self.on_closed(client)
 
-    def _pinged(self, client: Client) -> None:
+    def pinged(self, client: Client) -> None:
         """A ping frame: it counts against the message rate (SPEC §4
         "Precise points")."""
         state = client.lifecycle.state
