@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit e2e test-compat clean bench bench-calllog install
+.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-calllog install
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ unit: $(VENV)/.installed
 	@test -x $(CHROMIUM) || echo "make test: $(CHROMIUM) is missing, so the real WebRTC tests" \
 	    "(tests/test_webrtc.py) will be SKIPPED; install it with: apt-get install chromium"
 	$(VENV)/bin/pytest -q
+
+## fuzz: the property-based tests with many more examples (HYPOTHESIS_PROFILE=long)
+fuzz: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=long $(VENV)/bin/pytest -q -m fuzz
+
+## soak: CALLS concurrent calls churning for MINUTES, RSS and open files watched
+CALLS ?= 50
+MINUTES ?= 10
+soak: $(VENV)/.installed
+	$(PY) tests/soak.py --calls $(CALLS) --minutes $(MINUTES)
 
 ## e2e: only the real WebRTC calls through the daemon (Chromium, aiortc)
 e2e: $(VENV)/.installed

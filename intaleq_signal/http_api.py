@@ -127,7 +127,15 @@ class HTTPAPI:
         connection.client_ip = ip
         method = connection.http_method
         path = request.path.partition("?")[0]
+        if path != "/sessions" and connection.http_body_error is not None:
+            status, _, _ = connection.http_body_error
+            if status == 400:  # RFC 9112 §6.3: an invalid Content-Length is 400 anywhere
+                return respond(*connection.http_body_error)
         if path == "/ws":
+            if connection.http_body_error is not None:
+                return respond(*connection.http_body_error)
+            if connection.http_body:
+                return respond(400, "bad_request", "a WebSocket upgrade request has no body")
             return self._upgrade(connection, request, method, ip)
         if path == "/sessions":
             if method != "POST":
@@ -166,6 +174,8 @@ class HTTPAPI:
         """Give the library's own refusals (a bad WebSocket handshake: 400,
         426; 500 if ``process_request`` failed; 503 while closing) the JSON
         error body every HTTP answer has (SPEC §3)."""
+        if connection.http_method == "HEAD" and response.body:
+            response.body = b""  # RFC 9110 §9.3.2; Content-Length still tells the size
         if response.status_code == 101 or not response.body.startswith(_LIBRARY_REFUSAL):
             return None
         status = response.status_code

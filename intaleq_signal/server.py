@@ -18,7 +18,7 @@ from .calllog.sqlite import SQLiteStore
 from .config import Config
 from .http_api import HTTPAPI
 from .metrics import Metrics
-from .signaling import Signaling
+from .signaling import CLOSE_TIMEOUT, Signaling
 from .systemd import Notifier
 from .wire import HTTPServerConnection
 
@@ -29,8 +29,6 @@ log = logging.getLogger("intaleq_signal")
 #: Bound on the opening handshake, HTTP request bodies included (seconds):
 #: slow or idle HTTP clients are dropped after it (SPEC §3).
 OPEN_TIMEOUT = 10.0
-#: Bound on each WebSocket closing handshake (seconds).
-CLOSE_TIMEOUT = 2.0
 #: Bound on flushing the call log at shutdown (seconds).
 FLUSH_TIMEOUT = 5.0
 
@@ -219,11 +217,19 @@ def run(config: Config) -> None:
     """Run a server in a fresh event loop until it is stopped by a signal:
     uvloop's when it is installed (``pip install .[fast]``), else asyncio's.
     ``INTALEQ_EVENT_LOOP=asyncio`` forces the standard loop."""
+    server = Server(config)
     try:
         if os.environ.get("INTALEQ_EVENT_LOOP") == "asyncio":
             raise ImportError("the standard loop was asked for")
         import uvloop
     except ImportError:
-        asyncio.run(Server(config).run())
+        asyncio.run(server.run())
     else:
-        uvloop.run(Server(config).run())
+        uvloop.run(server.run())
+    if server.calllog.busy():
+        # A writer thread still inside a database call (past the flush
+        # deadline, its events already counted as unwritten) must not meet
+        # interpreter finalization: that can crash the process (a signal
+        # instead of exit 0). Leave now; the logs are flushed first.
+        logging.shutdown()
+        os._exit(0)

@@ -44,6 +44,18 @@ _CONNECTED = ConnectionState.CONNECTED
 _DISCONNECT_REASON = {"driver": EndReason.DISCONNECT_DRIVER, "passenger": EndReason.DISCONNECT_PASSENGER}
 
 
+#: Bound on a closing handshake (seconds); past it the TCP connection is
+#: aborted (a peer that stopped reading never lets the close frame out).
+CLOSE_TIMEOUT = 2.0
+
+
+async def _close_within(ws: Any, code: int, reason: str) -> None:
+    try:
+        await asyncio.wait_for(ws.close(code, reason), CLOSE_TIMEOUT)
+    except TimeoutError:
+        ws.transport.abort()
+
+
 class Client:
     """Our state for one WebSocket connection (the websockets connection
     object holds the rest). ``__slots__`` keeps it to a few hundred bytes."""
@@ -357,10 +369,9 @@ class Signaling:
         self._close(client, CLOSE_POLICY, "rate limited")
 
     def _close(self, client: Client, code: int, reason: str) -> None:
-        """Start the closing handshake without blocking the caller; the
-        library bounds it with ``close_timeout``. The caller has already
-        moved the connection's lifecycle out of the way."""
-        task = self.loop.create_task(client.ws.close(code, reason))
+        """Start the closing handshake without blocking the caller. The
+        caller has already moved the connection's lifecycle out of the way."""
+        task = self.loop.create_task(_close_within(client.ws, code, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

@@ -41,17 +41,17 @@ MAX_BODY_BYTES = 16 * 1024
 MAX_HEAD_BYTES = 16 * 1024
 #: websockets' own limits (``http11.MAX_LINE_LENGTH``, ``MAX_NUM_HEADERS``),
 #: enforced here first so that the answer is JSON like every other.
-MAX_LINE_BYTES = 8192
+MAX_LINE_BYTES = 8190  # the library's 8192 counts the CRLF
 #: Unsent output past which a peer is taken as not reading and dropped.
 MAX_UNREAD_BYTES = 256 * 1024
 MAX_HEADERS = 128
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _TEXT, _BINARY, _CONT, _PING = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING
-_DATA = (_TEXT, _BINARY, _CONT)
-_OPEN = State.OPEN
+_OPEN, _CONNECTING = State.OPEN, State.CONNECTING
 _NO_HEADERS = Headers()  # shared, never written to
 _HEAD_END = b"\r\n\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 # RFC 9112 §3: method SP request-target SP HTTP-version (origin-form targets).
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (/[\x21-\x7e]*) HTTP/1\.[01]")
 # RFC 9110 §5: field-name is a token; field-value is VCHAR, obs-text, SP, HTAB.
@@ -91,7 +91,9 @@ class HTTPServerConnection(ServerConnection):
         "on_message",
         "on_ping",
         "_fragments",
-        "_early",
+        "_held",
+        "_held_eof",
+        "_discarding",
         "_out",
     )
 
@@ -115,13 +117,22 @@ class HTTPServerConnection(ServerConnection):
         self.on_message: Callable[[str | bytes], None] | None = None
         self.on_ping: Callable[[], None] | None = None
         self._fragments: list[Any] | None = None  # [opcode, data, ...] of a fragmented message
-        self._early: list[Any] | None = None  # data frames received before start()
+        self._held: bytearray | None = None  # bytes behind an upgrade request, until start()
+        self._held_eof = False  # the client half-closed before its answer was written
+        # Past an answered or refused request: what else comes is dropped. A
+        # flag, not a rebound data_received: uvloop keeps the method it saw
+        # when the transport was made.
+        self._discarding = False
         self._out: list[bytes] | None = None  # frames waiting for this loop pass's write
 
     def data_received(self, data: bytes) -> None:
         self.last_received = monotonic()
         if self._pending is None:
-            super().data_received(data)
+            held = self._held
+            if held is not None:  # after an upgrade request: frames wait for the 101 and start()
+                held += data
+            elif not self._discarding:
+                super().data_received(data)
             return
         pending = self._pending
         pending += data
@@ -130,7 +141,7 @@ class HTTPServerConnection(ServerConnection):
                 del pending[:2]
             end = pending.find(_HEAD_END)
             if end < 0 or end > MAX_HEAD_BYTES:
-                if b"\n\n" in pending:  # bare LF line endings: never a valid head
+                if _BARE_LF.search(pending):  # LF without CR: never a valid head
                     self._refuse(400, "bad_request", "malformed HTTP request (line endings)")
                 elif len(pending) > MAX_HEAD_BYTES:
                     self._refuse(431, "headers_too_large", "request head too large")
@@ -142,11 +153,12 @@ class HTTPServerConnection(ServerConnection):
         if len(pending) >= self._body_length:
             self.http_body = bytes(pending[: self._body_length])
             del pending[: self._body_length]
-            if self._upgrade:  # WebSocket frames may follow the handshake at once
-                self._hand_on(self._head + bytes(pending))
+            if self._upgrade:  # frames may follow at once: held until start()
+                self._held = bytearray(pending)
+                self._hand_on(self._head)
             else:  # one request per connection: what follows is dropped
                 self._hand_on(self._head)
-                self.data_received = self._discard  # type: ignore[method-assign]
+                self._discarding = True
 
     def _inspect_head(self, head: bytes) -> bool:
         """Validate the head (request line and header syntax of RFC 9112
@@ -200,7 +212,7 @@ class HTTPServerConnection(ServerConnection):
         # (the API key is still checked first); whatever follows is dropped.
         self.http_body_error = error
         self._hand_on(self._head)
-        self.data_received = self._discard  # type: ignore[method-assign]
+        self._discarding = True
         return False
 
     def _refuse(self, status: int, code: str, message: str) -> None:
@@ -214,18 +226,13 @@ class HTTPServerConnection(ServerConnection):
             % (status, HTTPStatus(status).phrase.encode(), len(body), body)
         )
         self._pending = None
-        self.data_received = self._discard  # type: ignore[method-assign]
+        self._discarding = True
         self.transport.close()
 
     def _hand_on(self, data: bytes) -> None:
         self._pending = None
         self._head = b""
         super().data_received(data)
-
-    def _discard(self, data: bytes) -> None:
-        self.last_received = monotonic()
-
-    # -- after the handshake: messages straight to the signaling layer --------
 
     def process_event(self, event: Any) -> None:
         """Hand each whole message to :attr:`on_message` as it is parsed,
@@ -238,12 +245,6 @@ class HTTPServerConnection(ServerConnection):
             super().process_event(event)  # the handshake request
             return
         opcode = event.opcode
-        if self.on_message is None:  # frames sent right behind the upgrade request
-            if opcode in _DATA:
-                self._early = [*(self._early or ()), event]
-            else:
-                super().process_event(event)
-            return
         if opcode is _TEXT or opcode is _BINARY:
             if event.fin:
                 self._deliver(opcode, event.data)
@@ -263,12 +264,27 @@ class HTTPServerConnection(ServerConnection):
 
     def start(self, on_message: Callable[[str | bytes], None], on_ping: Callable[[], None]) -> None:
         """Begin handing messages to ``on_message`` (and pings to
-        ``on_ping``), those that arrived before this call first."""
+        ``on_ping``). Bytes that came behind the upgrade request were held
+        until now, after the 101 (RFC 6455 §4.1): they are parsed first, then
+        a held end of stream."""
         self.on_message = on_message
         self.on_ping = on_ping
-        early, self._early = self._early, None
-        for event in early or ():
-            self.process_event(event)
+        held, self._held = self._held, None
+        if held:
+            self.data_received(bytes(held))
+        if self._held_eof:
+            self._held_eof = False
+            if not super().eof_received():
+                self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        """A client may half-close once its request is sent (RFC 9112 §9.6):
+        the answer must still go out. Until the handshake has an answer (and,
+        after a 101, until :meth:`start`), the end of stream waits."""
+        if self._pending is None and (self._held is not None or self.protocol.state is _CONNECTING):
+            self._held_eof = True
+            return True  # keep the transport open for writing
+        return super().eof_received()
 
     def _deliver(self, opcode: Any, data: bytes) -> None:
         if opcode is _BINARY:

@@ -76,7 +76,15 @@ class Database:
 class TCPProxy:
     """Forwards a local port to MySQL until :meth:`cut`: then every open
     connection is closed and new ones are closed at once, until
-    :meth:`restore`."""
+    :meth:`restore`.
+
+    :meth:`freeze` is the other kind of outage, a database that stops
+    answering without closing anything (a hung server, a partition that
+    drops packets): open connections stay open but no byte moves either
+    way, and new connections are accepted but get no answer (not even
+    MySQL's greeting). :meth:`restore` lets the bytes sent meanwhile through,
+    in order, and connects the waiting connections, as a network that heals
+    does."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -84,6 +92,8 @@ class TCPProxy:
         self.port = self.listener.getsockname()[1]
         self.connected = threading.Event()
         self._cut = threading.Event()
+        self._flowing = threading.Event()  # cleared by freeze()
+        self._flowing.set()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._closed = False
@@ -98,24 +108,43 @@ class TCPProxy:
             if self._cut.is_set():
                 client.close()
                 continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
+            if not self._flowing.is_set():  # frozen: accepted, never answered
+                with self._lock:
+                    self._sockets.add(client)
+                threading.Thread(target=self._connect_when_restored, args=(client,), daemon=True).start()
                 continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._sockets |= {client, upstream}
-            self.connected.set()
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+            self._connect(client)
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            self._drop(client)
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._sockets |= {client, upstream}
+        self.connected.set()
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _connect_when_restored(self, client: socket.socket) -> None:
+        self._flowing.wait()
+        with self._lock:
+            held = client in self._sockets  # not closed by cut() or close() meanwhile
+        if held and not self._closed and not self._cut.is_set():
+            self._connect(client)
+        else:
+            self._drop(client)
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while True:
+                self._flowing.wait()  # frozen: what is sent stays in the kernel's buffers
                 data = source.recv(65536)
                 if not data:
                     break
+                self._flowing.wait()  # frozen while receiving: held until restore()
                 sink.sendall(data)
         except OSError:
             pass
@@ -139,10 +168,18 @@ class TCPProxy:
         for sock in sockets:
             self._drop(sock)
 
+    def freeze(self) -> None:
+        """Blackhole: keep every connection open, forward nothing, accept
+        new connections without ever answering them, until :meth:`restore`."""
+        self._flowing.clear()
+
     def restore(self) -> None:
+        """End a :meth:`cut` or a :meth:`freeze`."""
         self._cut.clear()
+        self._flowing.set()
 
     def close(self) -> None:
         self._closed = True
         self.cut()
+        self._flowing.set()  # wake the frozen pumps: their sockets are closed, they exit
         self.listener.close()

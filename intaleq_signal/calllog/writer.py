@@ -110,6 +110,11 @@ class CallLogWriter:
                 self.dropped,
             )
 
+    def busy(self) -> bool:
+        """True while a writer thread is still running (after :meth:`close`:
+        one stuck in a database call past the deadline)."""
+        return any(thread.is_alive() for thread in self._threads)
+
     def close(self, timeout: float) -> int:
         """Write what is queued, waiting at most ``timeout`` seconds, then
         stop the threads. Returns the number of events left unwritten."""
