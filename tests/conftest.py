@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from mysql_support import MYSQL, Database, TCPProxy
+
 API_KEY = "test-api-key-0123456789abcdef-0123456789"
 
 
@@ -242,6 +244,22 @@ def server_factory(tmp_path: Any) -> Iterator[Any]:
         assert code == 0, f"server exited with {code}:\n{log}"
         assert "Traceback" not in log, log
         assert "connection handler failed" not in log, log
+
+
+@pytest.fixture
+def db() -> Iterator[Database]:
+    """A MySQL database with a random name, dropped afterwards."""
+    database = Database()
+    yield database
+    database.drop()
+
+
+@pytest.fixture
+def proxy() -> Iterator[TCPProxy]:
+    """A TCP proxy to MySQL the test can cut, freeze and restore."""
+    tcp = TCPProxy((MYSQL["host"], MYSQL["port"]))
+    yield tcp
+    tcp.close()
 
 
 @pytest.fixture

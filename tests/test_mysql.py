@@ -14,27 +14,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
 from conftest import closed_with, join, recv_json, send_json
 from intaleq_signal.calllog.mysql import DDL
-from mysql_support import MYSQL, Database, TCPProxy
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def db():
-    database = Database()
-    yield database
-    database.drop()
-
-
-@pytest.fixture
-def proxy():
-    tcp = TCPProxy((MYSQL["host"], MYSQL["port"]))
-    yield tcp
-    tcp.close()
 
 
 def utcnow() -> datetime.datetime:

@@ -58,7 +58,7 @@ import pytest
 from conftest import API_KEY, closed_with, join, recv_json, send_json
 from intaleq_signal.calllog.mysql import IO_TIMEOUT
 from intaleq_signal.server import CLOSE_TIMEOUT, FLUSH_TIMEOUT, OPEN_TIMEOUT
-from mysql_support import MYSQL, Database, TCPProxy, mysql_available
+from mysql_support import mysql_available
 
 #: Unsent output past which the daemon drops a peer as not reading
 #: (``intaleq_signal.wire.MAX_UNREAD_BYTES``).
@@ -458,20 +458,6 @@ def test_closing_a_peer_that_stopped_reading_is_bounded(server_factory) -> None:
 
 
 # -- the database ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def db():
-    database = Database()
-    yield database
-    database.drop()
-
-
-@pytest.fixture
-def proxy():
-    tcp = TCPProxy((MYSQL["host"], MYSQL["port"]))
-    yield tcp
-    tcp.close()
 
 
 async def connected_call(server: Any, session: dict[str, Any]) -> tuple[Any, Any]:
