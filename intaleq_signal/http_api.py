@@ -132,11 +132,13 @@ class HTTPAPI:
             if status == 400:  # RFC 9112 §6.3: an invalid Content-Length is 400 anywhere
                 return respond(*connection.http_body_error)
         if path == "/ws":
+            if method != "GET":
+                return respond(405, "method_not_allowed", "use GET with a WebSocket upgrade", allow="GET")
             if connection.http_body_error is not None:
                 return respond(*connection.http_body_error)
             if connection.http_body:
                 return respond(400, "bad_request", "a WebSocket upgrade request has no body")
-            return self._upgrade(connection, request, method, ip)
+            return self._upgrade(connection, request, ip)
         if path == "/sessions":
             if method != "POST":
                 return respond(405, "method_not_allowed", "use POST", allow="POST")
@@ -187,9 +189,7 @@ class HTTPAPI:
                 refused.headers[name] = response.headers[name]
         return refused
 
-    def _upgrade(self, connection: Any, request: Any, method: str, ip: str) -> Response | None:
-        if method != "GET":
-            return respond(405, "method_not_allowed", "use GET with a WebSocket upgrade", allow="GET")
+    def _upgrade(self, connection: Any, request: Any, ip: str) -> Response | None:
         if "websocket" not in ",".join(request.headers.get_all("Upgrade")).lower():
             return respond(
                 426, "upgrade_required", "/ws takes a WebSocket upgrade", extra={"Upgrade": "websocket"}

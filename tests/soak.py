@@ -495,8 +495,8 @@ class Call:
         """The driver closes its socket and never comes back."""
         d, p = await self.connected()
         await self.negotiate(d, p)
+        left = time.monotonic()  # before: the daemon's grace starts when it sees the close
         await d.close()
-        left = time.monotonic()
         await self.expect(p, _left("driver"))
         await self.closes(p, 1000, _ended("disconnect_driver"), timeout=RECONNECT_GRACE + STEP_TIMEOUT)
         self._check_grace(time.monotonic() - left)
@@ -507,8 +507,8 @@ class Call:
         """The passenger's network goes (abort, no closing handshake) for good."""
         d, p = await self.connected()
         await self.negotiate(d, p)
-        p.transport.abort()
         left = time.monotonic()
+        p.transport.abort()
         await self.expect(d, _left("passenger"))
         await self.closes(d, 1000, _ended("disconnect_passenger"), timeout=RECONNECT_GRACE + STEP_TIMEOUT)
         self._check_grace(time.monotonic() - left)
