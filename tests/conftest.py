@@ -180,6 +180,19 @@ class ServerProcess:
             conn.close()
 
 
+def wait_until(predicate: Any, timeout: float = 15.0, step: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something true (returned), or
+    fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        time.sleep(step)
+
+
 async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 

@@ -1523,6 +1523,7 @@ ORIGIN = re.compile(rb"/[\x21-\x7e]*")
 METHOD = re.compile(rb"[A-Z]{1,20}")
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+BARE_LF = re.compile(rb"(?<!\r)\n")
 ROUTE_HEADERS = [
     (b"Host", b"127.0.0.1"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
     (b"Connection", b"close"), (b"Sec-WebSocket-Version", b"13"), (b"Sec-WebSocket-Version", b"8"),
@@ -1596,8 +1597,8 @@ class Request:
         fields = self.all_headers()
         line, *lines = self.head_lines()
         if len(b"\r\n".join([line, *lines])) > 16 * 1024:
-            # wire.py takes a bare-LF pair anywhere in what it has read for a bad line ending
-            return {431, 400} if b"\n\n" in self.wire_body() + self.trailer else {431}
+            # wire.py looks for a bare LF (a bad line ending) in all it has read first
+            return {431, 400} if BARE_LF.search(self.wire_body() + self.trailer) else {431}
         if len(line) > 8192:
             return {414}
         if len(lines) >= 128 or any(len(x) > 8192 for x in lines):

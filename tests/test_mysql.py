@@ -14,7 +14,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import closed_with, join, recv_json, send_json
+from conftest import closed_with, join, recv_json, send_json, wait_until
 from intaleq_signal.calllog.mysql import DDL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,17 +27,6 @@ def utcnow() -> datetime.datetime:
 def health(server) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5) as response:
         return json.loads(response.read())
-
-
-def wait_until(predicate, timeout: float = 15.0, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(step)
 
 
 async def connected_call(server, session):

@@ -55,7 +55,7 @@ from typing import Any
 
 import pytest
 
-from conftest import API_KEY, closed_with, join, recv_json, send_json
+from conftest import API_KEY, closed_with, join, recv_json, send_json, wait_until
 from intaleq_signal.calllog.mysql import IO_TIMEOUT
 from intaleq_signal.server import CLOSE_TIMEOUT, FLUSH_TIMEOUT, OPEN_TIMEOUT
 from mysql_support import mysql_available
@@ -87,17 +87,6 @@ def metric(server: Any, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
-
-
-def wait_until(predicate: Any, timeout: float = 15.0, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout}s")
-        time.sleep(step)
 
 
 def utcnow() -> datetime.datetime:
