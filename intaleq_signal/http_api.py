@@ -3,7 +3,10 @@ hook before any upgrade (SPEC §3, and §4's per-IP connection limit).
 
 ``process_request(connection, request)`` returns a ``Response`` to answer
 plain HTTP, or ``None`` to let a ``/ws`` upgrade proceed. The request method
-and body come from :class:`~intaleq_signal.wire.HTTPServerConnection`.
+and body come from the connection: the HTTP front
+(:class:`~intaleq_signal.front.HTTPFront`, which calls both hooks itself for
+requests that are not upgrades) or, for upgrades, the
+:class:`~intaleq_signal.wire.HTTPServerConnection` it handed them to.
 """
 
 from __future__ import annotations
@@ -12,18 +15,17 @@ import hmac
 import json
 import logging
 import time
-from http import HTTPStatus
 from typing import Any
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 from .config import Config
+from .front import error_response, http_response
 from .metrics import Metrics
 from .ratelimit import SlidingWindow, client_ip, peer_address
 from .sessions import Capacity, RideConflict
 from .signaling import Signaling
-from .wire import error_body
 
 __all__ = ["HTTPAPI", "validate_session_body"]
 
@@ -59,9 +61,7 @@ def validate_session_body(body: bytes) -> tuple[str, str, str]:
         and passenger different.
     """
     try:
-        data = json.loads(
-            body.decode("utf-8"), parse_constant=_no_constant, parse_int=_number, parse_float=_number
-        )
+        data = _BODY_DECODER.decode(body.decode("utf-8"))
     except (ValueError, RecursionError):
         raise BadRequest(400, "invalid_json", "request body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -102,6 +102,9 @@ def _number(text: str) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(name)
+
+
+_BODY_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_number, parse_float=_number)
 
 
 class HTTPAPI:
@@ -266,7 +269,7 @@ def respond(
     status: int, code: str, message: str, *, allow: str | None = None, extra: dict[str, str] | None = None
 ) -> Response:
     """An error answer with the SPEC §3 body ``{"error", "message"}``."""
-    response = _response(status, "application/json", error_body(code, message))
+    response = error_response(status, code, message)
     if allow is not None:
         response.headers["Allow"] = allow
     for name, value in (extra or {}).items():
@@ -279,9 +282,7 @@ def _json(status: int, document: dict[str, Any], *, head: bool = False) -> Respo
 
 
 def _response(status: int, content_type: str, body: bytes, *, head: bool = False) -> Response:
-    headers = Headers()
-    headers["Content-Type"] = content_type
-    headers["Content-Length"] = str(len(body))
-    headers["Connection"] = "close"
-    headers["Cache-Control"] = "no-store"
-    return Response(status, HTTPStatus(status).phrase, headers, b"" if head else body)
+    response = http_response(status, content_type, body)
+    if head:  # RFC 9110 §9.3.2: Content-Length still tells the size
+        response.body = b""
+    return response

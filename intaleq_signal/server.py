@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from websockets.asyncio.server import serve
@@ -16,13 +17,13 @@ from websockets.asyncio.server import serve
 from .calllog import CallLogWriter, PreviousRunClosed
 from .calllog.sqlite import SQLiteStore
 from .config import Config
+from .front import FrontFactory
 from .http_api import HTTPAPI
 from .metrics import Metrics
 from .signaling import CLOSE_TIMEOUT, Signaling
 from .systemd import Notifier
-from .wire import HTTPServerConnection
 
-__all__ = ["ListenError", "run", "Server"]
+__all__ = ["ListenError", "run", "run_event_loop", "Server"]
 
 log = logging.getLogger("intaleq_signal")
 
@@ -105,7 +106,9 @@ class Server:
                 config.port,
                 process_request=self.api.process_request,
                 process_response=self.api.process_response,
-                create_connection=HTTPServerConnection,
+                create_connection=FrontFactory(
+                    self.api.process_request, self.api.process_response, OPEN_TIMEOUT
+                ),
                 compression=None,
                 max_size=config.max_message_bytes,
                 ping_interval=None,  # our own heartbeat sweep (SPEC §4 rule 8)
@@ -213,19 +216,24 @@ def _address(sockname: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run(config: Config) -> None:
-    """Run a server in a fresh event loop until it is stopped by a signal:
-    uvloop's when it is installed (``pip install .[fast]``), else asyncio's.
-    ``INTALEQ_EVENT_LOOP=asyncio`` forces the standard loop."""
-    server = Server(config)
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` in a fresh event loop: uvloop's when it is installed
+    (``pip install .[fast]``), else asyncio's. ``INTALEQ_EVENT_LOOP=asyncio``
+    forces the standard loop."""
     try:
         if os.environ.get("INTALEQ_EVENT_LOOP") == "asyncio":
             raise ImportError("the standard loop was asked for")
         import uvloop
     except ImportError:
-        asyncio.run(server.run())
+        asyncio.run(main)
     else:
-        uvloop.run(server.run())
+        uvloop.run(main)
+
+
+def run(config: Config) -> None:
+    """Run a server until it is stopped by a signal (:func:`run_event_loop`)."""
+    server = Server(config)
+    run_event_loop(server.run())
     if server.calllog.busy():
         # A writer thread still inside a database call (past the flush
         # deadline, its events already counted as unwritten) must not meet

@@ -49,13 +49,6 @@ _DISCONNECT_REASON = {"driver": EndReason.DISCONNECT_DRIVER, "passenger": EndRea
 CLOSE_TIMEOUT = 2.0
 
 
-async def _close_within(ws: Any, code: int, reason: str) -> None:
-    try:
-        await asyncio.wait_for(ws.close(code, reason), CLOSE_TIMEOUT)
-    except TimeoutError:
-        ws.transport.abort()
-
-
 class Client:
     """Our state for one WebSocket connection (the websockets connection
     object holds the rest). ``__slots__`` keeps it to a few hundred bytes."""
@@ -104,7 +97,6 @@ class Signaling:
         self.clients: set[Client] = set()
         self.accepting = True
         self.loop = asyncio.get_running_loop()
-        self._closing: set[asyncio.Task[None]] = set()
 
     # -- sessions (HTTP side) ----------------------------------------------
 
@@ -369,11 +361,10 @@ class Signaling:
         self._close(client, CLOSE_POLICY, "rate limited")
 
     def _close(self, client: Client, code: int, reason: str) -> None:
-        """Start the closing handshake without blocking the caller. The
-        caller has already moved the connection's lifecycle out of the way."""
-        task = self.loop.create_task(_close_within(client.ws, code, reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        """Start the closing handshake without blocking the caller (bounded
+        by :data:`CLOSE_TIMEOUT`). The caller has already moved the
+        connection's lifecycle out of the way."""
+        client.ws.close_soon(code, reason, CLOSE_TIMEOUT)
 
     # -- heartbeat ----------------------------------------------------------
 
@@ -422,6 +413,7 @@ class Signaling:
                 self._close(client, CLOSE_GOING_AWAY, "server stopping")
 
     async def drain(self, timeout: float) -> None:
-        """Wait (bounded) for the closing handshakes started so far."""
-        if self._closing:
-            await asyncio.wait(set(self._closing), timeout=timeout)
+        """Wait (bounded, seconds) for the connections to close."""
+        closing = [client.ws.wait_closed() for client in self.clients]
+        if closing:
+            await asyncio.wait(closing, timeout=timeout)

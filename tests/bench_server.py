@@ -20,7 +20,7 @@ import statistics
 from intaleq_signal.calllog.sqlite import SQLiteStore
 from intaleq_signal.config import config_from_environment
 from intaleq_signal.logs import setup_logging
-from intaleq_signal.server import Server, make_store
+from intaleq_signal.server import Server, make_store, run_event_loop
 
 
 class NullStore:
@@ -35,6 +35,9 @@ class NullStore:
         pass
 
     def apply(self, conn: object, event: object) -> None:
+        pass
+
+    def apply_batch(self, conn: object, events: list[object]) -> None:
         pass
 
     def close(self, conn: object) -> None:
@@ -98,4 +101,4 @@ async def main(store_name: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", choices=("none", "sqlite", "mysql"), required=True)
-    asyncio.run(main(parser.parse_args().store))
+    run_event_loop(main(parser.parse_args().store))

@@ -14,7 +14,7 @@ import pytest
 from intaleq_signal.calllog import CallActive, CallEnded, CallInitiated, CallLogWriter, SessionCreated
 from intaleq_signal.calllog.sql import utc_text
 from intaleq_signal.calllog.sqlite import SQLiteStore
-from intaleq_signal.calllog.writer import BACKOFF_FATAL, BACKOFF_FIRST, BACKOFF_MAX
+from intaleq_signal.calllog.writer import BACKOFF_FATAL, BACKOFF_FIRST, BACKOFF_MAX, MAX_BATCH
 
 
 def no_sleep(seconds: float) -> None:
@@ -43,6 +43,7 @@ class FakeStore:
         self.fatal = fatal
         self.apply_delay = apply_delay
         self.applied: list[Any] = []
+        self.batches: list[int] = []  # sizes of apply_batch calls
         self.attempts = 0
         self.connect_attempts = 0
         self.connections = 0
@@ -52,6 +53,7 @@ class FakeStore:
         self.states_at_apply: list[str] = []
         self.writer: CallLogWriter | None = None
         self.gate: threading.Event | None = None  # when set up, apply blocks until it is set
+        self.at_gate = threading.Event()  # an apply is waiting at the gate
 
     def connect(self) -> object:
         with self.lock:
@@ -66,7 +68,20 @@ class FakeStore:
             self.prepared += 1
 
     def apply(self, conn: object, event: Any) -> None:
+        self._apply(event, self.applied)
+
+    def apply_batch(self, conn: object, events: list[Any]) -> None:
+        """All or none, like a transaction."""
+        self.batches.append(len(events))
+        staged: list[Any] = []
+        for event in events:
+            self._apply(event, staged)
+        with self.lock:
+            self.applied.extend(staged)
+
+    def _apply(self, event: Any, into: list[Any]) -> None:
         if self.gate is not None:
+            self.at_gate.set()
             self.gate.wait()
         if self.apply_delay:
             time.sleep(self.apply_delay)
@@ -81,7 +96,7 @@ class FakeStore:
                 or (self.fail_every and self.attempts % self.fail_every == 0)
             ):
                 raise ConnectionResetError("server has gone away")
-            self.applied.append(event)
+            into.append(event)
 
     def close(self, conn: object) -> None:
         with self.lock:
@@ -147,12 +162,48 @@ def test_failed_writes_are_retried_in_order():
     wait_for(lambda: len(store.applied) == 4)
     assert writer.close(5.0) == 0
     assert store.applied == events
+    # the four queued events were tried as one batch (failure 1), then one
+    # at a time: the first failed twice more, with backoff
+    assert store.batches == [4]
     assert writer.failures == 3
     assert writer.writes == 4
-    assert delays == [BACKOFF_FIRST, BACKOFF_FIRST * 2, BACKOFF_FIRST * 4]
-    # each failure drops the connection and the retry uses a fresh one
-    assert store.connections == 4
-    assert store.prepared == 4
+    assert delays == [BACKOFF_FIRST, BACKOFF_FIRST * 2]
+    # each failure of a single write drops the connection; the retry uses a fresh one
+    assert store.connections == 3
+    assert store.prepared == 3
+
+
+def test_events_queued_behind_a_write_go_in_one_batch():
+    """Events that pile up while a write is in progress land in one
+    transaction, in order (one commit instead of one per event)."""
+    store = FakeStore()
+    store.gate = threading.Event()
+    writer = make_writer(store)
+    writer.start()
+    writer.record(SessionCreated("s0", "r", "d", "p", 0.0))  # held at the gate
+    assert store.at_gate.wait(5)
+    assert writer.pending == 1
+    events = [event for n in range(1, 4) for event in lifecycle_events(f"s{n}")]
+    for event in events:
+        writer.record(event)
+    assert writer.pending == 1 + len(events)
+    store.gate.set()
+    assert writer.close(5.0) == 0
+    assert store.applied[1:] == events
+    assert store.batches == [len(events)]
+    assert writer.writes == 1 + len(events)
+    assert writer.pending == 0
+
+
+def test_batches_are_bounded():
+    store = FakeStore()
+    writer = make_writer(store)
+    for n in range(MAX_BATCH + 10):
+        writer.record(CallEnded(f"s{n}", "expired", 60.0))
+    writer.start()
+    assert writer.close(5.0) == 0
+    assert store.batches == [MAX_BATCH, 10]
+    assert len(store.applied) == MAX_BATCH + 10
 
 
 def test_state_unavailable_then_back():
@@ -163,7 +214,8 @@ def test_state_unavailable_then_back():
     writer.record(CallEnded("s1", "expired", 60.0))
     writer.start()
     assert writer.close(5.0) == 0
-    assert store.states_at_apply == ["ok", "unavailable", "unavailable", "ok"]
+    # a failed batch (first entry) is retried one event at a time
+    assert store.states_at_apply == ["ok", "ok", "unavailable", "ok"]
     assert writer.state == "ok"
 
 
@@ -356,6 +408,20 @@ def only_row(store: SQLiteStore) -> dict[str, Any]:
     return row
 
 
+def test_sqlite_batch_is_all_or_nothing(sqlite_store):
+    """A batch is one transaction: an event that fails rolls back those
+    before it, and the connection is usable afterwards."""
+    store, conn = sqlite_store
+    good = SessionCreated("s1", "ride-1", "drv", "pas", T)
+    bad = SessionCreated("s2", "ride-\ud800", "drv", "pas", T)  # a lone surrogate: not storable
+    with pytest.raises(UnicodeEncodeError):
+        store.apply_batch(conn, [good, bad])
+    assert rows(store) == []
+    assert not conn.in_transaction
+    store.apply_batch(conn, [good, CallActive("s1", T + 5)])
+    assert only_row(store)["status"] == "active"
+
+
 def test_sqlite_schema_columns(sqlite_store):
     """SPEC §5: the call_logs columns of the seed schema."""
     store, conn = sqlite_store
@@ -510,10 +576,10 @@ def test_event_refused_as_data_error_is_skipped_not_retried():
     """SPEC §5: one event the database refuses for its data does not block the session queue behind it."""
 
     class RefusingStore(FakeStore):
-        def apply(self, conn: object, event: Any) -> None:
+        def _apply(self, event: Any, into: list[Any]) -> None:
             if isinstance(event, CallInitiated):
                 raise ValueError("unencodable user id")
-            super().apply(conn, event)
+            super()._apply(event, into)
 
     store = RefusingStore()
     writer = CallLogWriter(store, threads=1, sleep=lambda s: None)

@@ -15,13 +15,15 @@ from conftest import ServerProcess, join
 
 HERE = Path(__file__).resolve().parent
 CONNECTIONS = 300  # 150 calls
-#: Our own state per connection (Client, lifecycle, token bucket, callbacks,
-#: the session's share): the issue asks for well under 8 KiB.
-OWN_BUDGET = 1024
+#: Allocated by our own code per connection (Client, lifecycle, token bucket,
+#: callbacks, the session's share, and the websockets connection object that
+#: the HTTP front creates, ~390 B): measured ~940 B.
+OWN_BUDGET = 1152
 #: Everything the process holds per connection, websockets and asyncio
-#: included, as tracemalloc counts it (measured ~8.7 KiB; the RSS figure of the
-#: benchmark adds the allocator's overhead on top).
-TOTAL_BUDGET = 10 * 1024
+#: included, as tracemalloc counts it (measured ~5.9 KiB; was 8.7 KiB before
+#: the library's receive queue, logger adapter and shielded close waiter were
+#: dropped; the RSS figure of the benchmark adds the allocator's overhead).
+TOTAL_BUDGET = 7 * 1024
 
 
 class FootprintServer(ServerProcess):
@@ -46,7 +48,7 @@ class FootprintServer(ServerProcess):
 
 
 def test_memory_per_idle_authenticated_connection(tmp_path) -> None:
-    """Issue 6: per idle authenticated connection, our state < 1 KiB and all of it < 10 KiB."""
+    """Issue 6: per idle authenticated connection, our allocations < 1.125 KiB and all of it < 7 KiB."""
     server = FootprintServer({"LOG_LEVEL": "info", "SESSION_DURATION": "10m"}, tmp_path)
     try:
         sessions = [server.new_session(ride_id=f"ride-fp-{i}") for i in range(CONNECTIONS // 2)]

@@ -899,7 +899,7 @@ def test_while_stopping_sessions_and_health_are_503(server) -> None:
         assert read_until(lingering, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        server.wait_for_log("stopping")
+        server.wait_for_log("stopping: ending live calls")
         assert_error(post_raw_body(server, session_body(ride())), 503)
         status, headers, body = server.request("GET", "/health")
         assert status == 503, body

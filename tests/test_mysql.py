@@ -331,3 +331,32 @@ def test_sigkill_then_restart_closes_open_rows_as_server_restart(server_factory,
     assert second.stop() == 0
     row = next(r for r in db.rows() if r["session_id"] == fresh["session_id"])
     assert (row["status"], row["end_reason"]) == ("ended", "user_terminated")
+
+
+def test_batch_is_one_transaction(db) -> None:
+    """The writer's batches (calllog/writer.py) are all or nothing on MySQL
+    too: a refused event rolls back those before it in the batch, and the
+    connection stays usable."""
+    from intaleq_signal.calllog import CallActive, SessionCreated
+    from intaleq_signal.calllog.mysql import MySQLStore
+    from intaleq_signal.config import Config
+
+    store = MySQLStore(Config.from_env({"API_KEY": "k" * 32, **db.server_env()}))
+    conn = store.connect()
+    try:
+        store.prepare(conn)
+        now = time.time()
+        good = SessionCreated("s1", "ride-1", "drv", "pas", now)
+        unstorable = SessionCreated("s2", "ride-\ud800", "drv", "pas", now)  # a lone surrogate
+        try:
+            store.apply_batch(conn, [good, unstorable])
+        except Exception as exc:  # noqa: BLE001 - the driver's own error type
+            assert store.is_permanent(exc), exc
+        else:
+            raise AssertionError("the unstorable ride_id was accepted")
+        conn.commit()  # would make the first event visible had it not been rolled back
+        assert db.rows() == []
+        store.apply_batch(conn, [good, CallActive("s1", now + 5)])
+        assert [row["status"] for row in db.rows()] == ["active"]
+    finally:
+        store.close(conn)

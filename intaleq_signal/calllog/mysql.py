@@ -68,6 +68,20 @@ class MySQLStore:
         with conn.cursor() as cursor:
             cursor.execute(*MYSQL.statement(event))
 
+    def apply_batch(self, conn: pymysql.connections.Connection, events: list[CallEvent]) -> None:
+        conn.begin()
+        try:
+            with conn.cursor() as cursor:
+                for event in events:
+                    cursor.execute(*MYSQL.statement(event))
+            conn.commit()
+        except BaseException:
+            try:
+                conn.rollback()
+            except Exception:  # noqa: BLE001 - a broken connection: the writer reconnects
+                pass
+            raise
+
     def close(self, conn: pymysql.connections.Connection) -> None:
         try:
             conn.close()

@@ -69,6 +69,17 @@ class SQLiteStore:
     def apply(self, conn: sqlite3.Connection, event: CallEvent) -> None:
         conn.execute(*SQLITE.statement(event))
 
+    def apply_batch(self, conn: sqlite3.Connection, events: list[CallEvent]) -> None:
+        try:
+            conn.execute("BEGIN")
+            for event in events:
+                conn.execute(*SQLITE.statement(event))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     def close(self, conn: sqlite3.Connection) -> None:
         try:
             conn.close()

@@ -32,6 +32,10 @@ class Store(Protocol):
     def apply(self, conn: Any, event: CallEvent) -> None:
         """Write one event idempotently and commit."""
 
+    def apply_batch(self, conn: Any, events: list[CallEvent]) -> None:
+        """Write ``events`` in order in one transaction: all of them, or
+        (rolled back, then raised) none."""
+
     def close(self, conn: Any) -> None:
         """Close a connection, ignoring errors."""
 
