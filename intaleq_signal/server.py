@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -136,6 +137,10 @@ class Server:
                 type(loop).__module__.partition(".")[0],
             )
             self.sockets = server.sockets
+            # What start-up built lives as long as the process: out of the
+            # collector's sight, a full collection during calls has tens of
+            # thousands fewer objects to walk (a pause on every socket).
+            gc.freeze()
             self.notifier.ready(f"listening on {addresses}")
             await stop.wait()
             log.info("stopping: ending live calls")

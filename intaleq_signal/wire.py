@@ -229,9 +229,13 @@ class HTTPServerConnection(ServerConnection):
         answers). Does nothing unless the connection is open."""
         if self.protocol.state is not _OPEN:
             return
-        self._flush()
+        out, self._out = self._out, None
         self.protocol.send_close(code, reason)
-        self.send_data()
+        data = [*(out or ()), *self.protocol.data_to_send()]
+        transport = self.transport
+        transport.write(b"".join(data))  # queued frames and the close frame: one system call
+        if b"" in data:  # end of stream asked for (not after a server's own close frame)
+            transport.write_eof() if transport.can_write_eof() else transport.close()
         self._close_timer = self.loop.call_later(timeout, self._close_timed_out)
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
