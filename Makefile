@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-calllog install
+.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-memory bench-calllog install
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ test-compat: $(COMPAT_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache
+
+## bench-memory: CONNS (10000) idle sockets inside a memory cgroup of LIMIT (128M,
+## the unit's MemoryMax); needs root and a `make bench` run before (npm packages)
+bench-memory: $(VENV)/.installed
+	tests/bench_memory_limit.sh
 
 ## bench-calllog: session creation and loop lag with no store, SQLite and MySQL (issue 3)
 bench-calllog: $(VENV)/.installed

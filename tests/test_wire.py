@@ -1,6 +1,7 @@
-"""The byte-level edge (intaleq_signal/wire.py): HTTP heads and bodies before
-the handshake, messages and pings after it. Raw sockets against the real
-daemon; the cases a newcomer's adversarial session found (SPEC §3, §4)."""
+"""The byte-level edge: HTTP heads and bodies before the handshake
+(intaleq_signal/front.py), messages and pings after it
+(intaleq_signal/wire.py). Raw sockets against the real daemon; the cases a
+newcomer's adversarial session found (SPEC §3, §4)."""
 
 from __future__ import annotations
 
