@@ -98,10 +98,16 @@ install:
 	      "systemctl enable --now intaleq-signal"
 
 ## bench: the side-by-side benchmark against PeerJS (../shared/bench), with and
-## without uvloop; REPEAT=3 by default, QUICK=1 for a smoke run
+## without uvloop; REPEAT=3 by default, QUICK=1 for a smoke run. The servers
+## listen below the ephemeral port range (BASE_PORT), so that the load
+## generator's own sockets of one scenario cannot hold the next one's port.
+BENCH_BASE_PORT ?= 20100
 bench: $(VENV)/.installed
-	REPEAT=$${REPEAT:-3} TARGET_NAME=uvloop TARGET_CMD="$(CURDIR)/$(PY) -m intaleq_signal" \
-	    TARGET_DIR=$(CURDIR) ../shared/bench/run.sh
-	REPEAT=$${REPEAT:-3} TARGET_NAME=asyncio \
+	status=0; \
+	REPEAT=$${REPEAT:-3} BASE_PORT=$(BENCH_BASE_PORT) TARGET_NAME=uvloop \
+	    TARGET_CMD="$(CURDIR)/$(PY) -m intaleq_signal" TARGET_DIR=$(CURDIR) \
+	    ../shared/bench/run.sh || status=1; \
+	REPEAT=$${REPEAT:-3} BASE_PORT=$(BENCH_BASE_PORT) TARGET_NAME=asyncio \
 	    TARGET_CMD="env INTALEQ_EVENT_LOOP=asyncio $(CURDIR)/$(PY) -m intaleq_signal" \
-	    TARGET_DIR=$(CURDIR) ../shared/bench/run.sh
+	    TARGET_DIR=$(CURDIR) ../shared/bench/run.sh || status=1; \
+	exit $$status

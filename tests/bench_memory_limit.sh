@@ -13,7 +13,7 @@ set -euo pipefail
 
 CONNS=${CONNS:-10000}
 LIMIT=${LIMIT:-128M}
-PORT=${PORT:-48190}
+PORT=${PORT:-20190}  # below the ephemeral port range
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
 BENCH=${BENCH:-$ROOT/../shared/bench}

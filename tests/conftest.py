@@ -180,16 +180,17 @@ class ServerProcess:
             conn.close()
 
 
-def wait_until(predicate: Any, timeout: float = 15.0, step: float = 0.1) -> Any:
+def wait_until(predicate: Any, timeout: float = 15.0, step: float = 0.1, explain: Any = None) -> Any:
     """Poll ``predicate`` until it returns something true (returned), or
-    fail after ``timeout`` seconds."""
+    fail after ``timeout`` seconds, with ``explain()`` in the message."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout}s")
+            detail = f":\n{explain()}" if explain is not None else ""
+            raise AssertionError(f"condition not reached within {timeout}s{detail}")
         time.sleep(step)
 
 
