@@ -100,14 +100,15 @@ install:
 ## bench: the side-by-side benchmark against PeerJS (../shared/bench), with and
 ## without uvloop; REPEAT=3 by default, QUICK=1 for a smoke run. The servers
 ## listen below the ephemeral port range (BASE_PORT), so that the load
-## generator's own sockets of one scenario cannot hold the next one's port.
+## generator's own sockets of one scenario cannot hold the next one's port,
+## and each start gets a fresh call-log file (tests/bench_target.sh).
 BENCH_BASE_PORT ?= 20100
 bench: $(VENV)/.installed
 	status=0; \
 	REPEAT=$${REPEAT:-3} BASE_PORT=$(BENCH_BASE_PORT) TARGET_NAME=uvloop \
-	    TARGET_CMD="$(CURDIR)/$(PY) -m intaleq_signal" TARGET_DIR=$(CURDIR) \
+	    TARGET_CMD="$(CURDIR)/tests/bench_target.sh $(CURDIR)/$(PY) -m intaleq_signal" TARGET_DIR=$(CURDIR) \
 	    ../shared/bench/run.sh || status=1; \
 	REPEAT=$${REPEAT:-3} BASE_PORT=$(BENCH_BASE_PORT) TARGET_NAME=asyncio \
-	    TARGET_CMD="env INTALEQ_EVENT_LOOP=asyncio $(CURDIR)/$(PY) -m intaleq_signal" \
+	    TARGET_CMD="$(CURDIR)/tests/bench_target.sh env INTALEQ_EVENT_LOOP=asyncio $(CURDIR)/$(PY) -m intaleq_signal" \
 	    TARGET_DIR=$(CURDIR) ../shared/bench/run.sh || status=1; \
 	exit $$status
