@@ -29,6 +29,9 @@ MAX_UNREAD_BYTES = 256 * 1024
 _TEXT, _BINARY, _CONT, _PING = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING
 _OPEN, _CONNECTING = State.OPEN, State.CONNECTING
 _NO_HEADERS = Headers()  # shared, never written to
+#: While a connection handles a received chunk: the connections it queued
+#: frames on, flushed when it is done (the event loop is one thread).
+_flush_after: list[HTTPServerConnection] | None = None
 _LIBRARY_LOGGER = logging.getLogger("websockets.server")
 
 
@@ -110,12 +113,26 @@ class HTTPServerConnection(ServerConnection):
         self._held = bytearray(data)
 
     def data_received(self, data: bytes) -> None:
+        """Parse ``data``; the frames it makes any connection send (relayed
+        messages, answers) are written as soon as it is handled: one write
+        per connection for all of them, not one per frame, and no wait for
+        the rest of the loop pass."""
+        global _flush_after
         self.last_received = monotonic()
         held = self._held
         if held is not None:  # after the upgrade request: frames wait for the 101 and start()
             held += data
-        else:
+            return
+        if _flush_after is not None:  # already inside a chunk (not expected): theirs flushes
             super().data_received(data)
+            return
+        touched = _flush_after = []
+        try:
+            super().data_received(data)
+        finally:
+            _flush_after = None
+            for connection in touched:
+                connection._flush()
 
     def process_event(self, event: Any) -> None:
         """Hand each whole message to :attr:`on_message` as it is parsed,
@@ -186,10 +203,12 @@ class HTTPServerConnection(ServerConnection):
         frame objects; dropped unless the connection is open.
 
         Server frames are unmasked (RFC 6455 §5.1): a 2-, 4- or 10-byte
-        header and the UTF-8 payload. Frames queued during one pass of the
-        event loop go out in one ``transport.write`` (one system call for a
-        burst of relayed messages), in order, before anything the library
-        writes later (a close frame comes from a task, after this flush).
+        header and the UTF-8 payload. Frames queued while one received
+        chunk is handled (see :meth:`data_received`), or else during one
+        pass of the event loop, go out in one ``transport.write`` (one
+        system call for a burst of relayed messages), in order, before
+        anything the library writes later (:meth:`close_soon` writes them
+        first).
         A peer that lets :data:`MAX_UNREAD_BYTES` pile up unread is dropped
         like a lost network."""
         if self.protocol.state is not _OPEN:
@@ -203,11 +222,14 @@ class HTTPServerConnection(ServerConnection):
         else:
             frame = b"\x81\x7f" + size.to_bytes(8, "big") + data
         out = self._out
-        if out is None:
-            self._out = [frame]
-            self.loop.call_soon(self._flush)
-        else:
+        if out is not None:
             out.append(frame)
+            return
+        self._out = [frame]
+        if _flush_after is not None:  # while a received chunk is handled
+            _flush_after.append(self)
+        else:  # from a timer or a task
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         out, self._out = self._out, None
