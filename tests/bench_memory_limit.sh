@@ -36,13 +36,13 @@ if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then  # cgroup v2
   mkdir "$cg"
   echo "$bytes" >"$cg/memory.max"
   echo 0 >"$cg/memory.swap.max" 2>/dev/null || true
-  peak_file=$cg/memory.peak events_file=$cg/memory.events
+  peak_file=$cg/memory.peak events_file=$cg/memory.events stat_keys="anon file"
 else  # cgroup v1
   cg=/sys/fs/cgroup/memory/$name
   mkdir "$cg"
   echo "$bytes" >"$cg/memory.limit_in_bytes"
   echo "$bytes" >"$cg/memory.memsw.limit_in_bytes" 2>/dev/null || true
-  peak_file=$cg/memory.max_usage_in_bytes events_file=$cg/memory.failcnt
+  peak_file=$cg/memory.max_usage_in_bytes events_file=$cg/memory.failcnt stat_keys="total_rss total_cache"
 fi
 
 key=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -73,7 +73,10 @@ alive=yes
 kill -0 "$server" 2>/dev/null || alive=no
 echo
 echo "limit: $LIMIT ($bytes bytes) on $cg"
-echo "peak usage of the cgroup: $(numfmt --to=iec "$(cat "$peak_file")")"
+echo "peak usage of the cgroup: $(numfmt --to=iec "$(cat "$peak_file")") (process memory and page cache)"
+for key in $stat_keys; do  # now: the process's own memory, and reclaimable page cache (the call log file)
+  echo "  $key now: $(numfmt --to=iec "$(awk -v k="$key" '$1 == k {print $2}' "$cg/memory.stat")")"
+done
 echo "limit hits (v1 failcnt, v2 memory.events): $(tr '\n' ' ' <"$events_file")"
 echo "server still running: $alive"
 rm -f "${log%.log}.sqlite3"*
