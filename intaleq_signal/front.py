@@ -26,6 +26,7 @@ JSON answer here (SPEC §3). Tested on the oldest and newest websockets that
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import re
@@ -38,7 +39,15 @@ from websockets.http11 import Request, Response
 
 from .wire import HTTPServerConnection
 
-__all__ = ["FrontFactory", "HTTPFront", "error_response", "http_response", "MAX_BODY_BYTES", "MAX_HEAD_BYTES"]
+__all__ = [
+    "FrontFactory",
+    "FrontState",
+    "HTTPFront",
+    "error_response",
+    "http_response",
+    "MAX_BODY_BYTES",
+    "MAX_HEAD_BYTES",
+]
 
 log = logging.getLogger("intaleq_signal.http")
 
@@ -62,11 +71,18 @@ _DIGITS = re.compile(rb"[0-9]+")
 #: One string per common method, not one per request (kept by each connection).
 _METHODS = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
-# The front's states (one request per connection):
-_HEAD = 0  # reading the request head
-_BODY = 1  # reading a Content-Length body
-_ANSWERED = 2  # answer written and half-closed; input is dropped until the client closes
-_HANDED_ON = 3  # the WebSocket connection owns the transport
+
+class FrontState(enum.Enum):
+    """Where a connection's one request is; it only moves down this list,
+    skipping ``BODY`` when the head is refused."""
+
+    HEAD = "reading the request head"
+    BODY = "reading the Content-Length body"
+    ANSWERED = "answer written and half-closed; input dropped until the client closes"
+    HANDED_ON = "a WebSocket connection owns the transport"
+
+
+_HEAD, _BODY, _ANSWERED, _HANDED_ON = FrontState
 
 ProcessRequest = Callable[[Any, Request], "Response | None | Awaitable[Response | None]"]
 ProcessResponse = Callable[[Any, Request, Response], "Response | None | Awaitable[Response | None]"]
