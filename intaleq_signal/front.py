@@ -64,7 +64,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEAD_END = b"\r\n\r\n"
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 # RFC 9112 §3: method SP request-target SP HTTP-version (origin-form targets).
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (/[\x21-\x7e]*) HTTP/1\.[01]")
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,20}) (/[\x21-\x7e]*) HTTP/1\.([01])")
 # RFC 9110 §5: field-name is a token; field-value is VCHAR, obs-text, SP, HTAB.
 _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
 _DIGITS = re.compile(rb"[0-9]+")
@@ -239,7 +239,7 @@ class HTTPFront(asyncio.Protocol):
         kept = [b"GET " + request_line[2] + b" HTTP/1.1"]
         headers = self._headers
         lengths: set[bytes] = set()
-        coded = expect_continue = False
+        coded = expect_continue = websocket = False
         for match in matches:
             name, value = match[1], match[2]  # type: ignore[index]
             lower = name.lower()
@@ -250,9 +250,14 @@ class HTTPFront(asyncio.Protocol):
             elif lower == b"expect":
                 expect_continue = value.lower() == b"100-continue"
             else:
-                self._upgrade = self._upgrade or lower == b"upgrade"
+                if lower == b"upgrade":
+                    self._upgrade = True
+                    websocket = websocket or b"websocket" in value.lower()
                 kept.append(match[0])  # type: ignore[index]
                 headers.append((name, value))
+        if websocket and request_line[3] == b"0":  # the library is only told HTTP/1.1
+            self._refuse(400, "bad_request", "a WebSocket upgrade needs HTTP/1.1 (RFC 6455 §4.1)")
+            return False
         self._head = b"\r\n".join(kept) + _HEAD_END
         length = next(iter(lengths)) if len(lengths) == 1 else b""
         if coded:

@@ -364,7 +364,7 @@ class Signaling:
         """Start the closing handshake without blocking the caller (bounded
         by :data:`CLOSE_TIMEOUT`). The caller has already moved the
         connection's lifecycle out of the way."""
-        client.ws.close_soon(code, reason, CLOSE_TIMEOUT)
+        client.ws.close_soon(code, reason)
 
     # -- heartbeat ----------------------------------------------------------
 

@@ -27,7 +27,7 @@ __all__ = ["HTTPServerConnection", "MAX_UNREAD_BYTES"]
 MAX_UNREAD_BYTES = 256 * 1024
 
 _TEXT, _BINARY, _CONT, _PING = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING
-_OPEN, _CONNECTING = State.OPEN, State.CONNECTING
+_OPEN, _CONNECTING, _CLOSING, _CLOSED = State.OPEN, State.CONNECTING, State.CLOSING, State.CLOSED
 _NO_HEADERS = Headers()  # shared, never written to
 #: While a connection handles a received chunk: the connections it queued
 #: frames on, flushed when it is done (the event loop is one thread).
@@ -133,6 +133,9 @@ class HTTPServerConnection(ServerConnection):
             _flush_after = None
             for connection in touched:
                 connection._flush()
+        state = self.protocol.state
+        if state is _CLOSING or state is _CLOSED:
+            self._expect_tcp_close()
 
     def process_event(self, event: Any) -> None:
         """Hand each whole message to :attr:`on_message` as it is parsed,
@@ -242,13 +245,12 @@ class HTTPServerConnection(ServerConnection):
         if transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
             transport.abort()
 
-    def close_soon(self, code: int, reason: str, timeout: float) -> None:
+    def close_soon(self, code: int, reason: str) -> None:
         """Begin the closing handshake (RFC 6455 §7.1.2) without a task:
         the frames queued in this loop pass go out first, then the close
         frame; the library's receive path completes the handshake when the
-        peer answers, and the TCP connection is aborted if it is not closed
-        within ``timeout`` seconds (a peer that stopped reading or never
-        answers). Does nothing unless the connection is open."""
+        peer answers (see :meth:`_expect_tcp_close` for the bound). Does
+        nothing unless the connection is open."""
         if self.protocol.state is not _OPEN:
             return
         out, self._out = self._out, None
@@ -258,7 +260,18 @@ class HTTPServerConnection(ServerConnection):
         transport.write(b"".join(data))  # queued frames and the close frame: one system call
         if b"" in data:  # end of stream asked for (not after a server's own close frame)
             transport.write_eof() if transport.can_write_eof() else transport.close()
-        self._close_timer = self.loop.call_later(timeout, self._close_timed_out)
+        self._expect_tcp_close()
+
+    def _expect_tcp_close(self) -> None:
+        """Once a close frame went out — ours, or the answer to the
+        client's, or after a protocol error (1002, 1007, 1009) — the client
+        has ``close_timeout`` seconds (:data:`CLOSE_TIMEOUT` of the server)
+        to close its TCP connection, else it is aborted: a peer that stopped
+        reading, never answers, or keeps its socket open after its own close
+        frame must not hold a connection (and a call) forever."""
+        if self._close_timer is None and not self.connection_lost_waiter.done():
+            timeout = self.close_timeout if self.close_timeout is not None else 10.0
+            self._close_timer = self.loop.call_later(timeout, self._close_timed_out)
 
     async def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """The library's ``close()``, returning at once when the TCP

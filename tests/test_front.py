@@ -131,6 +131,7 @@ async def test_refused_framing_reaches_the_hooks_without_a_body() -> None:
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", 431),
         (b"GET / HTTP/1.1\n\n", 400),
+        (b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400),
     ],
 )
 @in_loop

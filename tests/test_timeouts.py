@@ -361,6 +361,41 @@ def test_unanswered_closing_handshakes_are_bounded(server) -> None:
     wait_until(lambda: health(server)["connections"] == 0, timeout=2)
 
 
+def test_client_keeping_its_socket_after_its_own_close_frame_is_dropped(server_factory) -> None:
+    """A client that sends a close frame, reads the server's answer and then
+    keeps its TCP connection open (a hostile client, or a phone that lost
+    its network right after) is dropped CLOSE_TIMEOUT later: it leaves the
+    call (the peer gets participant_left) and /health stops counting it —
+    for an authenticated participant and for a socket that never
+    authenticated. Found by a newcomer's adversarial session: both were held
+    until the client closed."""
+    server = server_factory(RECONNECT_GRACE="30s")
+    session = server.new_session(ride_id=ride())
+    close_frame = struct.pack("!H", 1000)
+
+    async def scenario() -> None:
+        driver, _ = await join(server, session, "driver-1")
+        passenger = await asyncio.to_thread(RawWebSocket, server.port)
+        await asyncio.to_thread(passenger.join, session, "passenger-1")
+        assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
+        anonymous = await asyncio.to_thread(RawWebSocket, server.port)
+        wait_until(lambda: health(server)["connections"] == 3, timeout=5)
+        started = time.monotonic()
+        for raw in (passenger, anonymous):
+            raw.sock.sendall(raw.frame_bytes(close_frame, opcode=0x8))
+        for raw in (passenger, anonymous):
+            assert (await asyncio.to_thread(raw.closing))[1] == 1000  # the server's answer
+        # the sockets stay open on the client side from here on
+        assert await recv_json(driver) == {"type": "participant_left", "role": "passenger"}
+        wait_until(lambda: health(server)["connections"] == 1, timeout=CLOSE_TIMEOUT + 2)
+        assert time.monotonic() - started <= CLOSE_TIMEOUT + 2
+        await driver.close()
+        for raw in (passenger, anonymous):
+            raw.close()
+
+    asyncio.run(scenario())
+
+
 def test_peer_that_stops_reading_is_dropped_not_buffered(server_factory) -> None:
     """Issue 7: relaying to a peer that stopped reading cannot pile up in the
     daemon: once more than 256 KiB is unsent beyond what the kernel holds,
