@@ -118,6 +118,8 @@ class HTTPFront(asyncio.Protocol):
     Attributes read by the hooks (as on
     :class:`~intaleq_signal.wire.HTTPServerConnection`):
         http_method: the request method as sent.
+        http_version: ``"1.1"``, or ``"1.0"`` (never handed on: a WebSocket
+            upgrade needs HTTP/1.1).
         http_body: the body bytes, ``b""`` when there was none.
         http_body_error: ``None``, or ``(status, code, message)`` when the
             body framing is refused: 411 without ``Content-Length`` on POST
@@ -137,6 +139,7 @@ class HTTPFront(asyncio.Protocol):
         "remote_address",
         "client_ip",
         "http_method",
+        "http_version",
         "http_body",
         "http_body_error",
         "_state",
@@ -158,6 +161,7 @@ class HTTPFront(asyncio.Protocol):
         self.remote_address: Any = None
         self.client_ip = "?"
         self.http_method = "GET"
+        self.http_version = "1.1"
         self.http_body = b""
         self.http_body_error: tuple[int, str, str] | None = None
         self._state = _HEAD
@@ -239,7 +243,7 @@ class HTTPFront(asyncio.Protocol):
         kept = [b"GET " + request_line[2] + b" HTTP/1.1"]
         headers = self._headers
         lengths: set[bytes] = set()
-        coded = expect_continue = websocket = False
+        coded = expect_continue = False
         for match in matches:
             name, value = match[1], match[2]  # type: ignore[index]
             lower = name.lower()
@@ -250,14 +254,12 @@ class HTTPFront(asyncio.Protocol):
             elif lower == b"expect":
                 expect_continue = value.lower() == b"100-continue"
             else:
-                if lower == b"upgrade":
-                    self._upgrade = True
-                    websocket = websocket or b"websocket" in value.lower()
+                self._upgrade = self._upgrade or lower == b"upgrade"
                 kept.append(match[0])  # type: ignore[index]
                 headers.append((name, value))
-        if websocket and request_line[3] == b"0":  # the library is only told HTTP/1.1
-            self._refuse(400, "bad_request", "a WebSocket upgrade needs HTTP/1.1 (RFC 6455 §4.1)")
-            return False
+        if request_line[3] == b"0":  # HTTP/1.0 has no upgrade (RFC 6455 §4.1): the hooks answer
+            self.http_version = "1.0"
+            self._upgrade = False
         self._head = b"\r\n".join(kept) + _HEAD_END
         length = next(iter(lengths)) if len(lengths) == 1 else b""
         if coded:

@@ -141,6 +141,8 @@ class HTTPAPI:
                 return respond(*connection.http_body_error)
             if connection.http_body:
                 return respond(400, "bad_request", "a WebSocket upgrade request has no body")
+            if connection.http_version != "1.1":  # RFC 6455 §4.1
+                return respond(400, "bad_request", "a WebSocket upgrade needs HTTP/1.1")
             return self._upgrade(connection, request, ip)
         if path == "/sessions":
             if method != "POST":

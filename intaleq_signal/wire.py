@@ -59,8 +59,9 @@ class HTTPServerConnection(ServerConnection):
     Attributes:
         http_method: the request method as sent (``process_request``
             refuses all but ``GET`` on ``/ws``).
-        http_body, http_body_error: always empty here (requests with a body
-            are answered by the front); read by ``process_request``.
+        http_version, http_body, http_body_error: always ``"1.1"``, empty,
+            ``None`` here (the front answers the other requests itself);
+            read by ``process_request``.
         client_ip: the client address as ``process_request`` resolved it
             (SPEC §4, ``TRUSTED_PROXIES``).
         last_received: ``time.monotonic()`` of the latest bytes received (not
@@ -84,6 +85,7 @@ class HTTPServerConnection(ServerConnection):
         "_close_timer",
     )
 
+    http_version = "1.1"  # the front hands on HTTP/1.1 requests only
     http_body = b""
     http_body_error = None
 

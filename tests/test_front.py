@@ -131,7 +131,6 @@ async def test_refused_framing_reaches_the_hooks_without_a_body() -> None:
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", 431),
         (b"GET / HTTP/1.1\n\n", 400),
-        (b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400),
     ],
 )
 @in_loop
@@ -142,6 +141,18 @@ async def test_malformed_heads_are_answered_without_the_hooks(head: bytes, statu
     assert hooks.seen == []
     assert status_and_body(transport.written)[0] == status
     assert transport.eof
+
+
+@in_loop
+async def test_http_1_0_is_never_handed_on_as_an_upgrade() -> None:
+    """RFC 6455 §4.1: an opening handshake is HTTP/1.1; an HTTP/1.0 request
+    with ``Upgrade: websocket`` is answered by the hooks (process_request
+    refuses it on /ws), with the version on the connection."""
+    hooks = Hooks()
+    front, transport = front_for(hooks)
+    front.data_received(b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert hooks.seen == [("GET", "/ws", b"", None)] and front.http_version == "1.0"
+    assert status_and_body(transport.written)[0] == 418  # the hooks' answer, not a hand-off
 
 
 @in_loop

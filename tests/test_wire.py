@@ -154,6 +154,16 @@ def test_bad_websocket_handshakes_get_json_answers(server, headers, status) -> N
     assert_error(answer, status)
 
 
+def test_websocket_upgrade_over_http_1_0_is_400(server) -> None:
+    """RFC 6455 §4.1: the opening handshake is HTTP/1.1 (found by a
+    newcomer's session: an HTTP/1.0 upgrade got 101); other paths still
+    answer HTTP/1.0 requests that carry an Upgrade header."""
+    head = upgrade_head().replace(b"GET /ws HTTP/1.1", b"GET /ws HTTP/1.0")
+    assert_error(raw_answer(server, head), 400, "bad_request")
+    status, _, _ = raw_answer(server, b"GET /health HTTP/1.0\r\nUpgrade: websocket\r\n\r\n")
+    assert status == 200
+
+
 def test_content_length_edge_forms(server) -> None:
     """SPEC §3: leading zeros are a valid Content-Length; identity coding is refused with 411."""
     body = session_body("ride-zeros")
