@@ -137,9 +137,9 @@ class Server:
                 type(loop).__module__.partition(".")[0],
             )
             self.sockets = server.sockets
-            # What start-up built lives as long as the process: out of the
-            # collector's sight, a full collection during calls has tens of
-            # thousands fewer objects to walk (a pause on every socket).
+            # What start-up built lives as long as the process: kept out of
+            # the collector's sight, a full collection during calls has tens
+            # of thousands fewer objects to walk (its pause delays every socket).
             gc.freeze()
             self.notifier.ready(f"listening on {addresses}")
             await stop.wait()
