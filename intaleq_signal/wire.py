@@ -27,7 +27,7 @@ __all__ = ["HTTPServerConnection", "MAX_UNREAD_BYTES"]
 MAX_UNREAD_BYTES = 256 * 1024
 
 _TEXT, _BINARY, _CONT, _PING = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING
-_OPEN, _CONNECTING, _CLOSING, _CLOSED = State.OPEN, State.CONNECTING, State.CLOSING, State.CLOSED
+_OPEN, _CONNECTING = State.OPEN, State.CONNECTING
 _NO_HEADERS = Headers()  # shared, never written to
 #: While a connection handles a received chunk: the connections it queued
 #: frames on, flushed when it is done (the event loop is one thread).
@@ -135,8 +135,7 @@ class HTTPServerConnection(ServerConnection):
             _flush_after = None
             for connection in touched:
                 connection._flush()
-        state = self.protocol.state
-        if state is _CLOSING or state is _CLOSED:
+        if self.protocol.close_expected():  # the library's cue to bound the wait for the TCP close
             self._expect_tcp_close()
 
     def process_event(self, event: Any) -> None:
