@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .calllog.writer import StartError
 from .config import EX_CONFIG, ConfigError, config_from_environment
 from .logs import setup_logging
 from .server import ListenError, run
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         run(config)
     except ConfigError as exc:
         print(f"intaleq-signal: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except StartError as exc:  # restarting cannot help: a limit to raise
+        print(f"intaleq-signal: {exc}", file=sys.stderr)
         return EX_CONFIG
     except ListenError as exc:  # the address is taken, or not ours to bind
         print(f"intaleq-signal: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Mapping
 
 __all__ = [
@@ -148,6 +149,10 @@ class Config:
     db_pool_size: int = 4
     #: Where the development call log lives when no MySQL is configured.
     sqlite_path: str = "intaleq-signal.sqlite3"
+    #: This instance's name in the call log (``node_id`` of its rows).
+    node_id: str = "localhost:47880"
+    #: The local journal of call-log events not yet in the database.
+    journal_path: str = "intaleq-signal.journal"
 
     @property
     def uses_mysql(self) -> bool:
@@ -208,6 +213,8 @@ class Config:
             db_password=env.get("DB_PASSWORD") or None,
             db_pool_size=reader.integer("DB_POOL_SIZE", "4", 1, 64),
             sqlite_path=reader.get("SQLITE_PATH", "intaleq-signal.sqlite3"),
+            node_id=_parse_node_id(reader.get("NODE_ID", f"{socket.gethostname()}:{port}")),
+            journal_path=reader.get("JOURNAL_PATH", "intaleq-signal.journal"),
         )
 
 
@@ -242,6 +249,14 @@ class _Reader:
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} must be one of: {', '.join(allowed)}")
         return value
+
+
+def _parse_node_id(text: str) -> str:
+    """``NODE_ID``: 1–255 printable characters (it is stored in the call
+    log's ``node_id`` column, ``VARCHAR(255)``)."""
+    if len(text) > 255 or not text.isprintable():
+        raise ConfigError(f"NODE_ID={text[:60]!r} must be 1 to 255 printable characters")
+    return text
 
 
 def _parse_proxies(text: str) -> frozenset[str]:

@@ -16,8 +16,9 @@ from typing import Any
 from websockets.asyncio.server import serve
 
 from .calllog import CallLogWriter, PreviousRunClosed
+from .calllog.journal import Journal, JournalError
 from .calllog.sqlite import SQLiteStore
-from .config import Config
+from .config import Config, ConfigError
 from .front import FrontFactory
 from .http_api import HTTPAPI
 from .metrics import Metrics
@@ -66,7 +67,10 @@ class Server:
         self.notifier = Notifier()
         store = store if store is not None else make_store(config)
         threads = config.db_pool_size if config.uses_mysql else 1
-        self.calllog = CallLogWriter(store, threads=threads)
+        # The journal keeps what a network database has not taken yet; the
+        # development SQLite call log is a local file itself.
+        journal = Journal(config.journal_path) if config.uses_mysql else None
+        self.calllog = CallLogWriter(store, threads=threads, journal=journal)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/health``: 200 with figures while serving, 503 while stopping."""
@@ -79,27 +83,61 @@ class Server:
             "sessions": signaling.registry.live,
             "active_calls": signaling.active_calls(),
             "connections": len(signaling.clients),
-            "database": self.calllog.state,
+            "database": self.calllog.health(),
+            "journal": self.calllog.journal_backlog,
         }
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down:
-        refuse new sessions, end calls with ``server_shutdown`` (close
-        1001), flush the call log, return."""
+        """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down.
+        Three phases, as uvicorn's server: :meth:`startup` (call log, then
+        the listening socket), :meth:`main_loop`, :meth:`shutdown`; the
+        signal handlers it installs are removed on the way out.
+
+        Raises:
+            ConfigError: the journal file cannot be used.
+            StartError: the call-log threads could not be started.
+            ListenError: the address cannot be bound.
+        """
         loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
+        installed = []
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(signum, stop.set)
             except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
-        self.calllog.start()
-        # SPEC §5: rows a killed predecessor left open end as server_restart.
-        self.calllog.record(PreviousRunClosed(time.time()))
-        self.signaling = Signaling(self.config, self.calllog, self.metrics)
-        self.api = HTTPAPI(self.config, self.signaling, self.metrics, self.health)
-        self._gauges()
+                continue
+            installed.append(signum)
+        try:
+            server = await self.startup()
+            tasks = [
+                loop.create_task(self.signaling.heartbeat()),
+                loop.create_task(self._housekeeping()),
+            ]
+            if self.notifier.watchdog_interval is not None:
+                tasks.append(loop.create_task(self._watchdog(self.notifier.watchdog_interval)))
+            try:
+                await self.main_loop(server, stop)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await self.shutdown(server)
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    async def startup(self) -> Any:
+        """Open the call log (the journal's events first), start its threads,
+        then bind; returns the websockets server. Nothing is written when
+        the address cannot be bound."""
         config = self.config
+        try:
+            self.calllog.open()
+        except JournalError as exc:
+            raise ConfigError(str(exc)) from None
+        self.calllog.start()
+        self.signaling = Signaling(config, self.calllog, self.metrics)
+        self.api = HTTPAPI(config, self.signaling, self.metrics, self.health)
+        self._gauges()
         try:
             server = await serve(
                 self.signaling.handler,
@@ -112,7 +150,7 @@ class Server:
                 ),
                 compression=None,
                 max_size=config.max_message_bytes,
-                ping_interval=None,  # our own heartbeat sweep (SPEC §4 rule 8)
+                ping_interval=None,  # our own heartbeat sweep (docs/protocol.md, "Heartbeats")
                 open_timeout=OPEN_TIMEOUT,
                 close_timeout=CLOSE_TIMEOUT,
                 server_header=None,
@@ -121,31 +159,39 @@ class Server:
         except OSError as exc:
             self.calllog.close(0)
             raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
-        tasks = [
-            loop.create_task(self.signaling.heartbeat()),
-            loop.create_task(self._housekeeping()),
-        ]
-        if self.notifier.watchdog_interval is not None:
-            tasks.append(loop.create_task(self._watchdog(self.notifier.watchdog_interval)))
+        # Rows this instance's killed predecessor left open end as
+        # server_restart (after the journal's events: see CallLogWriter).
+        self.calllog.record(PreviousRunClosed(time.time(), config.node_id))
+        return server
+
+    async def main_loop(self, server: Any, stop: asyncio.Event) -> None:
+        """Say where it listens, tell systemd it is ready, wait for ``stop``."""
+        config, loop = self.config, asyncio.get_running_loop()
+        addresses = ", ".join(_address(sock.getsockname()) for sock in server.sockets)
+        log.info(
+            "listening on %s (environment=%s, node=%s, call log=%s, event loop=%s)",
+            addresses,
+            config.environment,
+            config.node_id,
+            "mysql" if config.uses_mysql else config.sqlite_path,
+            type(loop).__module__.partition(".")[0],
+        )
+        self.sockets = server.sockets
+        # What start-up built lives as long as the process: kept out of
+        # the collector's sight, a full collection during calls has tens
+        # of thousands fewer objects to walk (its pause delays every socket).
+        gc.freeze()
+        self.notifier.ready(f"listening on {addresses}")
+        await stop.wait()
+
+    async def shutdown(self, server: Any) -> None:
+        """Refuse new sessions, end calls with ``server_shutdown`` (close
+        1001), close the sockets, flush the call log (to the database, else
+        to the journal)."""
+        log.info("stopping: ending live calls")
+        self.notifier.stopping()
+        self.stopping = True
         try:
-            addresses = ", ".join(_address(sock.getsockname()) for sock in server.sockets)
-            log.info(
-                "listening on %s (environment=%s, call log=%s, event loop=%s)",
-                addresses,
-                config.environment,
-                "mysql" if config.uses_mysql else config.sqlite_path,
-                type(loop).__module__.partition(".")[0],
-            )
-            self.sockets = server.sockets
-            # What start-up built lives as long as the process: kept out of
-            # the collector's sight, a full collection during calls has tens
-            # of thousands fewer objects to walk (its pause delays every socket).
-            gc.freeze()
-            self.notifier.ready(f"listening on {addresses}")
-            await stop.wait()
-            log.info("stopping: ending live calls")
-            self.notifier.stopping()
-            self.stopping = True
             self.signaling.shutdown()
             await self.signaling.drain(CLOSE_TIMEOUT + 1)
             server.close(close_connections=True)
@@ -157,10 +203,9 @@ class Server:
                 # dropped when the loop ends.
                 log.info("stopping: not waiting for unfinished HTTP requests")
         finally:
-            for task in tasks:
-                task.cancel()
+            loop = asyncio.get_running_loop()
             left = await loop.run_in_executor(None, self.calllog.close, FLUSH_TIMEOUT)
-            log.info("stopped (%d call-log events unwritten)", left)
+            log.info("stopped (%d call-log events not yet in the database)", left)
             self.notifier.close()
 
     async def _watchdog(self, interval: float) -> None:
@@ -207,6 +252,12 @@ class Server:
             "counter",
             "Call-log events dropped: queue full, or refused by the database as bad data.",
             lambda: calllog.dropped + calllog.rejected,
+        )
+        register(
+            "intaleq_calllog_journal_events",
+            "gauge",
+            "Call-log events kept in the local journal until the database takes them.",
+            lambda: calllog.journal_backlog,
         )
         register(
             "intaleq_calllog_database_up",

@@ -113,7 +113,9 @@ class Signaling:
         if created:
             session.timer = self.loop.call_at(session.deadline, self._deadline_reached, session)
             self.calllog.record(
-                SessionCreated(session.session_id, ride_id, driver_id, passenger_id, time.time())
+                SessionCreated(
+                    session.session_id, ride_id, driver_id, passenger_id, time.time(), self.config.node_id
+                )
             )
             self.metrics.sessions_created += 1
             log.info("session created session=%s ride=%s", session.session_id, ride_id)

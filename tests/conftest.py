@@ -49,6 +49,7 @@ class ServerProcess:
             "API_KEY": API_KEY,
             "ENVIRONMENT": "development",
             "SQLITE_PATH": self.sqlite_path,
+            "JOURNAL_PATH": str(tmp_path / f"journal-{self.port}.sqlite3"),
             "LOG_LEVEL": "debug",
             "RATE_LIMIT_PER_MIN": "1000",
             **env,

@@ -438,6 +438,7 @@ def test_sqlite_schema_columns(sqlite_store):
         "created_at",
         "connected_at",
         "ended_at",
+        "node_id",
     ]
     store.prepare(conn)  # created when missing: preparing again is harmless
 
@@ -445,7 +446,7 @@ def test_sqlite_schema_columns(sqlite_store):
 def test_sqlite_every_event(sqlite_store):
     """SPEC §5: created → active → ended rows with initiated_by and the event times in UTC."""
     store, conn = sqlite_store
-    store.apply(conn, SessionCreated("s1", "ride-1", "drv", "pas", T))
+    store.apply(conn, SessionCreated("s1", "ride-1", "drv", "pas", T, "node-a"))
     assert only_row(store) | {"id": 0} == {
         "id": 0,
         "session_id": "s1",
@@ -458,6 +459,7 @@ def test_sqlite_every_event(sqlite_store):
         "created_at": "2023-11-14 22:13:20.250",
         "connected_at": None,
         "ended_at": None,
+        "node_id": "node-a",
     }
     store.apply(conn, CallInitiated("s1", "drv"))
     assert only_row(store)["initiated_by"] == "drv"

@@ -62,6 +62,7 @@ def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
         "created_at",
         "connected_at",
         "ended_at",
+        "node_id",
     }
     assert columns["session_id"]["CHARACTER_MAXIMUM_LENGTH"] == 36
     [table] = db.query(
@@ -284,10 +285,15 @@ def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> Non
     assert int(pending.split()[1]) == 2  # the restart clean-up and the session's row, both kept
 
 
-def test_sigkill_then_restart_closes_open_rows_as_server_restart(server_factory, db) -> None:
+def test_sigkill_then_restart_closes_open_rows_as_server_restart(server_factory, db, tmp_path) -> None:
     """SPEC §5 / issue 7: after a SIGKILL, ended calls keep their final row; rows left open end as
     server_restart at the restart; new calls work."""
-    env = {"SESSION_DURATION": "10m", **db.server_env()}
+    env = {
+        "SESSION_DURATION": "10m",
+        "NODE_ID": "crash-node",
+        "JOURNAL_PATH": str(tmp_path / "j"),
+        **db.server_env(),
+    }
     first = server_factory(**env)
     ended = first.new_session(ride_id="crash-ended")
     live = first.new_session(ride_id="crash-live")
@@ -313,7 +319,9 @@ def test_sigkill_then_restart_closes_open_rows_as_server_restart(server_factory,
     first.stop = lambda *args, **kwargs: 0  # already dead; teardown must not expect exit 0 from it
 
     second = server_factory(**env)
-    wait_until(lambda: all(r["status"] == "ended" for r in db.rows()))
+    wait_until(
+        lambda: all(r["status"] == "ended" for r in db.rows()), explain=lambda: f"{db.rows()}\n{second.log}"
+    )
     rows = {row["ride_id"]: row for row in db.rows()}
     assert rows["crash-ended"]["end_reason"] == "user_terminated"
     assert rows["crash-ended"]["ended_at"] < killed_at
@@ -364,3 +372,222 @@ def test_batch_is_one_transaction(db) -> None:
         assert [row["status"] for row in db.rows()] == ["active"]
     finally:
         store.close(conn)
+
+
+# -- nothing lost, nothing overwritten -----------------------------------------
+
+
+def rows_by_ride(db) -> dict[str, dict]:
+    return {row["ride_id"]: row for row in db.rows()}
+
+
+async def call_ended_by_driver(server, ride_id: str) -> None:
+    """A whole call: both join, the driver offers, the passenger hangs up."""
+    session = server.new_session(ride_id=ride_id)
+    d, p = await connected_call(server, session)
+    await send_json(d, {"type": "offer", "sdp": "v=0"})
+    assert await recv_json(p) == {"type": "offer", "sdp": "v=0"}
+    await send_json(p, {"type": "end_call"})
+    assert await closed_with(d) == 1000
+
+
+def test_sigterm_with_frozen_database_keeps_every_event_for_the_next_start(
+    server_factory, db, proxy, tmp_path
+) -> None:
+    """The database stops answering mid-run: /health says degraded within
+    seconds, SIGTERM still exits 0 on time, and the next start (database
+    back, same journal) lands every row with its true reason and time."""
+    env = {
+        "SESSION_DURATION": "10m",
+        "NODE_ID": "node-a",
+        "JOURNAL_PATH": str(tmp_path / "journal"),
+        **db.server_env(proxy.port),
+    }
+    first = server_factory(**env)
+    wait_until(lambda: health(first)["database"] == "ok")
+    marks: dict[str, datetime.datetime] = {}
+
+    async def frozen_run() -> None:
+        await call_ended_by_driver(first, "before-freeze")
+        wait_until(lambda: "before-freeze" in rows_by_ride(db) and db.rows()[0]["status"] == "ended")
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        for n in range(5):
+            await call_ended_by_driver(first, f"frozen-ended-{n}")
+        marks["ended"] = utcnow()
+        live = first.new_session(ride_id="frozen-live")
+        d, p = await connected_call(first, live)
+        first.new_session(ride_id="frozen-waiting")
+        states = []
+
+        def not_ok() -> bool:
+            states.append((round(time.monotonic() - frozen_at, 1), health(first)["database"]))
+            return states[-1][1] != "ok"
+
+        await asyncio.to_thread(wait_until, not_ok, 15)
+        # a frozen database is reported from 5 s on, not after the driver's 10 s read timeout
+        assert states[-1][1] == "degraded" and states[-1][0] < 9.0, states
+        marks["stop"] = utcnow()
+        started = time.monotonic()
+        code = await asyncio.to_thread(first.stop)
+        assert code == 0, first.log
+        assert time.monotonic() - started < 12, first.log
+        assert await recv_json(d) == {"type": "call_ended", "reason": "server_shutdown"}
+        assert await recv_json(p) == {"type": "call_ended", "reason": "server_shutdown"}
+
+    asyncio.run(frozen_run())
+    first.stop = lambda *args, **kwargs: 0  # stopped already
+    assert "kept in the journal" in first.log, first.log
+    proxy.restore()
+
+    second = server_factory(**env)
+    second.wait_for_log("events from the journal are written first")
+    rides = {"before-freeze", "frozen-live", "frozen-waiting"} | {f"frozen-ended-{n}" for n in range(5)}
+    wait_until(
+        lambda: {r for r, row in rows_by_ride(db).items() if row["status"] == "ended"} == rides,
+        timeout=30,
+        explain=lambda: f"{db.rows()}\n{second.log}",
+    )
+    rows = rows_by_ride(db)
+    for n in range(5):
+        row = rows[f"frozen-ended-{n}"]
+        assert (row["end_reason"], row["initiated_by"], row["node_id"]) == (
+            "user_terminated",
+            "driver-1",
+            "node-a",
+        )
+        assert row["created_at"] <= row["connected_at"] <= row["ended_at"] <= marks["ended"], row
+    for ride in ("frozen-live", "frozen-waiting"):
+        row = rows[ride]
+        assert row["end_reason"] == "server_shutdown", row  # not server_restart at the restart
+        assert marks["ended"] <= row["ended_at"] <= marks["stop"] + datetime.timedelta(seconds=3), row
+    assert rows["frozen-live"]["connected_at"] is not None
+    wait_until(lambda: health(second)["journal"] == 0)
+    events = 1 + 5 * 4 + 3 + 1  # lost: 0 of them (each row above is whole)
+    assert len(rows) == 8, events
+
+
+def test_kill_9_with_frozen_database_loses_at_most_the_last_second(
+    server_factory, db, proxy, tmp_path
+) -> None:
+    """kill -9 while the database is frozen: what happened more than a
+    second before the kill is in the journal, and the restart writes it
+    before it closes the killed process's open rows."""
+    env = {
+        "SESSION_DURATION": "10m",
+        "NODE_ID": "node-k",
+        "JOURNAL_PATH": str(tmp_path / "journal"),
+        **db.server_env(proxy.port),
+    }
+    first = server_factory(**env)
+    wait_until(lambda: health(first)["database"] == "ok")
+    proxy.freeze()
+
+    async def frozen_run() -> None:
+        for n in range(3):
+            await call_ended_by_driver(first, f"ended-{n}")
+        live = first.new_session(ride_id="live")
+        await connected_call(first, live)
+        await asyncio.sleep(1.0)  # "at most the last second"
+        wait_until(lambda: health(first)["journal"] >= 3 * 4 + 2)
+        first.proc.kill()
+        first.proc.wait(10)
+
+    asyncio.run(frozen_run())
+    killed_at = utcnow()
+    first.lines.append("(killed with SIGKILL by the test)")
+    first.stop = lambda *args, **kwargs: 0
+    proxy.restore()
+
+    second = server_factory(**env)
+    expected = {"ended-0", "ended-1", "ended-2", "live"}
+    wait_until(
+        lambda: {r for r, row in rows_by_ride(db).items() if row["status"] == "ended"} == expected,
+        timeout=30,
+        explain=lambda: f"{db.rows()}\n{second.log}\n{db.query('SHOW PROCESSLIST')}",
+    )
+    rows = rows_by_ride(db)
+    for n in range(3):
+        row = rows[f"ended-{n}"]
+        assert (row["end_reason"], row["initiated_by"]) == ("user_terminated", "driver-1"), row
+        assert row["ended_at"] < killed_at, row
+    assert rows["live"]["end_reason"] == "server_restart"
+    assert rows["live"]["connected_at"] is not None
+    wait_until(lambda: health(second)["journal"] == 0)
+
+
+def test_two_instances_on_one_database_keep_each_others_rows(server_factory, db) -> None:
+    """A second instance starting on the same database leaves the first
+    one's live rows alone, and the first one's later endings land."""
+    first = server_factory(SESSION_DURATION="10m", NODE_ID="node-1", **db.server_env())
+    live = first.new_session(ride_id="first-live")
+    waiting = first.new_session(ride_id="first-waiting")
+
+    async def scenario() -> None:
+        d, p = await connected_call(first, live)
+        wait_until(lambda: rows_by_ride(db).get("first-live", {}).get("status") == "active")
+        second = server_factory(SESSION_DURATION="10m", NODE_ID="node-2", **db.server_env())
+        wait_until(lambda: metric(second, "intaleq_calllog_writes_total") >= 1)  # its start-up work landed
+        await call_ended_by_driver(second, "second-call")
+        wait_until(lambda: rows_by_ride(db).get("second-call", {}).get("status") == "ended")
+        rows = rows_by_ride(db)
+        assert rows["first-live"]["status"] == "active", rows
+        assert rows["first-waiting"]["status"] == "created", rows
+        await send_json(d, {"type": "end_call"})
+        assert await closed_with(p) == 1000
+
+    asyncio.run(scenario())
+    wait_until(lambda: rows_by_ride(db)["first-live"]["status"] == "ended")
+    rows = rows_by_ride(db)
+    assert (rows["first-live"]["end_reason"], rows["first-live"]["node_id"]) == ("user_terminated", "node-1")
+    assert (rows["second-call"]["end_reason"], rows["second-call"]["node_id"]) == (
+        "user_terminated",
+        "node-2",
+    )
+    assert rows["first-waiting"]["session_id"] == waiting["session_id"]
+    assert rows["first-waiting"]["status"] == "created"
+
+
+FIRST_EDITION_DDL = (
+    "\n".join(line for line in DDL.splitlines() if not line.startswith("--"))
+    .replace("    node_id VARCHAR(255) NULL,\n", "")
+    .replace(",\n    KEY idx_call_logs_node_status (node_id, status)", "")
+)
+
+
+def test_table_of_the_first_edition_gets_node_id_at_start(server_factory, db) -> None:
+    assert "node_id" not in FIRST_EDITION_DDL
+    with db.connect() as conn, conn.cursor() as cursor:
+        cursor.execute(FIRST_EDITION_DDL.split("CREATE TABLE", 1)[1].join(["CREATE TABLE", ""]))
+        cursor.execute(
+            "INSERT INTO call_logs (session_id, ride_id, driver_id, passenger_id, status, created_at)"
+            " VALUES ('old', 'old-ride', 'd', 'p', 'active', UTC_TIMESTAMP(3))"
+        )
+    server = server_factory(NODE_ID="node-m", **db.server_env())
+    wait_until(lambda: metric(server, "intaleq_calllog_writes_total") >= 1)
+    columns = [
+        r["COLUMN_NAME"]
+        for r in db.query(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s"
+            " AND TABLE_NAME = 'call_logs' ORDER BY ORDINAL_POSITION",
+            db.name,
+        )
+    ]
+    assert columns[-1] == "node_id"
+    assert {r["Key_name"] for r in db.query("SHOW INDEX FROM call_logs")} >= {"idx_call_logs_node_status"}
+    server.new_session(ride_id="new-ride")
+    wait_until(lambda: "new-ride" in rows_by_ride(db))
+    rows = rows_by_ride(db)
+    assert (rows["old-ride"]["node_id"], rows["old-ride"]["status"]) == (
+        None,
+        "active",
+    )  # not ours: untouched
+    assert rows["new-ride"]["node_id"] == "node-m"
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")

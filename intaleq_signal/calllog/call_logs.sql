@@ -1,8 +1,10 @@
--- intaleq-signal call log (SPEC §5). One row per call session.
+-- intaleq-signal call log. One row per call session.
 -- The server runs this at start (CREATE TABLE IF NOT EXISTS), so the table
 -- exists as soon as the daemon has reached the database once.
 -- Times are UTC (the server's MySQL sessions use time_zone '+00:00') with
 -- milliseconds: the moments the events happened, not the moments of the writes.
+-- node_id is the instance (NODE_ID) that owns the row; a table made before
+-- it existed gets the column (and its index) added by the server at start.
 CREATE TABLE IF NOT EXISTS call_logs (
     id INT UNSIGNED NOT NULL AUTO_INCREMENT,
     session_id VARCHAR(36) NOT NULL,
@@ -15,8 +17,10 @@ CREATE TABLE IF NOT EXISTS call_logs (
     created_at TIMESTAMP(3) NULL,
     connected_at TIMESTAMP(3) NULL,
     ended_at TIMESTAMP(3) NULL,
+    node_id VARCHAR(255) NULL,
     PRIMARY KEY (id),
     UNIQUE KEY uq_call_logs_session_id (session_id),
     KEY idx_call_logs_ride_id (ride_id),
-    KEY idx_call_logs_status (status)
+    KEY idx_call_logs_status (status),
+    KEY idx_call_logs_node_status (node_id, status)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

@@ -1,24 +1,43 @@
 """Call-log events: small plain records of what happened, with the event
-time (SPEC §5: rows carry the moments events happened, not write times).
+time (rows carry the moments events happened, not write times; see
+``docs/protocol.md``, "Call log").
 
 ``at`` is seconds since the epoch (``time.time()``), turned into a UTC
-datetime only in the writer thread, off the event loop.
+datetime only in the writer thread, off the event loop. Events cross the
+local journal (:mod:`.journal`) as JSON objects: :func:`encode` and
+:func:`decode`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from typing import Any
+
+__all__ = [
+    "CallActive",
+    "CallEnded",
+    "CallEvent",
+    "CallInitiated",
+    "EventDecodeError",
+    "PreviousRunClosed",
+    "SessionCreated",
+    "decode",
+    "encode",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionCreated:
-    """``POST /sessions`` created a session: insert the ``created`` row."""
+    """``POST /sessions`` created a session: insert the ``created`` row,
+    owned by the instance ``node_id`` (``NODE_ID``)."""
 
     session_id: str
     ride_id: str
     driver_id: str
     passenger_id: str
     at: float
+    node_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,13 +67,47 @@ class CallEnded:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PreviousRunClosed:
-    """At start: rows a previous process left ``created`` or ``active`` (it
-    was killed) are ended with ``server_restart`` at ``at`` (SPEC §5). Only
-    rows created before ``at`` are touched, so it is safe whenever it lands.
-    ``session_id`` is empty: it routes like any event, to one writer thread."""
+    """At start: rows of this instance (``node_id``) that a previous process
+    left ``created`` or ``active`` (it was killed) are ended with
+    ``server_restart`` at ``at``. Only rows created before ``at`` are
+    touched, so it is safe whenever it lands; rows of other instances never
+    are. ``session_id`` is empty: it routes like any event, to one writer
+    thread."""
 
     at: float
+    node_id: str = ""
     session_id: str = ""
 
 
 CallEvent = SessionCreated | CallActive | CallInitiated | CallEnded | PreviousRunClosed
+
+_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls for cls in (SessionCreated, CallActive, CallInitiated, CallEnded, PreviousRunClosed)
+}
+
+
+class EventDecodeError(ValueError):
+    """A journal entry is not an event this version knows."""
+
+
+def encode(event: CallEvent) -> str:
+    """The event as one JSON object: its fields and ``"event"`` (the type
+    name). Strings stay as they are (lone surrogates included, escaped)."""
+    fields = dataclasses.asdict(event)
+    fields["event"] = type(event).__name__
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def decode(text: str) -> CallEvent:
+    """The event :func:`encode` wrote.
+
+    Raises:
+        EventDecodeError: not such an object (unknown type, missing or extra
+        fields, not JSON).
+    """
+    try:
+        fields = json.loads(text)
+        cls = _TYPES[fields.pop("event")]
+        return cls(**fields)  # type: ignore[no-any-return]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EventDecodeError(f"not a call-log event: {text[:200]!r} ({exc})") from None

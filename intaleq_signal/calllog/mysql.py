@@ -16,7 +16,7 @@ import pymysql
 
 from ..config import Config
 from .events import CallEvent
-from .sql import MYSQL
+from .sql import ADDED_COLUMNS, MYSQL
 
 __all__ = ["DDL", "MySQLStore"]
 
@@ -29,6 +29,8 @@ IO_TIMEOUT = 10  # seconds, each read or write on the socket
 # Errors retrying cannot fix soon: bad credentials (1045, 1698), host not
 # allowed (1130), no such database (1049), no rights (1044, 1142).
 _FATAL_CODES = frozenset({1044, 1045, 1049, 1130, 1142, 1698})
+_DUPLICATE_COLUMN = 1060
+_DUPLICATE_KEY_NAME = 1061
 
 
 def _ddl_statements(ddl: str) -> list[str]:
@@ -60,9 +62,36 @@ class MySQLStore:
         return pymysql.connect(**self.params)
 
     def prepare(self, conn: pymysql.connections.Connection) -> None:
+        """Create the table when missing, and add the columns (with the
+        index on ``node_id``) a table made by an earlier version lacks
+        (:data:`~.sql.ADDED_COLUMNS`). Safe when several instances start at
+        once: a column another one just added is taken as added."""
         with conn.cursor() as cursor:
             for statement in _ddl_statements(DDL):
                 cursor.execute(statement)
+            cursor.execute(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'call_logs'"
+            )
+            have = {row[0] for row in cursor.fetchall()}
+            for name, kind in ADDED_COLUMNS:
+                if name in have:
+                    continue
+                try:
+                    cursor.execute(f"ALTER TABLE call_logs ADD COLUMN {name} {kind}")
+                except pymysql.err.OperationalError as exc:
+                    if exc.args[0] != _DUPLICATE_COLUMN:
+                        raise
+            cursor.execute(
+                "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
+                " AND TABLE_NAME = 'call_logs' AND INDEX_NAME = 'idx_call_logs_node_status'"
+            )
+            if not cursor.fetchall():
+                try:
+                    cursor.execute("CREATE INDEX idx_call_logs_node_status ON call_logs (node_id, status)")
+                except pymysql.err.OperationalError as exc:
+                    if exc.args[0] != _DUPLICATE_KEY_NAME:
+                        raise
 
     def apply(self, conn: pymysql.connections.Connection, event: CallEvent) -> None:
         with conn.cursor() as cursor:

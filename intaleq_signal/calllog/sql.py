@@ -8,8 +8,9 @@ broken connection leaves the row as if it had been applied once:
 - ``CallActive`` moves ``created`` → ``active`` only;
 - ``CallInitiated`` sets ``initiated_by`` only while it is NULL;
 - ``CallEnded`` sets the end only on a row not yet ``ended``;
-- ``PreviousRunClosed`` ends, with ``server_restart``, the rows still open
-  that were created before this process started.
+- ``PreviousRunClosed`` ends, with ``server_restart``, this instance's
+  (``node_id``) rows still open that were created before this process
+  started; other instances' rows are never touched.
 
 Times are UTC text with milliseconds, which SQLite stores as is and MySQL
 reads into ``TIMESTAMP(3)`` (the MySQL session runs at ``time_zone='+00:00'``).
@@ -22,12 +23,12 @@ from typing import Any
 
 from .events import CallActive, CallEnded, CallEvent, CallInitiated, PreviousRunClosed, SessionCreated
 
-__all__ = ["MYSQL", "SQLITE", "Dialect", "utc_text"]
+__all__ = ["ADDED_COLUMNS", "MYSQL", "SQLITE", "Dialect", "utc_text"]
 
 _TEMPLATES = {
     SessionCreated: (
         "{insert_ignore} INTO call_logs (session_id, ride_id, driver_id, passenger_id, status,"
-        " created_at) VALUES ({p}, {p}, {p}, {p}, 'created', {p})"
+        " created_at, node_id) VALUES ({p}, {p}, {p}, {p}, 'created', {p}, {p})"
     ),
     CallActive: (
         "UPDATE call_logs SET status = 'active', connected_at = {p}"
@@ -40,9 +41,14 @@ _TEMPLATES = {
     ),
     PreviousRunClosed: (
         "UPDATE call_logs SET status = 'ended', end_reason = 'server_restart', ended_at = {p}"
-        " WHERE status <> 'ended' AND created_at < {p}"
+        " WHERE status <> 'ended' AND created_at < {p} AND node_id = {p}"
     ),
 }
+
+#: Columns added after the first edition of the table: ``(name, type)``.
+#: Each store adds the ones an existing table lacks, at start
+#: (``Store.prepare``); new tables have them from their DDL.
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("node_id", "VARCHAR(255) NULL"),)
 
 
 def utc_text(at: float) -> str:
@@ -53,13 +59,20 @@ def utc_text(at: float) -> str:
 
 def _params(event: CallEvent) -> tuple[Any, ...]:
     if isinstance(event, SessionCreated):
-        return (event.session_id, event.ride_id, event.driver_id, event.passenger_id, utc_text(event.at))
+        return (
+            event.session_id,
+            event.ride_id,
+            event.driver_id,
+            event.passenger_id,
+            utc_text(event.at),
+            event.node_id,
+        )
     if isinstance(event, CallActive):
         return (utc_text(event.at), event.session_id)
     if isinstance(event, CallInitiated):
         return (event.user_id, event.session_id)
     if isinstance(event, PreviousRunClosed):
-        return (utc_text(event.at), utc_text(event.at))
+        return (utc_text(event.at), utc_text(event.at), event.node_id)
     return (event.reason, utc_text(event.at), event.session_id)
 
 

@@ -11,7 +11,7 @@ import sqlite3
 
 from ..config import ConfigError
 from .events import CallEvent
-from .sql import SQLITE
+from .sql import ADDED_COLUMNS, SQLITE
 
 __all__ = ["SQLiteStore"]
 
@@ -27,10 +27,12 @@ CREATE TABLE IF NOT EXISTS call_logs (
     end_reason VARCHAR(255) NULL,
     created_at TEXT NOT NULL,
     connected_at TEXT NULL,
-    ended_at TEXT NULL
+    ended_at TEXT NULL,
+    node_id VARCHAR(255) NULL
 );
 CREATE INDEX IF NOT EXISTS idx_call_logs_ride_id ON call_logs (ride_id);
 """
+INDEXES = "CREATE INDEX IF NOT EXISTS idx_call_logs_node_status ON call_logs (node_id, status);"
 
 
 class SQLiteStore:
@@ -64,7 +66,18 @@ class SQLiteStore:
         return conn
 
     def prepare(self, conn: sqlite3.Connection) -> None:
+        """Create the table when missing, and add the columns a table made
+        by an earlier version lacks (:data:`~.sql.ADDED_COLUMNS`)."""
         conn.executescript(DDL)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(call_logs)")}
+        for name, kind in ADDED_COLUMNS:
+            if name not in have:
+                try:
+                    conn.execute(f"ALTER TABLE call_logs ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
+        conn.executescript(INDEXES)
 
     def apply(self, conn: sqlite3.Connection, event: CallEvent) -> None:
         conn.execute(*SQLITE.statement(event))

@@ -1,27 +1,41 @@
-"""Call-log writer: a pool of threads that apply events off the event loop.
+"""Call-log writer: a pool of threads that apply events off the event loop,
+and a journal thread that keeps every event not yet committed on local disk.
 
 Modelled on aiosqlite: each worker thread owns one database connection and
 is fed by its own FIFO queue; a sentinel lets queued work finish on close.
 Events are routed by ``session_id``, so the writes of one session always go
-through the same thread and are applied in order (SPEC §5). A failed write
-is retried with exponential backoff on a fresh connection until it lands;
+through the same thread and are applied in order. A failed write is retried
+with exponential backoff on a fresh connection until it lands;
 :meth:`CallLogWriter.record` never blocks and never touches the database, so
 a slow or unreachable database cannot delay signaling.
+
+With a :class:`~intaleq_signal.calllog.journal.Journal`, every recorded
+event also goes to the journal thread, which appends it to the journal file
+unless its commit in the database was reported first (within
+:data:`JOURNAL_LINGER`: a healthy database costs the disk nothing), and
+deletes it once it commits. So each accepted event is at every moment
+committed in the database or on its way to the journal for at most
+:data:`JOURNAL_LINGER` seconds, then in it (``docs/operations.md``, "Call log
+and journal"). The events a previous process left in the journal are
+written first, in their order, with their own times (:meth:`open`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 import zlib
 from collections.abc import Callable
+from typing import Any
 
-from .events import CallEvent
+from .events import CallEvent, PreviousRunClosed
+from .journal import Journal
 from .store import Store
 
-__all__ = ["CallLogWriter"]
+__all__ = ["CallLogWriter", "StartError"]
 
 log = logging.getLogger("intaleq_signal.calllog")
 
@@ -38,6 +52,24 @@ MAX_BATCH = 256
 #: writes (seconds): a burst of sessions then costs one commit and one
 #: thread wake-up instead of one each. Not applied while closing.
 BATCH_LINGER = 0.01
+#: How long the journal thread waits for the database commits of new events
+#: before it appends the uncommitted ones to the journal file (seconds).
+#: Bounds the events a ``kill -9`` can lose (at most this much, well under
+#: a second).
+JOURNAL_LINGER = 0.2
+#: After a failed journal write, the next attempt (seconds).
+JOURNAL_RETRY = 1.0
+#: ``/health`` says ``degraded`` while a write failed or an event has waited
+#: this long (seconds) for its commit.
+DEGRADED_AFTER = 5.0
+
+#: One queued event: (sequence number, ``time.monotonic()`` when recorded, event).
+Item = tuple[int, float, CallEvent]
+
+
+class StartError(RuntimeError):
+    """The writer's threads could not be started (``str()`` is the one line
+    for the operator: the system refused a new thread)."""
 
 
 class CallLogWriter:
@@ -49,6 +81,8 @@ class CallLogWriter:
         max_pending: bound on queued events; past it new events are dropped
             and counted in :attr:`dropped` (a warning is logged from 80 %).
         sleep: injectable for tests (seconds).
+        journal: where events wait for their commit on disk (None: no
+            journal, events live in memory until they commit).
     """
 
     def __init__(
@@ -57,6 +91,7 @@ class CallLogWriter:
         threads: int = 1,
         max_pending: int = DEFAULT_MAX_PENDING,
         sleep: Callable[[float], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.store = store
         self.max_pending = max_pending
@@ -65,26 +100,80 @@ class CallLogWriter:
         self.failures = 0
         self.dropped = 0
         self.rejected = 0  # events the database refused as data errors
+        #: Events in the journal file (0 without a journal).
+        self.journal_backlog = 0
         self._queues: list[queue.SimpleQueue[object]] = [queue.SimpleQueue() for _ in range(threads)]
         self._threads = [
             threading.Thread(target=self._run, args=(i,), name=f"calllog-{i}", daemon=True)
             for i in range(threads)
         ]
+        self._journal = journal
+        self._journal_queue: queue.SimpleQueue[object] | None = None
+        self._journal_thread: threading.Thread | None = None
+        if journal is not None:
+            self._journal_queue = queue.SimpleQueue()
+            self._journal_thread = threading.Thread(
+                target=self._run_journal, name="calllog-journal", daemon=True
+            )
+        self._started = False
+        self._seq = 0
+        self._replay_pending: set[int] = set()  # journal events of a previous process not yet committed
+        self._replay_done = threading.Condition()
         self._deadline: float | None = None  # monotonic; set by close()
         self._wake = threading.Event()
+        self._journal_wake = threading.Event()
         self._sleep = sleep
         self._warned_at = 0.0
         self._abandoned = 0
         self._lock = threading.Lock()
         self._attempted = [threading.Event() for _ in range(threads)]
         self._in_hand = [0] * threads  # events thread i holds, taken but not yet written
+        self._oldest: list[float | None] = [None] * threads  # record time of thread i's oldest in hand
+        self._last_failure = -math.inf  # monotonic time of the latest failed write
+
+    # -- the event loop's side ------------------------------------------------
+
+    def open(self) -> int:
+        """Open the journal and queue the events a previous process left in
+        it, in their order, ahead of every new event. Returns their number.
+
+        Raises:
+            JournalError: the journal file cannot be used.
+        """
+        if self._journal is None:
+            return 0
+        backlog = self._journal.open()
+        now = time.monotonic()
+        for seq, event in backlog:
+            self._route(event).put((seq, now, event))
+        if backlog:
+            self._seq = backlog[-1][0]
+            self._replay_pending = {seq for seq, _ in backlog}
+            log.warning("call log: %d events from the journal are written first", len(backlog))
+        self.journal_backlog = len(backlog)
+        return len(backlog)
 
     def start(self, wait: float = 1.0) -> None:
         """Start the threads and wait up to ``wait`` seconds for their first
         connection attempts, so the database state is known when serving
-        starts (a database that does not answer only delays that much)."""
-        for thread in self._threads:
-            thread.start()
+        starts (a database that does not answer only delays that much).
+
+        Raises:
+            StartError: the system refused a thread (``TasksMax=``).
+        """
+        threads = [self._journal_thread] if self._journal_thread is not None else []
+        threads += self._threads
+        for count, thread in enumerate(threads):
+            try:
+                thread.start()
+            except RuntimeError as exc:
+                self._started = count > 0
+                self.close(0.0)
+                raise StartError(
+                    f"cannot start call-log thread {count + 1} of {len(threads)} ({exc}): "
+                    "the system's task limit (systemd TasksMax=) is below what DB_POOL_SIZE needs"
+                ) from None
+        self._started = True
         deadline = time.monotonic() + wait
         for attempted in self._attempted:
             attempted.wait(max(0.0, deadline - time.monotonic()))
@@ -94,6 +183,21 @@ class CallLogWriter:
         """Events queued or being written (approximate, for metrics)."""
         return sum(q.qsize() for q in self._queues) + sum(self._in_hand)
 
+    def health(self) -> str:
+        """The database as ``/health`` reports it: the store's healthy state
+        (``ok``, ``sqlite``), ``degraded`` (a write failed, or an event has
+        waited more than :data:`DEGRADED_AFTER` seconds, within the last
+        :data:`DEGRADED_AFTER` seconds), or ``unavailable``."""
+        state = self.state
+        if state == "unavailable":
+            return state
+        now = time.monotonic()
+        if now - self._last_failure < DEGRADED_AFTER:
+            return "degraded"
+        if any(t is not None and now - t > DEGRADED_AFTER for t in list(self._oldest)):
+            return "degraded"
+        return state
+
     def record(self, event: CallEvent) -> None:
         """Queue one event; O(1), never blocks, safe only on the loop thread."""
         pending = self.pending
@@ -102,8 +206,14 @@ class CallLogWriter:
             if pending >= self.max_pending:
                 self.dropped += 1
                 return
-        index = zlib.crc32(event.session_id.encode()) % len(self._queues)
-        self._queues[index].put(event)
+        self._seq = seq = self._seq + 1
+        item = (seq, time.monotonic(), event)
+        if self._journal_queue is not None:
+            self._journal_queue.put(item)  # before the writer can report its commit
+        self._route(event).put(item)
+
+    def _route(self, event: CallEvent) -> queue.SimpleQueue[object]:
+        return self._queues[zlib.crc32(event.session_id.encode()) % len(self._queues)]
 
     def _warn_backlog(self, pending: int) -> None:
         now = time.monotonic()
@@ -123,14 +233,23 @@ class CallLogWriter:
         return any(thread.is_alive() for thread in self._threads)
 
     def close(self, timeout: float) -> int:
-        """Write what is queued, waiting at most ``timeout`` seconds, then
-        stop the threads. Returns the number of events left unwritten."""
+        """Write what is queued, waiting at most ``timeout`` seconds for the
+        database, then stop the threads; with a journal, what did not commit
+        is then in the journal file, for the next start. Returns the number
+        of events not committed to the database."""
+        if not self._started:  # never served: nothing new to write
+            if self._journal is not None:
+                self._journal.close()
+            return 0
         for q in self._queues:
             q.put(_STOP)  # before the deadline: a thread giving up drains up to it
         self._deadline = time.monotonic() + timeout
         self._wake.set()
+        with self._replay_done:
+            self._replay_done.notify_all()
         for thread in self._threads:
-            thread.join(max(0.0, self._deadline - time.monotonic()))
+            if thread.ident is not None:
+                thread.join(max(0.0, self._deadline - time.monotonic()))
         # A thread still stuck in a write holds its event and its queue (the
         # sentinel still in it); one that gave up counted its own.
         with self._lock:  # not while a thread moves its events to _abandoned
@@ -139,11 +258,25 @@ class CallLogWriter:
                 for i, (q, t) in enumerate(zip(self._queues, self._threads, strict=True))
                 if t.is_alive()
             )
+        if self._journal_thread is not None and self._journal_queue is not None:
+            if self._journal_thread.ident is not None:
+                self._journal_queue.put(_STOP)
+                self._journal_wake.set()
+                self._journal_thread.join()
+            else:
+                self._journal.close()  # type: ignore[union-attr]
+            if left or self.journal_backlog:
+                log.warning(
+                    "call log: %d events not committed to the database are kept in the journal "
+                    "and written at the next start",
+                    self.journal_backlog,
+                )
+            return self.journal_backlog
         if left:
             log.error("call log: %d events could not be written before exit", left)
         return left
 
-    # -- worker thread -------------------------------------------------------
+    # -- writer threads --------------------------------------------------------
 
     def _run(self, index: int) -> None:
         conn = self._open()
@@ -164,13 +297,14 @@ class CallLogWriter:
                         self._in_hand[index] = 0
                     return
                 self._in_hand[index] = 0
+                self._oldest[index] = None
                 if stop:
                     return
         finally:
             if conn is not None:
                 self.store.close(conn)
 
-    def _take(self, index: int) -> list[object]:
+    def _take(self, index: int) -> list[Any]:
         """The next event, waiting for it, and those queued behind it within
         :data:`BATCH_LINGER`, up to :data:`MAX_BATCH` (the sentinel, when
         met, is last). Taken events count as in hand (``pending``) at once."""
@@ -179,6 +313,7 @@ class CallLogWriter:
         if batch[0] is _STOP:
             return batch
         self._in_hand[index] = 1
+        self._oldest[index] = batch[0][1]  # type: ignore[index]
         if self._deadline is None and q.empty():
             time.sleep(BATCH_LINGER)
         while len(batch) < MAX_BATCH:
@@ -192,25 +327,54 @@ class CallLogWriter:
             self._in_hand[index] += 1
         return batch
 
-    def _write_batch(self, conn: object | None, batch: list[CallEvent], index: int) -> object | None:
+    def _write_batch(self, conn: object | None, batch: list[Item], index: int) -> object | None:
         """Apply ``batch`` in order: in one transaction when it can, else
         one event at a time with retries (:meth:`_write`). Returns the live
         connection, or None when the close deadline passed; ``_in_hand``
         counts down as events land."""
-        if len(batch) > 1 and conn is not None:
+        waits = any(isinstance(item[2], PreviousRunClosed) for item in batch)
+        if len(batch) > 1 and conn is not None and not waits:
             try:
-                self.store.apply_batch(conn, batch)
+                self.store.apply_batch(conn, [item[2] for item in batch])
             except Exception:  # noqa: BLE001 - rolled back; each event is retried below
-                self.failures += 1
+                self._failed()
             else:
                 self._landed(len(batch))
+                self._committed(batch)
                 return conn
-        for event in batch:
-            conn = self._write(conn, event)
+        for item in batch:
+            if isinstance(item[2], PreviousRunClosed) and not self._wait_for_replay(item[0]):
+                return None
+            conn = self._write(conn, item[2])
             if conn is None:
                 return None
+            self._committed([item])
             self._in_hand[index] -= 1
         return conn
+
+    def _wait_for_replay(self, seq: int) -> bool:
+        """Start-up work on open rows (sequence number ``seq``) waits until
+        every event replayed from the journal before it has committed: a
+        killed process's true endings land before anything would close its
+        rows otherwise. False when the close deadline passed first."""
+        pending = self._replay_pending
+        with self._replay_done:
+            while pending and min(pending) < seq:
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    return False
+                self._replay_done.wait(0.5)
+        return True
+
+    def _committed(self, items: list[Item]) -> None:
+        """``items`` are in the database (or refused as bad data, which no
+        retry can change): they leave the journal."""
+        if self._journal_queue is not None:
+            self._journal_queue.put([item[0] for item in items])
+        pending = self._replay_pending
+        if pending:
+            with self._replay_done:
+                pending.difference_update(item[0] for item in items)
+                self._replay_done.notify_all()
 
     def _open(self) -> object | None:
         """Connect (and create the table when missing) at start, once: the
@@ -220,7 +384,7 @@ class CallLogWriter:
             conn = self.store.connect()
             self.store.prepare(conn)
         except Exception as exc:  # noqa: BLE001 - reported; writes will retry
-            self.failures += 1
+            self._failed()
             self.state = "unavailable"
             log.error("call log: database unavailable at start, will retry: %s", exc)
             return None
@@ -238,7 +402,7 @@ class CallLogWriter:
                     self.store.prepare(conn)
                 self.store.apply(conn, event)
             except Exception as exc:  # noqa: BLE001 - any driver error means retry
-                self.failures += 1
+                self._failed()
                 if conn is not None and self.store.is_permanent(exc):
                     # The database answered and refused this event's data:
                     # retrying cannot help and would block the queue behind it.
@@ -265,6 +429,10 @@ class CallLogWriter:
             self._landed(1)
             return conn
 
+    def _failed(self) -> None:
+        self.failures += 1
+        self._last_failure = time.monotonic()
+
     def _landed(self, events: int) -> None:
         self.writes += events
         if self.state == "unavailable":
@@ -285,3 +453,62 @@ class CallLogWriter:
         else:
             time.sleep(seconds)
         return True
+
+    # -- the journal thread ----------------------------------------------------
+
+    def _run_journal(self) -> None:
+        """Append recorded events to the journal unless their commit came
+        first; delete committed ones; until the sentinel, then a last write
+        and close. A failed write is logged and retried: nothing is given up
+        while the process runs."""
+        journal, q = self._journal, self._journal_queue
+        assert journal is not None and q is not None
+        appends: dict[int, CallEvent] = {}  # recorded, not committed, not yet in the file
+        removes: list[int] = []  # in the file (or being appended), committed since
+        stop = False
+        failing = False
+        try:
+            while not stop:
+                first = q.get()
+                items = [first]
+                if first is not _STOP:
+                    self._journal_wake.wait(JOURNAL_LINGER)
+                while True:
+                    try:
+                        items.append(q.get_nowait())
+                    except queue.Empty:
+                        break
+                for item in items:
+                    if item is _STOP:
+                        stop = True
+                    elif type(item) is tuple:
+                        appends[item[0]] = item[2]  # type: ignore[index]
+                    else:
+                        for seq in item:  # type: ignore[attr-defined]
+                            if appends.pop(seq, None) is None:
+                                removes.append(seq)
+                if not appends and not removes:
+                    continue
+                try:
+                    journal.write(sorted(appends.items()), removes)
+                except Exception as exc:  # noqa: BLE001 - disk full, I/O error: kept, retried
+                    if not failing:
+                        log.error("call-log journal: write failed, will retry: %s", exc)
+                    failing = True
+                    if not stop:
+                        self._journal_wake.wait(JOURNAL_RETRY)
+                    continue
+                if failing:
+                    log.warning("call-log journal: writing again")
+                failing = False
+                self.journal_backlog += len(appends) - len(removes)
+                appends.clear()
+                removes.clear()
+            if appends or removes:
+                try:
+                    journal.write(sorted(appends.items()), removes)
+                    self.journal_backlog += len(appends) - len(removes)
+                except Exception as exc:  # noqa: BLE001 - the last try at exit
+                    log.error("call-log journal: %d events could not be kept: %s", len(appends), exc)
+        finally:
+            journal.close()
