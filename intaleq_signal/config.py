@@ -28,6 +28,10 @@ __all__ = [
 EX_CONFIG = 78
 
 MIN_API_KEY_LENGTH = 32
+#: The ``API_KEY`` line of ``.env.example``: a key everyone can read, so it is
+#: refused like a short one (docs/operations.md; tests/test_config.py checks
+#: the file still carries this exact value).
+API_KEY_PLACEHOLDER = "change-me-to-a-random-secret-of-32-characters-or-more"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 ENVIRONMENTS = ("production", "development")
@@ -169,6 +173,11 @@ class Config:
         if len(api_key) < MIN_API_KEY_LENGTH:
             raise ConfigError(
                 f"API_KEY is too short ({len(api_key)} characters, at least {MIN_API_KEY_LENGTH} required)"
+            )
+        if api_key == API_KEY_PLACEHOLDER:
+            raise ConfigError(
+                "API_KEY is still the placeholder of .env.example; generate a secret with: "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
         heartbeat_interval = reader.duration("HEARTBEAT_INTERVAL", "20s", positive=True)
         heartbeat_timeout = reader.duration("HEARTBEAT_TIMEOUT", "30s", positive=True)

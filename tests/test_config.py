@@ -3,9 +3,14 @@ one-line errors that name the variable."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from intaleq_signal.config import (
+    API_KEY_PLACEHOLDER,
     EX_CONFIG,
     Config,
     ConfigError,
@@ -14,6 +19,8 @@ from intaleq_signal.config import (
     parse_duration,
     parse_server_addr,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 KEY = "k" * 32
 BASE = {"API_KEY": KEY, "ENVIRONMENT": "development"}
@@ -275,6 +282,35 @@ def test_api_key_too_short(length):
 def test_api_key_of_32_characters_accepted():
     """SPEC §2: 32 characters is enough."""
     assert build(API_KEY="a" * 32).api_key == "a" * 32
+
+
+def test_env_example_api_key_is_refused():
+    """docs/operations.md: the API_KEY written in .env.example (read from the file,
+    so the two cannot drift) stops the process like a short key, naming API_KEY
+    without echoing the value; the whole file, unedited, fails on API_KEY."""
+    example = load_env_file(str(ROOT / ".env.example"))
+    assert example["API_KEY"] == API_KEY_PLACEHOLDER
+    message = config_error(API_KEY=example["API_KEY"])
+    assert "API_KEY" in message
+    assert API_KEY_PLACEHOLDER not in message
+    with pytest.raises(ConfigError, match="API_KEY"):
+        Config.from_env({**example, "ENVIRONMENT": "development"})
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed here")
+def test_make_env_replaces_the_placeholder(tmp_path):
+    """The Makefile's .env target (behind `make run`) writes a random API_KEY, which is accepted."""
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env.example")
+    subprocess.run(
+        ["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), ".env"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    config = Config.from_env(load_env_file(str(tmp_path / ".env")))
+    assert config.environment == "development"
+    assert config.api_key != API_KEY_PLACEHOLDER
 
 
 # -- choices ------------------------------------------------------------------

@@ -30,6 +30,8 @@ from websockets.exceptions import InvalidStatus
 from conftest import API_KEY, closed_with, free_port, join, recv_json, send_json
 from intaleq_signal.http_api import is_loopback_peer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 JSON_HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
 WS_UPGRADE = (
     b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -1082,6 +1084,24 @@ def test_config_error_exits_78_naming_the_variable(tmp_path, overrides: dict, va
     assert "Traceback" not in result.stderr
     if "API_KEY" in overrides and overrides["API_KEY"]:
         assert overrides["API_KEY"] not in result.stderr  # never echo the secret
+
+
+def test_unedited_env_example_exits_78_naming_api_key(tmp_path) -> None:
+    """docs/operations.md: started with .env.example as it ships (its placeholder API_KEY),
+    the daemon stops at once: exit 78, one line naming API_KEY, the value not echoed."""
+    env = daemon_env(tmp_path, API_KEY=None)
+    result = subprocess.run(
+        [sys.executable, "-m", "intaleq_signal", "--env-file", os.path.join(ROOT, ".env.example")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 78, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "API_KEY" in lines[0] and "placeholder" in lines[0], lines
+    assert "change-me" not in result.stderr
 
 
 def test_env_file_missing_or_malformed_exits_78(tmp_path) -> None:
