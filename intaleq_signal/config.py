@@ -32,6 +32,25 @@ MIN_API_KEY_LENGTH = 32
 #: refused like a short one (docs/operations.md; tests/test_config.py checks
 #: the file still carries this exact value).
 API_KEY_PLACEHOLDER = "change-me-to-a-random-secret-of-32-characters-or-more"
+
+#: ``DB_POOL_SIZE`` range: PyMySQL writer threads, one connection each.
+MIN_DB_POOL_SIZE = 1
+MAX_DB_POOL_SIZE = 32
+#: Every other thread the process can start, for the unit's ``TasksMax=``
+#: (systemd.resource-control(5): it counts threads; docs/operations.md):
+OTHER_THREADS: tuple[tuple[str, int], ...] = (
+    ("main thread", 1),
+    ("call-log journal thread", 1),
+    # loop.run_in_executor(None, ...): concurrent.futures.ThreadPoolExecutor's
+    # default max_workers, min(32, cpu_count + 4) (Python docs, concurrent.futures).
+    ("event loop default executor", 32),
+    # uvloop's libuv threadpool (getaddrinfo, file I/O): UV_THREADPOOL_SIZE,
+    # 4 when unset (libuv docs, "Thread pool work scheduling").
+    ("libuv threadpool", 4),
+)
+#: The most threads the code can start: ``MAX_DB_POOL_SIZE`` writers plus
+#: :data:`OTHER_THREADS` (32 + 1 + 1 + 32 + 4 = 70).
+MAX_THREADS = MAX_DB_POOL_SIZE + sum(count for _, count in OTHER_THREADS)
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 ENVIRONMENTS = ("production", "development")
@@ -215,7 +234,7 @@ class Config:
             db_database=reader.get("DB_DATABASE", "callDB"),
             db_username=db_username,
             db_password=env.get("DB_PASSWORD") or None,
-            db_pool_size=reader.integer("DB_POOL_SIZE", "4", 1, 64),
+            db_pool_size=reader.integer("DB_POOL_SIZE", "4", MIN_DB_POOL_SIZE, MAX_DB_POOL_SIZE),
             sqlite_path=reader.get("SQLITE_PATH", "intaleq-signal.sqlite3"),
         )
 

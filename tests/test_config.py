@@ -12,6 +12,8 @@ import pytest
 from intaleq_signal.config import (
     API_KEY_PLACEHOLDER,
     EX_CONFIG,
+    MAX_DB_POOL_SIZE,
+    MIN_DB_POOL_SIZE,
     Config,
     ConfigError,
     config_from_environment,
@@ -386,6 +388,17 @@ def test_db_username_means_mysql(environment):
 def test_bad_integer_names_variable(name, value):
     """SPEC §2: a bad number names the variable."""
     assert name in config_error(**{name: value})
+
+
+def test_db_pool_size_range():
+    """docs/operations.md: DB_POOL_SIZE takes 1 to MAX_DB_POOL_SIZE writer threads, the bound
+    the unit's TasksMax is sized for (tests/test_operation.py); one more names the variable."""
+    assert build(DB_POOL_SIZE=str(MIN_DB_POOL_SIZE)).db_pool_size == MIN_DB_POOL_SIZE
+    assert build(DB_POOL_SIZE=str(MAX_DB_POOL_SIZE)).db_pool_size == MAX_DB_POOL_SIZE
+    message = config_error(DB_POOL_SIZE=str(MAX_DB_POOL_SIZE + 1))
+    assert "DB_POOL_SIZE" in message
+    assert f"from {MIN_DB_POOL_SIZE} to {MAX_DB_POOL_SIZE}" in message
+    assert "DB_POOL_SIZE" in config_error(DB_POOL_SIZE="64")
 
 
 @pytest.mark.parametrize("name", ["MAX_MESSAGE_BYTES", "DB_PORT"])
