@@ -88,7 +88,7 @@ install:
 	id -u intaleq-signal >/dev/null 2>&1 || useradd --system --home-dir /var/lib/intaleq-signal \
 	    --shell /usr/sbin/nologin intaleq-signal
 	$(PYTHON) -m venv $(PREFIX)/venv
-	$(PREFIX)/venv/bin/pip install --quiet --upgrade .
+	$(PREFIX)/venv/bin/pip install --quiet --upgrade '.[fast]'
 	install -d -m 0750 -g intaleq-signal $(SYSCONFDIR)
 	test -e $(SYSCONFDIR)/intaleq-signal.env || \
 	    install -m 0640 -g intaleq-signal .env.example $(SYSCONFDIR)/intaleq-signal.env

@@ -29,6 +29,29 @@ __all__ = [
 EX_CONFIG = 78
 
 MIN_API_KEY_LENGTH = 32
+#: The ``API_KEY`` line of ``.env.example``: a key everyone can read, so it is
+#: refused like a short one (docs/operations.md; tests/test_config.py checks
+#: the file still carries this exact value).
+API_KEY_PLACEHOLDER = "change-me-to-a-random-secret-of-32-characters-or-more"
+
+#: ``DB_POOL_SIZE`` range: PyMySQL writer threads, one connection each.
+MIN_DB_POOL_SIZE = 1
+MAX_DB_POOL_SIZE = 32
+#: Every other thread the process can start, for the unit's ``TasksMax=``
+#: (systemd.resource-control(5): it counts threads; docs/operations.md):
+OTHER_THREADS: tuple[tuple[str, int], ...] = (
+    ("main thread", 1),
+    ("call-log journal thread", 1),
+    # loop.run_in_executor(None, ...): concurrent.futures.ThreadPoolExecutor's
+    # default max_workers, min(32, cpu_count + 4) (Python docs, concurrent.futures).
+    ("event loop default executor", 32),
+    # uvloop's libuv threadpool (getaddrinfo, file I/O): UV_THREADPOOL_SIZE,
+    # 4 when unset (libuv docs, "Thread pool work scheduling").
+    ("libuv threadpool", 4),
+)
+#: The most threads the code can start: ``MAX_DB_POOL_SIZE`` writers plus
+#: :data:`OTHER_THREADS` (32 + 1 + 1 + 32 + 4 = 70).
+MAX_THREADS = MAX_DB_POOL_SIZE + sum(count for _, count in OTHER_THREADS)
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 ENVIRONMENTS = ("production", "development")
@@ -175,6 +198,11 @@ class Config:
             raise ConfigError(
                 f"API_KEY is too short ({len(api_key)} characters, at least {MIN_API_KEY_LENGTH} required)"
             )
+        if api_key == API_KEY_PLACEHOLDER:
+            raise ConfigError(
+                "API_KEY is still the placeholder of .env.example; generate a secret with: "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         heartbeat_interval = reader.duration("HEARTBEAT_INTERVAL", "20s", positive=True)
         heartbeat_timeout = reader.duration("HEARTBEAT_TIMEOUT", "30s", positive=True)
         if heartbeat_timeout <= heartbeat_interval:
@@ -211,7 +239,7 @@ class Config:
             db_database=reader.get("DB_DATABASE", "callDB"),
             db_username=db_username,
             db_password=env.get("DB_PASSWORD") or None,
-            db_pool_size=reader.integer("DB_POOL_SIZE", "4", 1, 64),
+            db_pool_size=reader.integer("DB_POOL_SIZE", "4", MIN_DB_POOL_SIZE, MAX_DB_POOL_SIZE),
             sqlite_path=reader.get("SQLITE_PATH", "intaleq-signal.sqlite3"),
             node_id=_parse_node_id(reader.get("NODE_ID", f"{socket.gethostname()}:{port}")),
             journal_path=reader.get("JOURNAL_PATH", "intaleq-signal.journal"),

@@ -12,6 +12,7 @@ requests that are not upgrades) or, for upgrades, the
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ from .ratelimit import SlidingWindow, client_ip, peer_address
 from .sessions import Capacity, RideConflict
 from .signaling import Signaling
 
-__all__ = ["HTTPAPI", "validate_session_body"]
+__all__ = ["HTTPAPI", "is_loopback_peer", "validate_session_body"]
 
 log = logging.getLogger("intaleq_signal.http")
 
@@ -164,7 +165,7 @@ class HTTPAPI:
             if method not in ("GET", "HEAD"):
                 return respond(405, "method_not_allowed", "use GET", allow="GET, HEAD")
             if (
-                peer not in ("127.0.0.1", "::1")
+                not is_loopback_peer(peer)
                 or "X-Forwarded-For" in request.headers
                 or "X-Real-IP" in request.headers
             ):
@@ -260,6 +261,22 @@ def _proxy_headers(headers: Headers) -> dict[str, str]:
     if forwarded:
         found["X-Forwarded-For"] = ", ".join(forwarded)
     return found
+
+
+def is_loopback_peer(address: str) -> bool:
+    """Whether a TCP peer address is loopback, the only peers ``/metrics``
+    answers (README "GET /metrics"): anything in 127.0.0.0/8 (RFC 1122
+    §3.2.1.3), ``::1`` (RFC 4291 §2.5.3), and those IPv4 addresses mapped
+    into IPv6 (``::ffff:127.0.0.2``, RFC 4291 §2.5.5.2; Python before 3.13
+    calls a mapped address not loopback, so it is unmapped first). Anything
+    that is not an address (``"?"``, no peer) is not loopback."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _peer_host(connection: Any) -> str:

@@ -275,15 +275,21 @@ def _address(sockname: Any) -> str:
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` in a fresh event loop: uvloop's when it is installed
     (``pip install .[fast]``), else asyncio's. ``INTALEQ_EVENT_LOOP=asyncio``
-    forces the standard loop."""
-    try:
-        if os.environ.get("INTALEQ_EVENT_LOOP") == "asyncio":
-            raise ImportError("the standard loop was asked for")
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+    forces the standard loop.
+
+    The loop is chosen first and run outside the ``except ImportError``
+    block: an exception escaping ``main`` on the standard loop would otherwise
+    be chained to the missing uvloop ("During handling of the above
+    exception, another exception occurred", PEP 3134's implicit chaining)."""
+    run_loop = asyncio.run
+    if os.environ.get("INTALEQ_EVENT_LOOP") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass  # the standard loop
+        else:
+            run_loop = uvloop.run
+    run_loop(main)
 
 
 def run(config: Config) -> None:

@@ -3,10 +3,17 @@ one-line errors that name the variable."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from intaleq_signal.config import (
+    API_KEY_PLACEHOLDER,
     EX_CONFIG,
+    MAX_DB_POOL_SIZE,
+    MIN_DB_POOL_SIZE,
     Config,
     ConfigError,
     config_from_environment,
@@ -14,6 +21,8 @@ from intaleq_signal.config import (
     parse_duration,
     parse_server_addr,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 KEY = "k" * 32
 BASE = {"API_KEY": KEY, "ENVIRONMENT": "development"}
@@ -277,6 +286,35 @@ def test_api_key_of_32_characters_accepted():
     assert build(API_KEY="a" * 32).api_key == "a" * 32
 
 
+def test_env_example_api_key_is_refused():
+    """docs/operations.md: the API_KEY written in .env.example (read from the file,
+    so the two cannot drift) stops the process like a short key, naming API_KEY
+    without echoing the value; the whole file, unedited, fails on API_KEY."""
+    example = load_env_file(str(ROOT / ".env.example"))
+    assert example["API_KEY"] == API_KEY_PLACEHOLDER
+    message = config_error(API_KEY=example["API_KEY"])
+    assert "API_KEY" in message
+    assert API_KEY_PLACEHOLDER not in message
+    with pytest.raises(ConfigError, match="API_KEY"):
+        Config.from_env({**example, "ENVIRONMENT": "development"})
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed here")
+def test_make_env_replaces_the_placeholder(tmp_path):
+    """The Makefile's .env target (behind `make run`) writes a random API_KEY, which is accepted."""
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env.example")
+    subprocess.run(
+        ["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), ".env"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    config = Config.from_env(load_env_file(str(tmp_path / ".env")))
+    assert config.environment == "development"
+    assert config.api_key != API_KEY_PLACEHOLDER
+
+
 # -- choices ------------------------------------------------------------------
 
 
@@ -350,6 +388,17 @@ def test_db_username_means_mysql(environment):
 def test_bad_integer_names_variable(name, value):
     """SPEC §2: a bad number names the variable."""
     assert name in config_error(**{name: value})
+
+
+def test_db_pool_size_range():
+    """docs/operations.md: DB_POOL_SIZE takes 1 to MAX_DB_POOL_SIZE writer threads, the bound
+    the unit's TasksMax is sized for (tests/test_operation.py); one more names the variable."""
+    assert build(DB_POOL_SIZE=str(MIN_DB_POOL_SIZE)).db_pool_size == MIN_DB_POOL_SIZE
+    assert build(DB_POOL_SIZE=str(MAX_DB_POOL_SIZE)).db_pool_size == MAX_DB_POOL_SIZE
+    message = config_error(DB_POOL_SIZE=str(MAX_DB_POOL_SIZE + 1))
+    assert "DB_POOL_SIZE" in message
+    assert f"from {MIN_DB_POOL_SIZE} to {MAX_DB_POOL_SIZE}" in message
+    assert "DB_POOL_SIZE" in config_error(DB_POOL_SIZE="64")
 
 
 @pytest.mark.parametrize("name", ["MAX_MESSAGE_BYTES", "DB_PORT"])

@@ -28,6 +28,9 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from conftest import API_KEY, closed_with, free_port, join, recv_json, send_json
+from intaleq_signal.http_api import is_loopback_peer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 JSON_HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
 WS_UPGRADE = (
@@ -704,6 +707,85 @@ def test_metrics_for_loopback_only(server) -> None:
         assert_error(server.request("GET", "/metrics", None, header), 404)
 
 
+def request_from(server: Any, source: str, path: str, headers: dict[str, str] | None = None) -> tuple:
+    """``GET path`` to the daemon on 127.0.0.1 from a socket bound to
+    ``source`` (any local address: Linux routes 127.0.0.0/8 and the host's own
+    addresses over lo without setup): ``(status, headers, body)``."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers=headers or {})
+        assert conn.sock.getsockname()[0] == source
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this host that is not loopback, or None: the source
+    address the kernel picks for a route off the host (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("198.51.100.1", 9))  # TEST-NET-2 (RFC 5737)
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if is_loopback_peer(address) or address == "0.0.0.0" else address
+
+
+@pytest.mark.compat
+def test_metrics_for_every_loopback_peer(server) -> None:
+    """README "GET /metrics": any loopback peer (here 127.0.0.2, in 127.0.0.0/8 like
+    127.0.0.1, RFC 1122 §3.2.1.3) gets the metrics; with a forwarding header still 404."""
+    status, headers, body = request_from(server, "127.0.0.2", "/metrics")
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/plain")
+    assert b"# TYPE intaleq_sessions_created_total counter" in body
+    for header in ({"X-Forwarded-For": "127.0.0.1"}, {"X-Real-IP": "127.0.0.2"}):
+        assert_error(request_from(server, "127.0.0.2", "/metrics", header), 404)
+
+
+def test_metrics_refused_to_a_non_loopback_peer(server) -> None:
+    """README "GET /metrics": a peer outside loopback (this host's own LAN address) gets 404."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address (is_loopback_peer is tested alone)")
+    assert_error(request_from(server, address, "/metrics"), 404, "not_found")
+    assert request_from(server, address, "/health")[0] == 200  # the peer itself reaches the daemon
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("127.255.255.254", True),
+        ("::1", True),
+        ("0:0:0:0:0:0:0:1", True),
+        ("::ffff:127.0.0.1", True),
+        ("::ffff:127.0.0.2", True),
+        ("::ffff:7f00:2", True),
+        ("128.0.0.1", False),
+        ("126.255.255.255", False),
+        ("192.0.2.2", False),
+        ("10.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("::2", False),
+        ("::ffff:192.0.2.2", False),
+        ("::127.0.0.1", False),  # IPv4-compatible (deprecated, RFC 4291 §2.5.5.1), not mapped
+        ("fd00::2", False),
+        ("fe80::1", False),
+        ("?", False),
+        ("", False),
+        ("localhost", False),
+    ],
+)
+def test_is_loopback_peer(address: str, loopback: bool) -> None:
+    """README "GET /metrics": 127.0.0.0/8, ::1 and IPv4-mapped ::ffff:127.x are loopback; nothing else."""
+    assert is_loopback_peer(address) is loopback
+
+
 @pytest.mark.compat
 def test_other_paths_and_ws_without_upgrade(server) -> None:
     """SPEC §3: /ws without upgrade → 426; POST /ws → 405; unknown path → 404."""
@@ -1002,6 +1084,24 @@ def test_config_error_exits_78_naming_the_variable(tmp_path, overrides: dict, va
     assert "Traceback" not in result.stderr
     if "API_KEY" in overrides and overrides["API_KEY"]:
         assert overrides["API_KEY"] not in result.stderr  # never echo the secret
+
+
+def test_unedited_env_example_exits_78_naming_api_key(tmp_path) -> None:
+    """docs/operations.md: started with .env.example as it ships (its placeholder API_KEY),
+    the daemon stops at once: exit 78, one line naming API_KEY, the value not echoed."""
+    env = daemon_env(tmp_path, API_KEY=None)
+    result = subprocess.run(
+        [sys.executable, "-m", "intaleq_signal", "--env-file", os.path.join(ROOT, ".env.example")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert result.returncode == 78, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "API_KEY" in lines[0] and "placeholder" in lines[0], lines
+    assert "change-me" not in result.stderr
 
 
 def test_env_file_missing_or_malformed_exits_78(tmp_path) -> None:

@@ -4,7 +4,10 @@ unit hardening, Prometheus exposition, logging content and format."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import API_KEY, closed_with, join, recv_json, send_json
+from intaleq_signal.config import MAX_DB_POOL_SIZE, MAX_THREADS, OTHER_THREADS
 from intaleq_signal.systemd import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +140,54 @@ def test_unit_file_directives() -> None:
     ):
         assert required in directives, required
     assert any(d.startswith("RestrictAddressFamilies=") for d in directives)
+
+
+def unit_setting(name: str) -> str:
+    """The value of the one ``name=`` line of the unit."""
+    unit = (ROOT / "intaleq-signal.service").read_text()
+    values = re.findall(rf"^{name}=(.*)$", unit, re.M)
+    assert len(values) == 1, values
+    return values[0].strip()
+
+
+def test_tasks_max_covers_every_thread_the_code_can_start() -> None:
+    """systemd.resource-control(5): TasksMax counts threads. It is at least MAX_THREADS
+    (DB_POOL_SIZE's upper bound of writers plus every other thread, config.py), and the
+    unit's comment shows that sum."""
+    tasks_max = int(unit_setting("TasksMax"))
+    assert tasks_max >= MAX_THREADS, (tasks_max, MAX_THREADS)
+    assert MAX_THREADS == MAX_DB_POOL_SIZE + sum(count for _, count in OTHER_THREADS)
+    unit = (ROOT / "intaleq-signal.service").read_text()
+    assert f"= {MAX_THREADS} (intaleq_signal/config.py MAX_THREADS)" in unit
+
+
+def test_default_executor_count_matches_python(monkeypatch) -> None:
+    """The default executor's count in OTHER_THREADS: run_in_executor(None, ...) uses
+    ThreadPoolExecutor's default max_workers (Python docs, concurrent.futures), which
+    stays within that count however many CPUs the host has."""
+    counts = dict(OTHER_THREADS)
+    for name in ("cpu_count", "process_cpu_count"):  # 3.13 sizes by process_cpu_count
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, lambda: 4096)
+    executor = concurrent.futures.ThreadPoolExecutor()
+    assert executor._max_workers <= counts["event loop default executor"]
+    executor.shutdown()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_unit_file_verifies_without_warnings(tmp_path) -> None:
+    """systemd-analyze(1) verify: every line of the unit parses (an unknown key or a bad
+    value such as TasksMax=sixty is only a warning to systemd, so no output is allowed).
+    ExecStart points at an existing program in the copy, the venv not being installed here."""
+    unit = (ROOT / "intaleq-signal.service").read_text()
+    copy = tmp_path / "intaleq-signal.service"
+    copy.write_text(re.sub(r"^ExecStart=.*$", "ExecStart=/bin/true", unit, count=1, flags=re.M))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert str(copy) not in output and "intaleq-signal.service" not in output, output
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
