@@ -542,3 +542,20 @@ def test_config_from_environment_missing_file(tmp_path, clean_environ):
     clean_environ.setenv("API_KEY", KEY)
     with pytest.raises(ConfigError):
         config_from_environment(str(tmp_path / "nope.env"))
+
+
+def test_node_id_defaults_to_host_and_port():
+    import socket
+
+    assert build(SERVER_ADDR="127.0.0.1:5000").node_id == f"{socket.gethostname()}:5000"
+    assert build(NODE_ID="  edge-1 ").node_id == "edge-1"
+
+
+@pytest.mark.parametrize("value", ["x" * 256, "bad\tid", "new\x00line"])
+def test_node_id_must_fit_its_column(value):
+    assert "NODE_ID" in config_error(NODE_ID=value)
+
+
+def test_journal_path_default_and_override():
+    assert build().journal_path == "intaleq-signal.journal"
+    assert build(JOURNAL_PATH="/var/lib/x/j").journal_path == "/var/lib/x/j"

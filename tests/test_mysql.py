@@ -591,3 +591,21 @@ def metric(server, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def test_unusable_or_shared_journal_exits_78_naming_it(server_factory, db, tmp_path) -> None:
+    """A journal that cannot be opened, or that another instance holds,
+    stops the start with one line naming JOURNAL_PATH (exit 78)."""
+    import subprocess
+    import sys
+
+    first = server_factory(JOURNAL_PATH=str(tmp_path / "shared"), **db.server_env())
+    for path, words in ((tmp_path / "no-such-dir" / "j", "cannot be used"), (tmp_path / "shared", "in use")):
+        env = {**first.env, "SERVER_ADDR": "127.0.0.1:0", "JOURNAL_PATH": str(path)}
+        done = subprocess.run(
+            [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 78, done.stderr
+        assert done.stderr.count("\n") == 1 and "JOURNAL_PATH=" in done.stderr and words in done.stderr, (
+            done.stderr
+        )

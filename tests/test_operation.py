@@ -10,7 +10,9 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -304,3 +306,46 @@ def test_refused_connection_logged_with_reason_and_ip(server) -> None:
     asyncio.run(scenario())
     line = server.wait_for_log("connection refused reason=session_not_found")
     assert "ip=203.0.113.50" in line
+
+
+def test_port_in_use_is_one_line_and_writes_nothing(server, tmp_path) -> None:
+    """A second daemon on a taken address says so in one line, exits 1,
+    and neither writes to nor warns about the call log."""
+    sqlite_path = tmp_path / "second.sqlite3"
+    env = {
+        **server.env,
+        "SQLITE_PATH": str(sqlite_path),
+        "LOG_LEVEL": "info",
+        "JOURNAL_STREAM": "",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        f"intaleq-signal: cannot listen on 127.0.0.1:{server.port}: " + lines[0].split(": ", 2)[2]
+    ]
+    assert "in use" in lines[0]
+    conn = sqlite3.connect(sqlite_path)
+    try:
+        assert conn.execute("SELECT count(*) FROM call_logs").fetchone()[0] == 0
+    finally:
+        conn.close()
+
+
+def test_no_thread_for_the_call_log_is_one_line_and_exit_78(monkeypatch, capsys) -> None:
+    """Running out of tasks (systemd TasksMax=) at start: one line, and the
+    status systemd does not restart on."""
+    from intaleq_signal import __main__ as entry
+    from intaleq_signal.calllog.writer import StartError
+
+    def refuse(config: object) -> None:
+        raise StartError("cannot start call-log thread 3 of 5 (can't start new thread): ...")
+
+    monkeypatch.setenv("API_KEY", API_KEY)
+    monkeypatch.setenv("ENVIRONMENT", "development")
+    monkeypatch.setattr(entry, "run", refuse)
+    assert entry.main([]) == 78
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("intaleq-signal: cannot start call-log thread 3 of 5"), err

@@ -624,8 +624,8 @@ def test_sigterm_with_database_frozen_exits_in_bounded_time(server_factory, db, 
     """Issue 7, shutdown: SIGTERM while MySQL has stopped answering, with a
     call whose passenger never answers the closing handshake and a
     half-sent HTTP request: the process exits 0 within FLUSH_TIMEOUT plus
-    the close timeouts, and logs how many call-log events it could not
-    write — every event since the freeze."""
+    the close timeouts, and logs how many call-log events it keeps in the
+    journal for the next start — every event since the freeze."""
     server = server_factory(**db.server_env(proxy.port))
     wait_until(lambda: health(server)["database"] == "ok")
     wait_until(lambda: metric(server, "intaleq_calllog_writes_pending") == 0)
@@ -659,9 +659,9 @@ def test_sigterm_with_database_frozen_exits_in_bounded_time(server_factory, db, 
     bound = FLUSH_TIMEOUT + 2 * (CLOSE_TIMEOUT + 1) + 3  # flush, closing handshakes, HTTP, start-up slack
     assert elapsed < bound, (elapsed, server.log)
     assert elapsed >= FLUSH_TIMEOUT, elapsed  # it did try to flush
-    stopped = re.search(r"stopped \((\d+) call-log events unwritten\)", server.log)
+    stopped = re.search(r"stopped \((\d+) call-log events not yet in the database\)", server.log)
     assert stopped and int(stopped.group(1)) == 8, server.log
-    assert "call log: 8 events could not be written before exit" in server.log
+    assert "call log: 8 events not committed to the database are kept in the journal" in server.log
     assert db.rows() == []  # nothing since the freeze reached the database
 
 
@@ -697,5 +697,5 @@ def test_sigterm_during_database_outage_exits_cleanly(server_factory, db, proxy,
         f"exit status {code} after SIGTERM (negative: killed by that signal)\n{server.log[-3000:]}"
     )
     assert elapsed < FLUSH_TIMEOUT + 3, elapsed
-    stopped = re.search(r"stopped \((\d+) call-log events unwritten\)", server.log)
+    stopped = re.search(r"stopped \((\d+) call-log events not yet in the database\)", server.log)
     assert stopped and int(stopped.group(1)) == 80, server.log[-3000:]
