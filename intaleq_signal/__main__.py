@@ -8,7 +8,7 @@ import sys
 
 from .calllog.writer import StartError
 from .config import EX_CONFIG, ConfigError, config_from_environment
-from .logs import setup_logging
+from .logs import setup_logging, stderr_is_journal
 from .server import ListenError, run
 
 
@@ -28,15 +28,20 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_level, config.log_format)
         run(config)
     except ConfigError as exc:
-        print(f"intaleq-signal: configuration error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _fail(f"configuration error: {exc}", EX_CONFIG)
     except StartError as exc:  # restarting cannot help: a limit to raise
-        print(f"intaleq-signal: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _fail(str(exc), EX_CONFIG)
     except ListenError as exc:  # the address is taken, or not ours to bind
-        print(f"intaleq-signal: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     return 0
+
+
+def _fail(message: str, status: int) -> int:
+    """Print the one line that says why the process stops (an error for
+    ``journalctl -p err`` when stderr is the journal); return ``status``."""
+    prefix = "<3>" if stderr_is_journal() else ""
+    print(f"{prefix}intaleq-signal: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

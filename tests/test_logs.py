@@ -181,3 +181,26 @@ def test_stderr_is_journal_compares_device_and_inode(tmp_path) -> None:
         assert not stderr_is_journal({}, stream)
         assert not stderr_is_journal({"JOURNAL_STREAM": "\u00b2:\u00b3"}, stream)
     assert not stderr_is_journal({"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}, stream)  # closed
+
+
+def test_the_line_that_stops_the_process_is_an_error_on_the_journal(tmp_path) -> None:
+    """A configuration error's one line carries ``<3>`` on the journal, and
+    no prefix elsewhere."""
+    for journal in (True, False):
+        path = tmp_path / f"stop-{journal}.log"
+        path.touch()
+        env = {
+            **{k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "DB_USERNAME")},
+            "API_KEY": "short",
+            **({"JOURNAL_STREAM": stream_id(path)} if journal else {}),
+        }
+        with open(path, "w", encoding="utf-8") as stderr:
+            done = subprocess.run(
+                [sys.executable, "-m", "intaleq_signal"], env=env, stderr=stderr, timeout=30
+            )
+        assert done.returncode == 78
+        [line] = path.read_text(encoding="utf-8").splitlines()
+        expected = (
+            "<3>intaleq-signal: configuration error: API_KEY" if journal else "intaleq-signal: configuration"
+        )
+        assert line.startswith(expected), line
