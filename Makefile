@@ -8,11 +8,19 @@ COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
 .PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-memory bench-calllog install
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,fast]'
+
+# What running needs: the package and its [fast] extra (uvloop), no test tools.
+$(VENV)/.run-installed: setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[fast]'
 	touch $@
+
+# What the tests need on top: the [test] extra (pytest, ruff, hypothesis, ...).
+$(VENV)/.installed: setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test,fast]'
+	touch $@ $(VENV)/.run-installed
 
 .env:
 	@key=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))'); \
@@ -21,8 +29,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	echo "make run: no .env found; wrote a development one (ENVIRONMENT=development, new API_KEY," \
 	     "call log in intaleq-signal.sqlite3). Edit .env to change settings."
 
-## run: set up the virtualenv, write a development .env if missing, start the server
-run: $(VENV)/.installed .env
+## run: set up the virtualenv (no test tools), write a development .env if missing, start the server
+run: $(VENV)/.run-installed .env
 	$(PY) -m intaleq_signal --env-file .env
 
 ## test: lint, then every test (newest websockets), then the oldest supported versions
@@ -71,16 +79,7 @@ test-compat: $(COMPAT_VENV)/.installed
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache
 
-## bench-memory: CONNS (10000) idle sockets inside a memory cgroup of LIMIT (128M,
-## the unit's MemoryMax); needs root and a `make bench` run before (npm packages)
-bench-memory: $(VENV)/.installed
-	tests/bench_memory_limit.sh
-
-## bench-calllog: session creation and loop lag with no store, SQLite and MySQL (issue 3)
-bench-calllog: $(VENV)/.installed
-	tests/bench_calllog.sh
-
-## install: as root, put the service in place (user, venv, config, unit); see README
+## install: as root, put the service in place (user, venv, config, unit); see docs/operations.md
 PREFIX ?= /opt/intaleq-signal
 SYSCONFDIR ?= /etc/intaleq-signal
 UNITDIR ?= /etc/systemd/system
@@ -97,18 +96,38 @@ install:
 	@echo "make install: edit $(SYSCONFDIR)/intaleq-signal.env (API_KEY, DB_*), then" \
 	      "systemctl enable --now intaleq-signal"
 
-## bench: the side-by-side benchmark against PeerJS (../shared/bench), with and
-## without uvloop; REPEAT=3 by default, QUICK=1 for a smoke run. The servers
-## listen below the ephemeral port range (BASE_PORT), so that the load
-## generator's own sockets of one scenario cannot hold the next one's port,
-## and each start gets a fresh call-log file (tests/bench_target.sh).
+# -- benchmarks (docs/performance.md) ---------------------------------------
+# The harness (Node.js load generator, PeerJS baseline) is not part of this
+# repository: a checkout of it beside the repository, at BENCH_DIR. Without
+# it the bench targets say so and stop without failing.
+BENCH_DIR := ../shared/bench
 BENCH_BASE_PORT ?= 20100
+
+ifeq ($(wildcard $(BENCH_DIR)/run.sh),)
+bench bench-memory bench-calllog:
+	@echo "make $@: skipped: the benchmark harness is not checked out at $(BENCH_DIR) (see docs/performance.md)"
+else
+## bench: the side-by-side benchmark against PeerJS, with and without uvloop;
+## REPEAT=3 by default, QUICK=1 for a smoke run. The servers listen below the
+## ephemeral port range (BASE_PORT), so that the load generator's own sockets
+## of one scenario cannot hold the next one's port, and each start gets a
+## fresh call-log file (tests/bench_target.sh).
 bench: $(VENV)/.installed
 	status=0; \
 	REPEAT=$${REPEAT:-3} BASE_PORT=$(BENCH_BASE_PORT) TARGET_NAME=uvloop \
 	    TARGET_CMD="$(CURDIR)/tests/bench_target.sh $(CURDIR)/$(PY) -m intaleq_signal" TARGET_DIR=$(CURDIR) \
-	    ../shared/bench/run.sh || status=1; \
+	    $(BENCH_DIR)/run.sh || status=1; \
 	REPEAT=$${REPEAT:-3} BASE_PORT=$(BENCH_BASE_PORT) TARGET_NAME=asyncio \
 	    TARGET_CMD="$(CURDIR)/tests/bench_target.sh env INTALEQ_EVENT_LOOP=asyncio $(CURDIR)/$(PY) -m intaleq_signal" \
-	    TARGET_DIR=$(CURDIR) ../shared/bench/run.sh || status=1; \
+	    TARGET_DIR=$(CURDIR) $(BENCH_DIR)/run.sh || status=1; \
 	exit $$status
+
+## bench-memory: CONNS (10000) idle sockets inside a memory cgroup of LIMIT (128M,
+## the unit's MemoryMax); needs root and a `make bench` run before (npm packages)
+bench-memory: $(VENV)/.installed
+	BENCH=$(abspath $(BENCH_DIR)) tests/bench_memory_limit.sh
+
+## bench-calllog: session creation and loop lag with no store, SQLite and MySQL
+bench-calllog: $(VENV)/.installed
+	tests/bench_calllog.sh
+endif

@@ -1,12 +1,13 @@
-"""The README's Nginx block in front of the real daemon (SPEC §3, §4, §6).
+"""The Nginx block of docs/operations.md in front of the real daemon (SPEC §3, §4, §6).
 
-The ```nginx block is read from README.md at test time and changed only as
-far as a loopback test without TLS needs: the port-80 redirect server is
-dropped, ``listen 443 ssl`` becomes a free loopback port, the ``ssl_*`` lines
-go, and ``proxy_pass`` points at the test daemon. The ``map`` and every
-``location`` directive are kept verbatim, so a README edit that breaks the
-block breaks these tests. A real ``nginx`` binary is required (``.ci/run``
-installs it); the tests fail, not skip, without one.
+The ```nginx block is read from docs/operations.md, section "Nginx and TLS",
+at test time and changed only as far as a loopback test without TLS needs:
+the port-80 redirect server is dropped, ``listen 443 ssl`` becomes a free
+loopback port, the ``ssl_*`` lines go, and ``proxy_pass`` points at the test
+daemon. The ``map`` and every ``location`` directive are kept verbatim, so
+an edit of the documentation that breaks the block breaks these tests. A
+real ``nginx`` binary is required (``.ci/run`` installs it); the tests fail,
+not skip, without one.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from websockets.exceptions import InvalidStatus
 
 from conftest import API_KEY, join, recv_json, relay_and_end
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-#: The README's upstream; replaced by the test daemon's port.
+#: Where the documented Nginx block lives (it used to be README.md).
+OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+NGINX_SECTION = "## Nginx and TLS"
+#: The documented upstream; replaced by the test daemon's port.
 README_UPSTREAM = "proxy_pass http://127.0.0.1:47880;"
 REFUSED = "connection refused reason=ip_rate_limited ip="
 
@@ -41,11 +44,16 @@ REFUSED = "connection refused reason=ip_rate_limited ip="
 
 
 def readme_nginx_block() -> str:
-    """The one fenced ```nginx block of the README's Nginx section."""
-    text = README.read_text(encoding="utf-8")
-    assert "### Nginx in front" in text, "README lost its 'Nginx in front' section"
-    blocks = re.findall(r"^```nginx\n(.*?)^```$", text, flags=re.M | re.S)
-    assert len(blocks) == 1, f"expected exactly one ```nginx block in README.md, found {len(blocks)}"
+    """The one fenced ```nginx block of docs/operations.md, in its "Nginx and
+    TLS" section (the only one in the whole file, too)."""
+    text = OPERATIONS.read_text(encoding="utf-8")
+    lost = f"docs/operations.md lost its {NGINX_SECTION!r} section"
+    assert re.search(rf"^{NGINX_SECTION}$", text, re.M), lost
+    section = text.split(f"\n{NGINX_SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```nginx\n(.*?)^```$", section, flags=re.M | re.S)
+    assert len(blocks) == 1, f"expected exactly one ```nginx block in {NGINX_SECTION!r}, found {len(blocks)}"
+    everywhere = re.findall(r"^```nginx\n", text, flags=re.M)
+    assert len(everywhere) == 1, f"expected one ```nginx block in docs/operations.md, found {len(everywhere)}"
     return blocks[0]
 
 
