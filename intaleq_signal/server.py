@@ -16,8 +16,9 @@ from typing import Any
 from websockets.asyncio.server import serve
 
 from .calllog import CallLogWriter, PreviousRunClosed
-from .calllog.journal import Journal, JournalError
+from .calllog.journal import Journal
 from .calllog.sqlite import SQLiteStore
+from .calllog.store import StoreError
 from .config import Config, ConfigError
 from .front import FrontFactory
 from .http_api import HTTPAPI
@@ -49,9 +50,18 @@ def make_store(config: Config) -> Any:
     if config.uses_mysql:
         from .calllog.mysql import MySQLStore
 
-        return MySQLStore(config)
+        return MySQLStore(
+            host=config.db_host,
+            port=config.db_port,
+            user=config.db_username or "",
+            password=config.db_password or "",
+            database=config.db_database,
+        )
     store = SQLiteStore(config.sqlite_path)
-    store.check()
+    try:
+        store.check()
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
     return store
 
 
@@ -132,7 +142,7 @@ class Server:
         config = self.config
         try:
             self.calllog.open()
-        except JournalError as exc:
+        except StoreError as exc:
             raise ConfigError(str(exc)) from None
         self.calllog.start()
         self.signaling = Signaling(config, self.calllog, self.metrics)

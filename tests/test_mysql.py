@@ -351,9 +351,15 @@ def test_batch_is_one_transaction(db) -> None:
     connection stays usable."""
     from intaleq_signal.calllog import CallActive, SessionCreated
     from intaleq_signal.calllog.mysql import MySQLStore
-    from intaleq_signal.config import Config
 
-    store = MySQLStore(Config.from_env({"API_KEY": "k" * 32, **db.server_env()}))
+    env = db.server_env()
+    store = MySQLStore(
+        host=env["DB_HOST"],
+        port=int(env["DB_PORT"]),
+        user=env["DB_USERNAME"],
+        password=env["DB_PASSWORD"],
+        database=env["DB_DATABASE"],
+    )
     conn = store.connect()
     try:
         store.prepare(conn)

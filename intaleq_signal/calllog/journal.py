@@ -22,6 +22,7 @@ import os
 import sqlite3
 
 from .events import CallEvent, EventDecodeError, decode, encode
+from .store import StoreError
 
 __all__ = ["Journal", "JournalError"]
 
@@ -35,7 +36,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
-class JournalError(Exception):
+class JournalError(StoreError):
     """The journal file cannot be used (``str()`` names ``JOURNAL_PATH``)."""
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pymysql
 
-from ..config import Config
 from .events import CallEvent
 from .sql import ADDED_COLUMNS, MYSQL
 
@@ -39,17 +38,23 @@ def _ddl_statements(ddl: str) -> list[str]:
 
 
 class MySQLStore:
-    """:class:`~intaleq_signal.calllog.store.Store` over MySQL/MariaDB."""
+    """:class:`~intaleq_signal.calllog.store.Store` over MySQL/MariaDB.
+
+    Args:
+        host, port: the server (``DB_HOST``, ``DB_PORT``).
+        user, password: credentials (``DB_USERNAME``, ``DB_PASSWORD``).
+        database: the database holding ``call_logs`` (``DB_DATABASE``).
+    """
 
     healthy_state = "ok"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, *, host: str, port: int, user: str, password: str, database: str) -> None:
         self.params: dict[str, Any] = {
-            "host": config.db_host,
-            "port": config.db_port,
-            "user": config.db_username,
-            "password": config.db_password or "",
-            "database": config.db_database,
+            "host": host,
+            "port": port,
+            "user": user,
+            "password": password,
+            "database": database,
             "charset": "utf8mb4",
             "autocommit": True,
             "connect_timeout": CONNECT_TIMEOUT,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from ..config import ConfigError
 from .events import CallEvent
 from .sql import ADDED_COLUMNS, SQLITE
+from .store import StoreError
 
 __all__ = ["SQLiteStore"]
 
@@ -47,7 +47,7 @@ class SQLiteStore:
         """Open the file and create the table once, at start-up.
 
         Raises:
-            ConfigError: naming ``SQLITE_PATH`` when the file cannot be used
+            StoreError: naming ``SQLITE_PATH`` when the file cannot be used
             (a missing directory, a directory, a file that is not SQLite).
         """
         try:
@@ -57,7 +57,7 @@ class SQLiteStore:
             finally:
                 conn.close()
         except (sqlite3.Error, OSError) as exc:
-            raise ConfigError(f"SQLITE_PATH={self.path!r} cannot be used: {exc}") from None
+            raise StoreError(f"SQLITE_PATH={self.path!r} cannot be used: {exc}") from None
 
     def connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)

@@ -13,6 +13,13 @@ from typing import Any, Protocol
 
 from .events import CallEvent
 
+__all__ = ["Store", "StoreError"]
+
+
+class StoreError(Exception):
+    """A call-log file cannot be used at start (the SQLite call log, the
+    journal); ``str()`` is one line naming the setting."""
+
 
 class Store(Protocol):
     #: Reported by ``/health`` as the database state while writes succeed.
