@@ -331,12 +331,15 @@ class Signaling:
         self.calllog.record(CallEnded(session.session_id, reason.value, time.time()))
         self.metrics.calls_ended[reason.value] += 1
         started = session.connected
-        log.info(
-            "call ended session=%s reason=%s duration=%.1fs",
-            session.session_id,
-            reason.value,
-            (now - started) if started is not None else 0.0,
-        )
+        if started is None:  # it never became a call (expired, or ended before both were there)
+            log.info("session ended session=%s reason=%s", session.session_id, reason.value)
+        else:
+            log.info(
+                "call ended session=%s reason=%s duration=%.1fs",
+                session.session_id,
+                reason.value,
+                now - started,
+            )
         session.timer = self.loop.call_later(self.config.session_duration, self.registry.forget, session)
 
     def _deadline_reached(self, session: Session) -> None:
