@@ -75,9 +75,9 @@ class Client:
         """Each whole message received (the connection's ``on_message``)."""
         self.engine.on_message(self, message)
 
-    def pinged(self) -> None:
-        """Each ping received (the connection's ``on_ping``)."""
-        self.engine.pinged(self)
+    def frame_received(self) -> None:
+        """Each other frame received (the connection's ``on_frame``)."""
+        self.engine.on_frame(self)
 
 
 class Signaling:
@@ -133,15 +133,16 @@ class Signaling:
         self.clients.add(client)
         ws.forget_handshake()
         try:
-            ws.start(client.receive, client.pinged)
+            ws.start(client.receive, client.frame_received)
             await ws.wait_closed()
         finally:
             self.clients.discard(client)
             self.on_closed(client)
 
-    def pinged(self, client: Client) -> None:
-        """A ping frame: it counts against the message rate (SPEC §4
-        "Precise points")."""
+    def on_frame(self, client: Client) -> None:
+        """A frame other than a whole unfragmented message — a fragment, a
+        ping, a pong (solicited or not), a close frame: every frame counts
+        against the message rate (docs/protocol.md, rule 7)."""
         state = client.lifecycle.state
         if (state is _AUTHENTICATED or state is _CONNECTED) and not client.bucket.take(self.loop.time()):
             self._rate_limited(client)

@@ -26,7 +26,7 @@ __all__ = ["HTTPServerConnection", "MAX_UNREAD_BYTES"]
 #: Unsent output past which a peer is taken as not reading and dropped.
 MAX_UNREAD_BYTES = 256 * 1024
 
-_TEXT, _BINARY, _CONT, _PING = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OPEN, _CONNECTING = State.OPEN, State.CONNECTING
 _NO_HEADERS = Headers()  # shared, never written to
 #: While a connection handles a received chunk: the connections it queued
@@ -76,7 +76,7 @@ class HTTPServerConnection(ServerConnection):
         "client_ip",
         "last_received",
         "on_message",
-        "on_ping",
+        "on_frame",
         "_fragments",
         "_held",
         "_held_eof",
@@ -98,10 +98,11 @@ class HTTPServerConnection(ServerConnection):
         self.client_ip = "?"
         self.http_method = "GET"
         self.last_received = 0.0
-        #: After the upgrade: called with each whole message (str for text,
-        #: bytes for binary), and on each ping; set by the signaling layer.
+        #: After the upgrade, set by :meth:`start`: called with each whole
+        #: message (str for text, bytes for binary), and on every other
+        #: frame (see :meth:`process_event`).
         self.on_message: Callable[[str | bytes], None] | None = None
-        self.on_ping: Callable[[], None] | None = None
+        self.on_frame: Callable[[], None] | None = None
         self._fragments: list[Any] | None = None  # [opcode, data, ...] of a fragmented message
         self._held: bytearray | None = None  # bytes behind the upgrade request, until start()
         self._held_eof = False  # the client half-closed before its answer was written
@@ -143,8 +144,14 @@ class HTTPServerConnection(ServerConnection):
         instead of queueing it for ``recv()``: the library's frame parser
         still checks every frame (masking, sizes, control frames), but a
         relayed message costs no queue, future or task switch, and messages
-        are handled in arrival order. Pings are passed to :attr:`on_ping`
-        (SPEC §4: the message rate limit counts every frame)."""
+        are handled in arrival order.
+
+        Every frame counts against the message rate limit (docs/protocol.md,
+        rule 7): an unfragmented message once, through
+        :attr:`on_message`; every other frame through :attr:`on_frame` — a
+        fragment (the last one of a message counts through
+        :attr:`on_message`, so a message of n fragments counts n), a ping,
+        a pong, solicited or not, and a close frame."""
         if self.request is None:
             super().process_event(event)  # the handshake request
             return
@@ -152,27 +159,28 @@ class HTTPServerConnection(ServerConnection):
         if opcode is _TEXT or opcode is _BINARY:
             if event.fin:
                 self._deliver(opcode, event.data)
-            else:
-                self._fragments = [opcode, event.data]
+                return
+            self._fragments = [opcode, event.data]
         elif opcode is _CONT:
             fragments = self._fragments
-            if fragments is not None:
+            if fragments is not None:  # always: the parser refuses a stray continuation (1002)
                 fragments.append(event.data)
                 if event.fin:
                     self._fragments = None
                     self._deliver(fragments[0], b"".join(fragments[1:]))
+                    return
         else:
-            if opcode is _PING and self.on_ping is not None:
-                self.on_ping()
-            super().process_event(event)
+            super().process_event(event)  # a pong acknowledges our pings
+        if self.on_frame is not None:
+            self.on_frame()
 
-    def start(self, on_message: Callable[[str | bytes], None], on_ping: Callable[[], None]) -> None:
-        """Begin handing messages to ``on_message`` (and pings to
-        ``on_ping``). Bytes that came behind the upgrade request were held
-        until now, after the 101 (RFC 6455 §4.1): they are parsed first, then
-        a held end of stream."""
+    def start(self, on_message: Callable[[str | bytes], None], on_frame: Callable[[], None]) -> None:
+        """Begin handing messages to ``on_message``, and other frames to
+        ``on_frame`` (see :meth:`process_event`). Bytes that came behind the
+        upgrade request were held until now, after the 101 (RFC 6455 §4.1):
+        they are parsed first, then a held end of stream."""
         self.on_message = on_message
-        self.on_ping = on_ping
+        self.on_frame = on_frame
         held, self._held = self._held, None
         if held:
             self.data_received(bytes(held))
