@@ -6,6 +6,13 @@ The library's sans-I/O parser still checks every frame (masking, sizes,
 control frames, UTF-8); what this subclass changes is the delivery
 (callbacks instead of ``recv()``), the writing of text frames (batched per
 loop pass) and the memory an idle connection keeps.
+
+It also tells the signaling layer the moment a connection stops being open
+for sending (``on_closing``): a close frame received or sent, a protocol
+error (1002, 1007, 1009), the TCP connection lost, or the transport aborted
+because the peer stopped reading. For the session that moment is the
+disconnect (docs/protocol.md, rule 6), not the end of the TCP teardown,
+which can take up to ``CLOSE_TIMEOUT`` (seconds) more.
 """
 
 from __future__ import annotations
@@ -32,7 +39,20 @@ _NO_HEADERS = Headers()  # shared, never written to
 #: While a connection handles a received chunk: the connections it queued
 #: frames on, flushed when it is done (the event loop is one thread).
 _flush_after: list[HTTPServerConnection] | None = None
+#: The connections with frames queued from a timer or a task, flushed at the
+#: end of the loop pass or before the next received chunk is handled,
+#: whichever comes first: frames queued while a chunk is handled are then
+#: always in a batch begun in that chunk (see ``send_text``).
+_flush_soon: list[HTTPServerConnection] = []
 _LIBRARY_LOGGER = logging.getLogger("websockets.server")
+
+
+def _flush_queued() -> None:
+    """Write the frames queued from timers and tasks (:data:`_flush_soon`)."""
+    global _flush_soon
+    pending, _flush_soon = _flush_soon, []
+    for connection in pending:
+        connection._flush()
 
 
 class _NoMessages:
@@ -77,6 +97,8 @@ class HTTPServerConnection(ServerConnection):
         "last_received",
         "on_message",
         "on_frame",
+        "on_closing",
+        "_closing",
         "_fragments",
         "_held",
         "_held_eof",
@@ -99,10 +121,13 @@ class HTTPServerConnection(ServerConnection):
         self.http_method = "GET"
         self.last_received = 0.0
         #: After the upgrade, set by :meth:`start`: called with each whole
-        #: message (str for text, bytes for binary), and on every other
-        #: frame (see :meth:`process_event`).
+        #: message (str for text, bytes for binary); on every other frame
+        #: (see :meth:`process_event`); and once, when the connection stops
+        #: being open for sending (see :meth:`_stop_sending`).
         self.on_message: Callable[[str | bytes], None] | None = None
         self.on_frame: Callable[[], None] | None = None
+        self.on_closing: Callable[[], None] | None = None
+        self._closing = False  # no longer open for sending; on_closing was called
         self._fragments: list[Any] | None = None  # [opcode, data, ...] of a fragmented message
         self._held: bytearray | None = None  # bytes behind the upgrade request, until start()
         self._held_eof = False  # the client half-closed before its answer was written
@@ -126,18 +151,38 @@ class HTTPServerConnection(ServerConnection):
         if held is not None:  # after the upgrade request: frames wait for the 101 and start()
             held += data
             return
+        if _flush_soon:
+            # Frames queued from a timer or a task go out before anything
+            # these bytes cause: the answer to a close frame, or relayed
+            # messages (which then never join a batch begun before).
+            _flush_queued()
         if _flush_after is not None:  # already inside a chunk (not expected): theirs flushes
             super().data_received(data)
+            if self.protocol.state is not _OPEN:
+                self._closed_by_chunk()
             return
         touched = _flush_after = []
         try:
             super().data_received(data)
+            # The chunk held a close frame, or broke the protocol: the state
+            # left OPEN as it was parsed, before its messages were handed on
+            # (those before the close frame still count: they were sent).
+            if self.protocol.state is not _OPEN:
+                self._closed_by_chunk()  # the notices it causes go out with the rest below
         finally:
             _flush_after = None
             for connection in touched:
                 connection._flush()
-        if self.protocol.close_expected():  # the library's cue to bound the wait for the TCP close
+
+    def _closed_by_chunk(self) -> None:
+        """The chunk just handled left the connection not OPEN: bound the
+        wait for the client's TCP close when the library expects it, and,
+        unless the handshake is still under way (the request head is parsed
+        in CONNECTING), tell :attr:`on_closing`."""
+        if self.protocol.close_expected():
             self._expect_tcp_close()
+        if self.protocol.state is not _CONNECTING:
+            self._stop_sending()
 
     def process_event(self, event: Any) -> None:
         """Hand each whole message to :attr:`on_message` as it is parsed,
@@ -174,19 +219,29 @@ class HTTPServerConnection(ServerConnection):
         if self.on_frame is not None:
             self.on_frame()
 
-    def start(self, on_message: Callable[[str | bytes], None], on_frame: Callable[[], None]) -> None:
-        """Begin handing messages to ``on_message``, and other frames to
-        ``on_frame`` (see :meth:`process_event`). Bytes that came behind the
-        upgrade request were held until now, after the 101 (RFC 6455 §4.1):
-        they are parsed first, then a held end of stream."""
+    def start(
+        self,
+        on_message: Callable[[str | bytes], None],
+        on_frame: Callable[[], None],
+        on_closing: Callable[[], None],
+    ) -> None:
+        """Begin handing messages to ``on_message``, other frames to
+        ``on_frame`` (see :meth:`process_event`), and the end of sending to
+        ``on_closing`` (see :meth:`_stop_sending`). Bytes that came behind
+        the upgrade request were held until now, after the 101 (RFC 6455
+        §4.1): they are parsed first, then a held end of stream."""
         self.on_message = on_message
         self.on_frame = on_frame
+        self.on_closing = on_closing
         held, self._held = self._held, None
+        if self._closing:  # the TCP connection was lost before there was anyone to tell
+            on_closing()
+            return
         if held:
             self.data_received(bytes(held))
         if self._held_eof:
             self._held_eof = False
-            if not super().eof_received():
+            if not self.eof_received():
                 self.transport.close()
 
     def eof_received(self) -> bool | None:
@@ -196,7 +251,12 @@ class HTTPServerConnection(ServerConnection):
         if self._held is not None or self.protocol.state is _CONNECTING:
             self._held_eof = True
             return True  # keep the transport open for writing
-        return super().eof_received()
+        if self._out is not None:  # what was queued goes out before our end of stream
+            self._flush()
+        keep_open = super().eof_received()
+        if self.protocol.state is not _OPEN:  # CLOSED: an end of stream without a close frame
+            self._stop_sending()
+        return keep_open
 
     def _deliver(self, opcode: Any, data: bytes) -> None:
         if opcode is _BINARY:
@@ -205,14 +265,19 @@ class HTTPServerConnection(ServerConnection):
         try:
             text = bytes(data).decode()
         except UnicodeDecodeError as exc:  # RFC 6455 §8.1: fail with 1007
+            if self._out is not None:  # frames queued before this one precede the close frame
+                self._flush()
             self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
             self.send_data()
             return
         self.on_message(text)  # type: ignore[misc]
 
-    def send_text(self, text: str) -> None:
+    def send_text(self, text: str) -> bool:
         """Queue one unfragmented text frame, written without the library's
-        frame objects; dropped unless the connection is open.
+        frame objects. True when queued; False, and nothing queued, when the
+        connection is no longer open for sending (it is closing, or its
+        transport is: the caller holds or refuses what it could not send,
+        docs/protocol.md, rule 4).
 
         Server frames are unmasked (RFC 6455 §5.1): a 2-, 4- or 10-byte
         header and the UTF-8 payload. Frames queued while one received
@@ -223,8 +288,16 @@ class HTTPServerConnection(ServerConnection):
         first).
         A peer that lets :data:`MAX_UNREAD_BYTES` pile up unread is dropped
         like a lost network."""
-        if self.protocol.state is not _OPEN:
-            return
+        if self._closing or self.protocol.state is not _OPEN:
+            return False
+        out = self._out
+        if out is None and self.transport.is_closing():
+            # Lost (a read or write error) but not yet told: connection_lost
+            # comes a loop pass later. Checked once per batch: while a chunk
+            # is handled, nothing closes a transport but close_soon (which
+            # writes the batch first) and _flush (which ends it), and a batch
+            # begun from a timer or a task is written before the next chunk.
+            return False
         data = text.encode()
         size = len(data)
         if size < 126:
@@ -233,34 +306,43 @@ class HTTPServerConnection(ServerConnection):
             frame = b"\x81\x7e" + size.to_bytes(2, "big") + data
         else:
             frame = b"\x81\x7f" + size.to_bytes(8, "big") + data
-        out = self._out
         if out is not None:
             out.append(frame)
-            return
+            return True
         self._out = [frame]
         if _flush_after is not None:  # while a received chunk is handled
             _flush_after.append(self)
         else:  # from a timer or a task
-            self.loop.call_soon(self._flush)
+            if not _flush_soon:
+                self.loop.call_soon(_flush_queued)
+            _flush_soon.append(self)
+        return True
 
     def _flush(self) -> None:
+        """Write the queued frames in one ``transport.write``; drop the peer
+        (:data:`MAX_UNREAD_BYTES`) if it let too much pile up unread."""
         out, self._out = self._out, None
         transport = self.transport
-        # Since queueing, the closing handshake may have begun (the peer's
-        # close frame was answered): no data frame may follow a close frame.
+        # Frames queued from a timer or a task (server notices) wait for the
+        # end of the loop pass, which may find the TCP connection lost: they
+        # are lost with it. Relayed messages are queued while a received
+        # chunk is handled and written at its end, with nothing in between
+        # that could close the connection.
         if not out or self.protocol.state is not _OPEN or transport.is_closing():
             return
         transport.write(out[0] if len(out) == 1 else b"".join(out))
         if transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
             transport.abort()
+            self._stop_sending()
 
     def close_soon(self, code: int, reason: str) -> None:
         """Begin the closing handshake (RFC 6455 §7.1.2) without a task:
         the frames queued in this loop pass go out first, then the close
         frame; the library's receive path completes the handshake when the
         peer answers (see :meth:`_expect_tcp_close` for the bound). Does
-        nothing unless the connection is open."""
-        if self.protocol.state is not _OPEN:
+        nothing unless the connection is open for sending; afterwards it is
+        not (:attr:`on_closing` is told)."""
+        if self._closing or self.protocol.state is not _OPEN or self.transport.is_closing():
             return
         out, self._out = self._out, None
         self.protocol.send_close(code, reason)
@@ -270,6 +352,26 @@ class HTTPServerConnection(ServerConnection):
         if b"" in data:  # end of stream asked for (not after a server's own close frame)
             transport.write_eof() if transport.can_write_eof() else transport.close()
         self._expect_tcp_close()
+        self._stop_sending()
+
+    def _stop_sending(self) -> None:
+        """The connection is no longer open for sending: tell
+        :attr:`on_closing`, the first time only. Called when a received
+        chunk takes the protocol out of OPEN (close frame received or
+        answered, 1002, 1007, 1009), on an end of stream, when our own close
+        frame goes out (:meth:`close_soon`), when the transport is aborted
+        (:data:`MAX_UNREAD_BYTES`, the close timeout), and when the TCP
+        connection is lost — whichever comes first."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.on_closing is not None:
+            self.on_closing()
+
+    def can_send(self) -> bool:
+        """Whether a frame queued now could go out: the connection is open
+        and its transport is not closing (see :meth:`send_text`)."""
+        return not self._closing and self.protocol.state is _OPEN and not self.transport.is_closing()
 
     def _expect_tcp_close(self) -> None:
         """Once a close frame went out — ours, or the answer to the
@@ -296,6 +398,7 @@ class HTTPServerConnection(ServerConnection):
         self._close_timer = None
         if not self.connection_lost_waiter.done():
             self.transport.abort()
+            self._stop_sending()
 
     def forget_handshake(self) -> None:
         """Drop what the opening handshake left that nothing reads after the
@@ -329,6 +432,7 @@ class HTTPServerConnection(ServerConnection):
         closed = self._closed
         if closed is not None and not closed.done():
             closed.set_result(None)
+        self._stop_sending()  # the TCP connection lost without a close frame
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
