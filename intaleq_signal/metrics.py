@@ -93,7 +93,8 @@ class Metrics:
         family(
             "intaleq_messages_relayed_total",
             "counter",
-            "offer, answer and ice_candidate messages relayed or held for the peer.",
+            "offer, answer and ice_candidate messages written to the other participant's open socket"
+            " (a held one when it is delivered).",
             [f"intaleq_messages_relayed_total {self.messages_relayed}"],
         )
         family(

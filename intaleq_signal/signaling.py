@@ -7,6 +7,14 @@ Every event is checked against the connection that caused it: only an
 the participant, so a replaced socket's late messages, close and timers are
 ignored (SPEC §4 rule 2). Sends are synchronous writes to the transport —
 no task or coroutine per relayed message.
+
+A participant is present while its socket is open for sending: the moment
+the connection stops being open (a close frame either way, a protocol
+error, the TCP connection lost, a peer that stopped reading) is its
+disconnect, told by the connection's ``on_closing``; the TCP teardown that
+may follow for up to :data:`CLOSE_TIMEOUT` changes nothing. A message for a
+participant that is not present is held or refused, never dropped
+(docs/protocol.md, rules 4 and 6).
 """
 
 from __future__ import annotations
@@ -65,19 +73,26 @@ class Client:
         self.bucket = TokenBucket(now)
         self.auth_timer: asyncio.TimerHandle | None = None
 
-    def send(self, text: str) -> None:
-        """Queue one text frame (see ``HTTPServerConnection.send_text``);
-        dropped once the socket is closing, whose close handling does the
-        rest."""
-        self.ws.send_text(text)
+    def send(self, text: str) -> bool:
+        """Queue one text frame (see ``HTTPServerConnection.send_text``):
+        False, and nothing sent, once the socket is no longer open for
+        sending. Server notices to such a socket are not kept: its
+        ``on_closing`` makes the participant absent, and a participant that
+        comes back learns the state of the call from its join."""
+        return self.ws.send_text(text)
 
     def receive(self, message: str | bytes) -> None:
         """Each whole message received (the connection's ``on_message``)."""
         self.engine.on_message(self, message)
 
-    def pinged(self) -> None:
-        """Each ping received (the connection's ``on_ping``)."""
-        self.engine.pinged(self)
+    def frame_received(self) -> None:
+        """Each other frame received (the connection's ``on_frame``)."""
+        self.engine.on_frame(self)
+
+    def closing(self) -> None:
+        """The socket stopped being open for sending (the connection's
+        ``on_closing``)."""
+        self.engine.on_closed(self)
 
 
 class Signaling:
@@ -135,15 +150,16 @@ class Signaling:
         self.clients.add(client)
         ws.forget_handshake()
         try:
-            ws.start(client.receive, client.pinged)
+            ws.start(client.receive, client.frame_received, client.closing)
             await ws.wait_closed()
         finally:
             self.clients.discard(client)
             self.on_closed(client)
 
-    def pinged(self, client: Client) -> None:
-        """A ping frame: it counts against the message rate (SPEC §4
-        "Precise points")."""
+    def on_frame(self, client: Client) -> None:
+        """A frame other than a whole unfragmented message — a fragment, a
+        ping, a pong (solicited or not), a close frame: every frame counts
+        against the message rate (docs/protocol.md, rule 7)."""
         state = client.lifecycle.state
         if (state is _AUTHENTICATED or state is _CONNECTED) and not client.bucket.take(self.loop.time()):
             self._rate_limited(client)
@@ -175,7 +191,10 @@ class Signaling:
         # REPLACED or CLOSED: a stale socket speaks for nobody.
 
     def on_closed(self, client: Client) -> None:
-        """The socket closed, for whatever reason (SPEC §4 rules 2, 6)."""
+        """The socket stopped being open for sending, for whatever reason,
+        or its TCP connection closed: whichever comes first is the
+        participant's disconnect, the rest is ignored (SPEC §4 rules 2, 6;
+        docs/protocol.md, rule 6)."""
         if client.auth_timer is not None:
             client.auth_timer.cancel()
             client.auth_timer = None
@@ -226,6 +245,14 @@ class Signaling:
         seat = session.seat_of(user_id)
         if seat is None:
             return self._refuse(client, "user_not_in_session")
+        if not client.ws.can_send():
+            # Closed in the chunk that carried its authenticate (a close
+            # frame or a protocol error right behind it): it cannot be told
+            # it joined, and it is absent from the moment it closed, so it
+            # never joins — no replacement of a live socket, no
+            # participant_joined, the held messages stay held.
+            log.info("participant gone before joining session=%s role=%s", session.session_id, seat.role)
+            return
         self._join(client, session, seat)
 
     def _refuse(self, client: Client, reason: str) -> None:
@@ -269,8 +296,9 @@ class Signaling:
             peer.conn.send(msg.participant_joined(seat.role))
             if session.state is SessionState.WAITING:
                 self._activate(session)
-        for text in seat.take_held():
-            client.send(text)
+        held = seat.take_held()
+        if held:
+            self._deliver_held(client, seat, held)
 
     def _activate(self, session: Session) -> None:
         now = self.loop.time()
@@ -284,10 +312,29 @@ class Signaling:
         self.metrics.calls_started += 1
         log.info("call active session=%s", session.session_id)
 
+    def _deliver_held(self, client: Client, seat: Seat, held: list[str]) -> None:
+        """Send what was held for a participant that just joined, in order;
+        what cannot be written goes back to the hold queue, ahead of
+        anything held later (docs/protocol.md, rule 4)."""
+        delivered = 0
+        for text in held:
+            if not client.send(text):
+                break
+            delivered += 1
+        self.metrics.messages_relayed += delivered
+        # The queue was emptied by take_held() and nothing was held since:
+        # holding the rest again keeps the order and fits the bound.
+        for text in held[delivered:]:
+            seat.hold(text)
+
     # -- relay --------------------------------------------------------------
 
     def _relay(self, client: Client, kind: str, obj: dict[str, Any]) -> None:
-        """SPEC §4 rule 4: rebuild, then deliver or hold for the peer."""
+        """SPEC §4 rule 4: rebuild, then write to the peer's socket, or hold
+        it for the peer while the peer is absent (or its socket just stopped
+        being open), or refuse it with ``peer_not_connected`` when the hold
+        queue is full. Only a message written to an open socket counts as
+        relayed (docs/protocol.md, rule 4)."""
         payload = msg.relay_payload(kind, obj)
         seat, session = client.seat, client.session
         assert seat is not None and session is not None
@@ -295,14 +342,27 @@ class Signaling:
             session.initiated_by = seat.user_id
             self.calllog.record(CallInitiated(session.session_id, seat.user_id))
         peer = session.other(seat)
-        if peer.conn is not None:
-            peer.conn.send(payload)
-            self.metrics.relay_latency.observe(time.monotonic() - client.ws.last_received)
-        elif not peer.hold(payload):
+        conn = peer.conn
+        if conn is not None:
+            if conn.ws.send_text(payload):
+                metrics = self.metrics
+                metrics.relay_latency.observe(time.monotonic() - client.ws.last_received)
+                metrics.messages_relayed += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "relayed %s session=%s from=%s: %s", kind, session.session_id, seat.role, payload
+                    )
+                return
+            # Its TCP connection was lost in this loop pass, and its
+            # connection_lost is still to come: it is absent from now
+            # (participant_left to the sender first, then the hold).
+            self.on_closed(conn)
+            if session.state is SessionState.ENDED:  # no reconnect grace: the call ended with it
+                return
+        if not peer.hold(payload):
             return client.send(msg.error("peer_not_connected", "the other participant is not connected"))
-        self.metrics.messages_relayed += 1
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("relayed %s session=%s from=%s: %s", kind, session.session_id, seat.role, payload)
+            log.debug("held %s session=%s from=%s: %s", kind, session.session_id, seat.role, payload)
 
     # -- endings ------------------------------------------------------------
 
@@ -333,12 +393,15 @@ class Signaling:
         self.calllog.record(CallEnded(session.session_id, reason.value, time.time()))
         self.metrics.calls_ended[reason.value] += 1
         started = session.connected
-        log.info(
-            "call ended session=%s reason=%s duration=%.1fs",
-            session.session_id,
-            reason.value,
-            (now - started) if started is not None else 0.0,
-        )
+        if started is None:  # it never became a call (expired, or ended before both were there)
+            log.info("session ended session=%s reason=%s", session.session_id, reason.value)
+        else:
+            log.info(
+                "call ended session=%s reason=%s duration=%.1fs",
+                session.session_id,
+                reason.value,
+                now - started,
+            )
         session.timer = self.loop.call_later(self.config.session_duration, self.registry.forget, session)
 
     def _deadline_reached(self, session: Session) -> None:

@@ -6,6 +6,13 @@ The library's sans-I/O parser still checks every frame (masking, sizes,
 control frames, UTF-8); what this subclass changes is the delivery
 (callbacks instead of ``recv()``), the writing of text frames (batched per
 loop pass) and the memory an idle connection keeps.
+
+It also tells the signaling layer the moment a connection stops being open
+for sending (``on_closing``): a close frame received or sent, a protocol
+error (1002, 1007, 1009), the TCP connection lost, or the transport aborted
+because the peer stopped reading. For the session that moment is the
+disconnect (docs/protocol.md, rule 6), not the end of the TCP teardown,
+which can take up to ``CLOSE_TIMEOUT`` (seconds) more.
 """
 
 from __future__ import annotations
@@ -26,13 +33,26 @@ __all__ = ["HTTPServerConnection", "MAX_UNREAD_BYTES"]
 #: Unsent output past which a peer is taken as not reading and dropped.
 MAX_UNREAD_BYTES = 256 * 1024
 
-_TEXT, _BINARY, _CONT, _PING = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OPEN, _CONNECTING = State.OPEN, State.CONNECTING
 _NO_HEADERS = Headers()  # shared, never written to
 #: While a connection handles a received chunk: the connections it queued
 #: frames on, flushed when it is done (the event loop is one thread).
 _flush_after: list[HTTPServerConnection] | None = None
+#: The connections with frames queued from a timer or a task, flushed at the
+#: end of the loop pass or before the next received chunk is handled,
+#: whichever comes first: frames queued while a chunk is handled are then
+#: always in a batch begun in that chunk (see ``send_text``).
+_flush_soon: list[HTTPServerConnection] = []
 _LIBRARY_LOGGER = logging.getLogger("websockets.server")
+
+
+def _flush_queued() -> None:
+    """Write the frames queued from timers and tasks (:data:`_flush_soon`)."""
+    global _flush_soon
+    pending, _flush_soon = _flush_soon, []
+    for connection in pending:
+        connection._flush()
 
 
 class _NoMessages:
@@ -76,7 +96,9 @@ class HTTPServerConnection(ServerConnection):
         "client_ip",
         "last_received",
         "on_message",
-        "on_ping",
+        "on_frame",
+        "on_closing",
+        "_closing",
         "_fragments",
         "_held",
         "_held_eof",
@@ -98,10 +120,14 @@ class HTTPServerConnection(ServerConnection):
         self.client_ip = "?"
         self.http_method = "GET"
         self.last_received = 0.0
-        #: After the upgrade: called with each whole message (str for text,
-        #: bytes for binary), and on each ping; set by the signaling layer.
+        #: After the upgrade, set by :meth:`start`: called with each whole
+        #: message (str for text, bytes for binary); on every other frame
+        #: (see :meth:`process_event`); and once, when the connection stops
+        #: being open for sending (see :meth:`_stop_sending`).
         self.on_message: Callable[[str | bytes], None] | None = None
-        self.on_ping: Callable[[], None] | None = None
+        self.on_frame: Callable[[], None] | None = None
+        self.on_closing: Callable[[], None] | None = None
+        self._closing = False  # no longer open for sending; on_closing was called
         self._fragments: list[Any] | None = None  # [opcode, data, ...] of a fragmented message
         self._held: bytearray | None = None  # bytes behind the upgrade request, until start()
         self._held_eof = False  # the client half-closed before its answer was written
@@ -125,26 +151,52 @@ class HTTPServerConnection(ServerConnection):
         if held is not None:  # after the upgrade request: frames wait for the 101 and start()
             held += data
             return
+        if _flush_soon:
+            # Frames queued from a timer or a task go out before anything
+            # these bytes cause: the answer to a close frame, or relayed
+            # messages (which then never join a batch begun before).
+            _flush_queued()
         if _flush_after is not None:  # already inside a chunk (not expected): theirs flushes
             super().data_received(data)
+            if self.protocol.state is not _OPEN:
+                self._closed_by_chunk()
             return
         touched = _flush_after = []
         try:
             super().data_received(data)
+            # The chunk held a close frame, or broke the protocol: the state
+            # left OPEN as it was parsed, before its messages were handed on
+            # (those before the close frame still count: they were sent).
+            if self.protocol.state is not _OPEN:
+                self._closed_by_chunk()  # the notices it causes go out with the rest below
         finally:
             _flush_after = None
             for connection in touched:
                 connection._flush()
-        if self.protocol.close_expected():  # the library's cue to bound the wait for the TCP close
+
+    def _closed_by_chunk(self) -> None:
+        """The chunk just handled left the connection not OPEN: bound the
+        wait for the client's TCP close when the library expects it, and,
+        unless the handshake is still under way (the request head is parsed
+        in CONNECTING), tell :attr:`on_closing`."""
+        if self.protocol.close_expected():
             self._expect_tcp_close()
+        if self.protocol.state is not _CONNECTING:
+            self._stop_sending()
 
     def process_event(self, event: Any) -> None:
         """Hand each whole message to :attr:`on_message` as it is parsed,
         instead of queueing it for ``recv()``: the library's frame parser
         still checks every frame (masking, sizes, control frames), but a
         relayed message costs no queue, future or task switch, and messages
-        are handled in arrival order. Pings are passed to :attr:`on_ping`
-        (SPEC §4: the message rate limit counts every frame)."""
+        are handled in arrival order.
+
+        Every frame counts against the message rate limit (docs/protocol.md,
+        rule 7): an unfragmented message once, through
+        :attr:`on_message`; every other frame through :attr:`on_frame` — a
+        fragment (the last one of a message counts through
+        :attr:`on_message`, so a message of n fragments counts n), a ping,
+        a pong, solicited or not, and a close frame."""
         if self.request is None:
             super().process_event(event)  # the handshake request
             return
@@ -152,33 +204,44 @@ class HTTPServerConnection(ServerConnection):
         if opcode is _TEXT or opcode is _BINARY:
             if event.fin:
                 self._deliver(opcode, event.data)
-            else:
-                self._fragments = [opcode, event.data]
+                return
+            self._fragments = [opcode, event.data]
         elif opcode is _CONT:
             fragments = self._fragments
-            if fragments is not None:
+            if fragments is not None:  # always: the parser refuses a stray continuation (1002)
                 fragments.append(event.data)
                 if event.fin:
                     self._fragments = None
                     self._deliver(fragments[0], b"".join(fragments[1:]))
+                    return
         else:
-            if opcode is _PING and self.on_ping is not None:
-                self.on_ping()
-            super().process_event(event)
+            super().process_event(event)  # a pong acknowledges our pings
+        if self.on_frame is not None:
+            self.on_frame()
 
-    def start(self, on_message: Callable[[str | bytes], None], on_ping: Callable[[], None]) -> None:
-        """Begin handing messages to ``on_message`` (and pings to
-        ``on_ping``). Bytes that came behind the upgrade request were held
-        until now, after the 101 (RFC 6455 §4.1): they are parsed first, then
-        a held end of stream."""
+    def start(
+        self,
+        on_message: Callable[[str | bytes], None],
+        on_frame: Callable[[], None],
+        on_closing: Callable[[], None],
+    ) -> None:
+        """Begin handing messages to ``on_message``, other frames to
+        ``on_frame`` (see :meth:`process_event`), and the end of sending to
+        ``on_closing`` (see :meth:`_stop_sending`). Bytes that came behind
+        the upgrade request were held until now, after the 101 (RFC 6455
+        §4.1): they are parsed first, then a held end of stream."""
         self.on_message = on_message
-        self.on_ping = on_ping
+        self.on_frame = on_frame
+        self.on_closing = on_closing
         held, self._held = self._held, None
+        if self._closing:  # the TCP connection was lost before there was anyone to tell
+            on_closing()
+            return
         if held:
             self.data_received(bytes(held))
         if self._held_eof:
             self._held_eof = False
-            if not super().eof_received():
+            if not self.eof_received():
                 self.transport.close()
 
     def eof_received(self) -> bool | None:
@@ -188,7 +251,12 @@ class HTTPServerConnection(ServerConnection):
         if self._held is not None or self.protocol.state is _CONNECTING:
             self._held_eof = True
             return True  # keep the transport open for writing
-        return super().eof_received()
+        if self._out is not None:  # what was queued goes out before our end of stream
+            self._flush()
+        keep_open = super().eof_received()
+        if self.protocol.state is not _OPEN:  # CLOSED: an end of stream without a close frame
+            self._stop_sending()
+        return keep_open
 
     def _deliver(self, opcode: Any, data: bytes) -> None:
         if opcode is _BINARY:
@@ -197,14 +265,19 @@ class HTTPServerConnection(ServerConnection):
         try:
             text = bytes(data).decode()
         except UnicodeDecodeError as exc:  # RFC 6455 §8.1: fail with 1007
+            if self._out is not None:  # frames queued before this one precede the close frame
+                self._flush()
             self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
             self.send_data()
             return
         self.on_message(text)  # type: ignore[misc]
 
-    def send_text(self, text: str) -> None:
+    def send_text(self, text: str) -> bool:
         """Queue one unfragmented text frame, written without the library's
-        frame objects; dropped unless the connection is open.
+        frame objects. True when queued; False, and nothing queued, when the
+        connection is no longer open for sending (it is closing, or its
+        transport is: the caller holds or refuses what it could not send,
+        docs/protocol.md, rule 4).
 
         Server frames are unmasked (RFC 6455 §5.1): a 2-, 4- or 10-byte
         header and the UTF-8 payload. Frames queued while one received
@@ -215,8 +288,16 @@ class HTTPServerConnection(ServerConnection):
         first).
         A peer that lets :data:`MAX_UNREAD_BYTES` pile up unread is dropped
         like a lost network."""
-        if self.protocol.state is not _OPEN:
-            return
+        if self._closing or self.protocol.state is not _OPEN:
+            return False
+        out = self._out
+        if out is None and self.transport.is_closing():
+            # Lost (a read or write error) but not yet told: connection_lost
+            # comes a loop pass later. Checked once per batch: while a chunk
+            # is handled, nothing closes a transport but close_soon (which
+            # writes the batch first) and _flush (which ends it), and a batch
+            # begun from a timer or a task is written before the next chunk.
+            return False
         data = text.encode()
         size = len(data)
         if size < 126:
@@ -225,34 +306,43 @@ class HTTPServerConnection(ServerConnection):
             frame = b"\x81\x7e" + size.to_bytes(2, "big") + data
         else:
             frame = b"\x81\x7f" + size.to_bytes(8, "big") + data
-        out = self._out
         if out is not None:
             out.append(frame)
-            return
+            return True
         self._out = [frame]
         if _flush_after is not None:  # while a received chunk is handled
             _flush_after.append(self)
         else:  # from a timer or a task
-            self.loop.call_soon(self._flush)
+            if not _flush_soon:
+                self.loop.call_soon(_flush_queued)
+            _flush_soon.append(self)
+        return True
 
     def _flush(self) -> None:
+        """Write the queued frames in one ``transport.write``; drop the peer
+        (:data:`MAX_UNREAD_BYTES`) if it let too much pile up unread."""
         out, self._out = self._out, None
         transport = self.transport
-        # Since queueing, the closing handshake may have begun (the peer's
-        # close frame was answered): no data frame may follow a close frame.
+        # Frames queued from a timer or a task (server notices) wait for the
+        # end of the loop pass, which may find the TCP connection lost: they
+        # are lost with it. Relayed messages are queued while a received
+        # chunk is handled and written at its end, with nothing in between
+        # that could close the connection.
         if not out or self.protocol.state is not _OPEN or transport.is_closing():
             return
         transport.write(out[0] if len(out) == 1 else b"".join(out))
         if transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
             transport.abort()
+            self._stop_sending()
 
     def close_soon(self, code: int, reason: str) -> None:
         """Begin the closing handshake (RFC 6455 §7.1.2) without a task:
         the frames queued in this loop pass go out first, then the close
         frame; the library's receive path completes the handshake when the
         peer answers (see :meth:`_expect_tcp_close` for the bound). Does
-        nothing unless the connection is open."""
-        if self.protocol.state is not _OPEN:
+        nothing unless the connection is open for sending; afterwards it is
+        not (:attr:`on_closing` is told)."""
+        if self._closing or self.protocol.state is not _OPEN or self.transport.is_closing():
             return
         out, self._out = self._out, None
         self.protocol.send_close(code, reason)
@@ -262,6 +352,26 @@ class HTTPServerConnection(ServerConnection):
         if b"" in data:  # end of stream asked for (not after a server's own close frame)
             transport.write_eof() if transport.can_write_eof() else transport.close()
         self._expect_tcp_close()
+        self._stop_sending()
+
+    def _stop_sending(self) -> None:
+        """The connection is no longer open for sending: tell
+        :attr:`on_closing`, the first time only. Called when a received
+        chunk takes the protocol out of OPEN (close frame received or
+        answered, 1002, 1007, 1009), on an end of stream, when our own close
+        frame goes out (:meth:`close_soon`), when the transport is aborted
+        (:data:`MAX_UNREAD_BYTES`, the close timeout), and when the TCP
+        connection is lost — whichever comes first."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.on_closing is not None:
+            self.on_closing()
+
+    def can_send(self) -> bool:
+        """Whether a frame queued now could go out: the connection is open
+        and its transport is not closing (see :meth:`send_text`)."""
+        return not self._closing and self.protocol.state is _OPEN and not self.transport.is_closing()
 
     def _expect_tcp_close(self) -> None:
         """Once a close frame went out — ours, or the answer to the
@@ -288,6 +398,7 @@ class HTTPServerConnection(ServerConnection):
         self._close_timer = None
         if not self.connection_lost_waiter.done():
             self.transport.abort()
+            self._stop_sending()
 
     def forget_handshake(self) -> None:
         """Drop what the opening handshake left that nothing reads after the
@@ -321,6 +432,7 @@ class HTTPServerConnection(ServerConnection):
         closed = self._closed
         if closed is not None and not closed.done():
             closed.set_result(None)
+        self._stop_sending()  # the TCP connection lost without a close frame
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -606,6 +606,35 @@ def test_lifecycle_active_call_cut_after_duration_from_connected_at(server_facto
     assert 1.3 <= (ended - connected).total_seconds() <= 4.5
 
 
+def test_lifecycle_sessions_that_never_became_calls_are_logged_as_sessions(server_factory) -> None:
+    """docs/protocol.md, rule 3: a session that ends before it
+    became a call (expired with nobody or one participant, or ended by
+    end_call before the other joined) is logged as "session ended" with its
+    reason and no duration — not as a call of 0.0s; a call that was active
+    keeps its "call ended … duration=" line."""
+    server = server_factory(SESSION_DURATION="1s")
+    nobody, lone, early, call = (new_session(server) for _ in range(4))
+
+    async def scenario() -> None:
+        async with Clients(server) as clients:
+            await clients.join(lone, "driver-1")
+            d, _ = await clients.join(early, "driver-1")
+            await send_json(d, {"type": "end_call"})
+            assert await drain(d) == ([{"type": "call_ended", "reason": "user_terminated"}], 1000)
+            d, p = await clients.pair(call)
+            timeout = {"type": "call_timeout", "reason": "max_duration_reached"}
+            assert await drain(d, timeout=6) == ([timeout], 1000)
+
+    asyncio.run(scenario())
+    for session, reason in ((nobody, "expired"), (lone, "expired"), (early, "user_terminated")):
+        line = server.wait_for_log(f"session ended session={session['session_id']} reason={reason}")
+        assert "duration" not in line, line
+    server.wait_for_log(f"call ended session={call['session_id']} reason=max_duration_reached duration=")
+    for session in (nobody, lone, early):
+        assert f"call ended session={session['session_id']}" not in server.log
+    assert f"session ended session={call['session_id']}" not in server.log
+
+
 # -- rule 4: relay ---------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 from test_http import assert_error, daemon_env, parse_response, read_until_closed, session_body
+from websockets.asyncio.client import ClientConnection
 
 from conftest import API_KEY, recv_json, send_json
 
@@ -211,6 +212,70 @@ def test_ping_flood_is_rate_limited(server) -> None:
                 while True:
                     await asyncio.wait_for(ws.recv(), 5)
             assert ws.close_code == 1008
+
+    asyncio.run(scenario())
+
+
+async def authenticated(server, ride_id: str) -> ClientConnection:
+    """A websockets client authenticated as the driver of a new session."""
+    session = server.new_session(ride_id=ride_id)
+    ws = await server.ws().__aenter__()
+    await send_json(ws, {"type": "authenticate", "session_id": session["session_id"], "user_id": "driver-1"})
+    assert (await recv_json(ws))["type"] == "authenticated"
+    assert (await recv_json(ws))["type"] == "session_joined"
+    return ws
+
+
+def queue_frames(ws: ClientConnection, kind: str, count: int) -> None:
+    """Queue ``count`` frames of one kind on the client, written by the
+    next ``send_data()``: unsolicited pongs, or one heartbeat message in
+    ``count`` fragments (a text frame, then continuation frames)."""
+    if kind == "pong":
+        for _ in range(count):
+            ws.protocol.send_pong(b"x")
+    else:
+        ws.protocol.send_text(b'{"type": "heartbeat"}', fin=False)
+        for _ in range(count - 2):
+            ws.protocol.send_continuation(b"", fin=False)
+        ws.protocol.send_continuation(b"", fin=True)
+
+
+@pytest.mark.parametrize("kind", ["pong", "continuation"])
+def test_pong_and_fragment_floods_are_rate_limited(server, kind) -> None:
+    """docs/protocol.md, rule 7: every frame counts against the
+    message rate, unsolicited pongs and continuation fragments too (they
+    were not counted: 300 pongs, or a heartbeat sent in 300 fragments,
+    passed). 300 of them in a burst: error rate_limited, close 1008."""
+
+    async def scenario() -> None:
+        ws = await authenticated(server, f"ride-{kind}-flood")
+        queue_frames(ws, kind, 300)
+        ws.send_data()
+        message = await recv_json(ws)
+        assert message["type"] == "error" and message["code"] == "rate_limited", message
+        with pytest.raises(Exception):  # noqa: B017 - ConnectionClosed of either kind
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1008
+
+    asyncio.run(scenario())
+
+
+def test_pongs_and_fragments_at_a_normal_rate_are_not_limited(server) -> None:
+    """docs/protocol.md, rule 7: 30 unsolicited pongs and a heartbeat
+    in 30 fragments, well within the burst of 100, are not limited; the
+    fragmented heartbeat is answered, and the socket stays open."""
+
+    async def scenario() -> None:
+        ws = await authenticated(server, "ride-normal-rate")
+        queue_frames(ws, "pong", 30)
+        queue_frames(ws, "continuation", 30)
+        ws.send_data()
+        assert await recv_json(ws) == {"type": "pong"}
+        await send_json(ws, {"type": "heartbeat"})
+        assert await recv_json(ws) == {"type": "pong"}
+        await ws.close()
+        assert ws.close_code == 1000
 
     asyncio.run(scenario())
 
