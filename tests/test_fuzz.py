@@ -890,12 +890,13 @@ class Lane:
         if ping:
             self.sender.ping()
             self.frames += 1
-        send_message(self.sender, data, message.text, message.pieces(data))
+        pieces = message.pieces(data)
+        send_message(self.sender, data, message.text, pieces)
         try:
             self.sender.send(HEARTBEAT)
         except ConnectionClosed:
             pass
-        self.frames += 2
+        self.frames += len(pieces) + 1  # every fragment counts (docs/protocol.md, rule 7)
         try:
             first = recv(self.sender)
         except ConnectionClosed:
@@ -1035,7 +1036,7 @@ def test_ws_messages_after_authentication(server_factory: Any, record_property: 
         accepted = after_auth(data, message.text)
         kind = "text" if message.text else "binary"
         note(f"frame ({kind}, {len(message.pieces(data))} pieces): {data[:300]!r}")
-        outcome = lanes.get(frames=4).exchange(message, data, accepted, ping)
+        outcome = lanes.get(frames=len(message.pieces(data)) + 3).exchange(message, data, accepted, ping)
         tally.saw(outcome)
         assert outcome in accepted, f"answer {outcome}, SPEC allows {accepted}"
 
@@ -1070,7 +1071,9 @@ def test_ws_frame_edges(server_factory: Any, record_property: Any) -> None:
         note(f"{len(data)} bytes, {len(message.pieces(data))} pieces, text={message.text}: {data[:120]!r}")
         if authenticated:
             accepted = after_auth(data, message.text)
-            outcome = lanes.get(frames=3).exchange(message, data, accepted, ping=False)
+            outcome = lanes.get(frames=len(message.pieces(data)) + 2).exchange(
+                message, data, accepted, ping=False
+            )
         else:
             accepted = before_auth(data, message.text, ctx)
             outcome = first_message(server, message, data, mode, ctx)

@@ -19,6 +19,7 @@ from intaleq_signal.calllog import writer as writer_module
 from intaleq_signal.calllog.events import EventDecodeError, decode, encode
 from intaleq_signal.calllog.journal import Journal, JournalError
 from intaleq_signal.calllog.sql import utc_text
+from intaleq_signal.calllog.sqlite import DDL as SQLITE_DDL
 from intaleq_signal.calllog.sqlite import SQLiteStore
 from intaleq_signal.calllog.writer import StartError
 
@@ -312,25 +313,13 @@ def test_no_thread_left_is_a_start_error(tmp_path, monkeypatch):
 
 # -- node_id -------------------------------------------------------------------
 
-FIRST_EDITION_DDL = """
-CREATE TABLE call_logs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_id VARCHAR(36) NOT NULL UNIQUE,
-    ride_id VARCHAR(255) NOT NULL,
-    driver_id VARCHAR(255) NOT NULL,
-    passenger_id VARCHAR(255) NOT NULL,
-    status VARCHAR(50) NOT NULL DEFAULT 'created',
-    initiated_by VARCHAR(255) NULL,
-    end_reason VARCHAR(255) NULL,
-    created_at TEXT NOT NULL,
-    connected_at TEXT NULL,
-    ended_at TEXT NULL
-);
-"""
+#: The table as the first edition made it: today's without node_id.
+FIRST_EDITION_DDL = SQLITE_DDL.replace(",\n    node_id VARCHAR(255) NULL", "")
 
 
 def test_sqlite_table_of_the_first_edition_gets_node_id(tmp_path):
     path = str(tmp_path / "calls.sqlite3")
+    assert "node_id" not in FIRST_EDITION_DDL
     with sqlite3.connect(path) as conn:
         conn.executescript(FIRST_EDITION_DDL)
         conn.execute(

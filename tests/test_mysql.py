@@ -383,6 +383,28 @@ def test_batch_is_one_transaction(db) -> None:
 # -- nothing lost, nothing overwritten -----------------------------------------
 
 
+def restartable_env(db, proxy, tmp_path, node_id: str) -> dict[str, str]:
+    """A daemon writing through ``proxy``, whose restart (same settings) is
+    the same instance: same NODE_ID, same journal."""
+    return {
+        "SESSION_DURATION": "10m",
+        "NODE_ID": node_id,
+        "JOURNAL_PATH": str(tmp_path / "journal"),
+        **db.server_env(proxy.port),
+    }
+
+
+def rows_once_ended(db, server, rides: set[str]) -> dict[str, dict]:
+    """The rows by ride, once exactly ``rides`` are ended (waits for the
+    restarted ``server`` to write what the journal kept)."""
+    wait_until(
+        lambda: {r for r, row in rows_by_ride(db).items() if row["status"] == "ended"} == rides,
+        timeout=30,
+        explain=lambda: f"{db.rows()}\n{server.log}",
+    )
+    return rows_by_ride(db)
+
+
 def rows_by_ride(db) -> dict[str, dict]:
     return {row["ride_id"]: row for row in db.rows()}
 
@@ -403,12 +425,7 @@ def test_sigterm_with_frozen_database_keeps_every_event_for_the_next_start(
     """The database stops answering mid-run: /health says degraded within
     seconds, SIGTERM still exits 0 on time, and the next start (database
     back, same journal) lands every row with its true reason and time."""
-    env = {
-        "SESSION_DURATION": "10m",
-        "NODE_ID": "node-a",
-        "JOURNAL_PATH": str(tmp_path / "journal"),
-        **db.server_env(proxy.port),
-    }
+    env = restartable_env(db, proxy, tmp_path, "node-a")
     first = server_factory(**env)
     wait_until(lambda: health(first)["database"] == "ok")
     marks: dict[str, datetime.datetime] = {}
@@ -449,12 +466,7 @@ def test_sigterm_with_frozen_database_keeps_every_event_for_the_next_start(
     second = server_factory(**env)
     second.wait_for_log("events from the journal are written first")
     rides = {"before-freeze", "frozen-live", "frozen-waiting"} | {f"frozen-ended-{n}" for n in range(5)}
-    wait_until(
-        lambda: {r for r, row in rows_by_ride(db).items() if row["status"] == "ended"} == rides,
-        timeout=30,
-        explain=lambda: f"{db.rows()}\n{second.log}",
-    )
-    rows = rows_by_ride(db)
+    rows = rows_once_ended(db, second, rides)
     for n in range(5):
         row = rows[f"frozen-ended-{n}"]
         assert (row["end_reason"], row["initiated_by"], row["node_id"]) == (
@@ -479,12 +491,7 @@ def test_kill_9_with_frozen_database_loses_at_most_the_last_second(
     """kill -9 while the database is frozen: what happened more than a
     second before the kill is in the journal, and the restart writes it
     before it closes the killed process's open rows."""
-    env = {
-        "SESSION_DURATION": "10m",
-        "NODE_ID": "node-k",
-        "JOURNAL_PATH": str(tmp_path / "journal"),
-        **db.server_env(proxy.port),
-    }
+    env = restartable_env(db, proxy, tmp_path, "node-k")
     first = server_factory(**env)
     wait_until(lambda: health(first)["database"] == "ok")
     proxy.freeze()
@@ -507,12 +514,7 @@ def test_kill_9_with_frozen_database_loses_at_most_the_last_second(
 
     second = server_factory(**env)
     expected = {"ended-0", "ended-1", "ended-2", "live"}
-    wait_until(
-        lambda: {r for r, row in rows_by_ride(db).items() if row["status"] == "ended"} == expected,
-        timeout=30,
-        explain=lambda: f"{db.rows()}\n{second.log}\n{db.query('SHOW PROCESSLIST')}",
-    )
-    rows = rows_by_ride(db)
+    rows = rows_once_ended(db, second, expected)
     for n in range(3):
         row = rows[f"ended-{n}"]
         assert (row["end_reason"], row["initiated_by"]) == ("user_terminated", "driver-1"), row
