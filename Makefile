@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-memory bench-calllog install
+.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-memory bench-calllog install schema
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,11 @@ test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -c 'import websockets; assert websockets.version.version == "14.2", websockets.version.version'
 	$(COMPAT_VENV)/bin/python -c 'import importlib.util; assert not importlib.util.find_spec("uvloop")'
 	$(COMPAT_VENV)/bin/pytest -q -m compat
+
+## schema: rewrite intaleq_signal/calllog/call_logs.sql (database.sql) from the
+## table defined in intaleq_signal/calllog/sql.py
+schema: $(VENV)/.run-installed
+	$(PY) -m intaleq_signal.calllog.sql
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache

@@ -1,15 +1,21 @@
 """``python -m intaleq_signal [--env-file PATH]`` and the ``intaleq-signal``
-command (SPEC §2)."""
+command (``docs/operations.md``, "Configuration").
+
+Exit statuses: 0 after a clean stop; otherwise the ``exit_status`` of the
+:class:`~intaleq_signal.exceptions.StartupError` that stopped the start
+(78, ``EX_CONFIG``, for a setting or a limit restarting cannot fix; 1 when
+the address cannot be bound), with its one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .calllog.writer import StartError
-from .config import EX_CONFIG, ConfigError, config_from_environment
+from .config import config_from_environment
+from .exceptions import StartupError
 from .logs import setup_logging, stderr_is_journal
-from .server import ListenError, run
+from .server import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_environment(args.env_file)
         setup_logging(config.log_level, config.log_format)
         run(config)
-    except ConfigError as exc:
-        return _fail(f"configuration error: {exc}", EX_CONFIG)
-    except StartError as exc:  # restarting cannot help: a limit to raise
-        return _fail(str(exc), EX_CONFIG)
-    except ListenError as exc:  # the address is taken, or not ours to bind
-        return _fail(str(exc), 1)
+    except StartupError as exc:
+        return _fail(exc.line(), exc.exit_status)
     return 0
 
 

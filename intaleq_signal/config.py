@@ -1,4 +1,5 @@
-"""Configuration: one immutable object built and validated up front (SPEC §2).
+"""Configuration: one immutable object built and validated up front
+(``docs/operations.md``, "Configuration").
 
 Every variable is parsed here, before any socket is opened, so a bad value
 stops the process with one line naming the variable and exit status 78
@@ -15,6 +16,8 @@ import re
 import socket
 from collections.abc import Mapping
 
+from .exceptions import EX_CONFIG, ConfigError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -23,10 +26,6 @@ __all__ = [
     "parse_duration",
     "parse_server_addr",
 ]
-
-#: Exit status for bad configuration (sysexits.h EX_CONFIG); the systemd unit
-#: lists it in ``RestartPreventExitStatus=`` so systemd does not restart-loop.
-EX_CONFIG = 78
 
 MIN_API_KEY_LENGTH = 32
 #: The ``API_KEY`` line of ``.env.example``: a key everyone can read, so it is
@@ -61,11 +60,6 @@ _DIGITS = re.compile(r"^[0-9]{1,12}$")  # ASCII only: str.isdigit() takes "²" a
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; ``str()`` is the one line
-    shown to the operator, and it names the variable."""
-
-
 def parse_duration(name: str, text: str) -> float:
     """Parse ``500ms``, ``20s``, ``5m``, ``1h`` or bare seconds into seconds.
 
@@ -82,7 +76,7 @@ def parse_duration(name: str, text: str) -> float:
 
 
 def parse_server_addr(text: str) -> tuple[str, int]:
-    """Parse ``host:port`` or ``[v6]:port`` (SPEC §2 ``SERVER_ADDR``).
+    """Parse ``host:port`` or ``[v6]:port`` (``SERVER_ADDR``).
 
     Raises:
         ConfigError: when the host is empty, the port is not 0–65535, or an
@@ -179,7 +173,7 @@ class Config:
 
     @property
     def uses_mysql(self) -> bool:
-        """SPEC §2: MySQL whenever ``DB_USERNAME`` is set (required in production)."""
+        """MySQL whenever ``DB_USERNAME`` is set (required in production)."""
         return self.db_username is not None
 
     @classmethod

@@ -1,10 +1,11 @@
 """The first protocol of every accepted connection: one HTTP/1.1 request
 read off the byte stream (RFC 9112), answered here or handed to websockets.
 
-websockets' HTTP parser refuses any request with a body (SPEC §1 "Known
-obstacle"), and its per-connection machinery (connection object, handler
-task, handshake coroutine, flow-control context) is the cost of a WebSocket,
-not of a one-shot ``POST /sessions``. So :class:`HTTPFront` — what
+websockets' HTTP parser refuses any request with a body (``docs/design.md``,
+"Request bodies and the websockets parser"), and its per-connection
+machinery (connection object, handler task, handshake coroutine,
+flow-control context) is the cost of a WebSocket, not of a one-shot
+``POST /sessions``. So :class:`HTTPFront` — what
 ``serve(create_connection=...)`` gets from :class:`FrontFactory` — reads the
 request head and its ``Content-Length`` body itself, then:
 
@@ -12,14 +13,17 @@ request head and its ``Content-Length`` body itself, then:
   is handed on: a :class:`~intaleq_signal.wire.HTTPServerConnection` takes
   the transport (``transport.set_protocol``) and the library parses a
   body-less ``GET`` head and runs its opening handshake, calling the
-  ``process_request``/``process_response`` hooks as usual (SPEC §4 ``/ws``);
+  ``process_request``/``process_response`` hooks as usual
+  (``docs/protocol.md``, "WebSocket /ws");
 - any other request is answered here, synchronously, by the same two hooks
   (``POST /sessions``, ``/health``, ``/metrics``, refusals), then the
   connection is half-closed and closed once the client has read the answer
   (RFC 9112 §9.6), or after ``close_timeout``.
 
 A malformed head gets 400 (414, 431 past the library's line limits) as a
-JSON answer here (SPEC §3). Tested on the oldest and newest websockets that
+JSON answer here (``docs/protocol.md``, "Anything else"). Every refusal is
+a :class:`~intaleq_signal.exceptions.Refusal`, answered by
+:func:`error_response`. Tested on the oldest and newest websockets that
 ``setup.cfg`` allows (``make test-compat``).
 """
 
@@ -37,6 +41,7 @@ from typing import Any
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from .exceptions import Refusal
 from .wire import HTTPServerConnection
 
 __all__ = [
@@ -51,7 +56,7 @@ __all__ = [
 
 log = logging.getLogger("intaleq_signal.http")
 
-#: Largest request body accepted (SPEC §3: larger is 413).
+#: Largest request body accepted (``docs/protocol.md``, "POST /sessions": larger is 413).
 MAX_BODY_BYTES = 16 * 1024
 #: Largest request head accepted (431 past it, as a JSON answer).
 MAX_HEAD_BYTES = 16 * 1024
@@ -121,13 +126,15 @@ class HTTPFront(asyncio.Protocol):
         http_version: ``"1.1"``, or ``"1.0"`` (never handed on: a WebSocket
             upgrade needs HTTP/1.1).
         http_body: the body bytes, ``b""`` when there was none.
-        http_body_error: ``None``, or ``(status, code, message)`` when the
-            body framing is refused: 411 without ``Content-Length`` on POST
-            or with ``Transfer-Encoding``; 413 over :data:`MAX_BODY_BYTES`;
-            400 for an invalid ``Content-Length`` (answered by
-            ``process_request``, the API key being checked first).
+        http_body_error: ``None``, or the :class:`Refusal` (with its
+            ``http_status``) when the body framing is refused: 411 without
+            ``Content-Length`` on POST or with ``Transfer-Encoding``; 413
+            over :data:`MAX_BODY_BYTES`; 400 for an invalid
+            ``Content-Length`` (answered by ``process_request``, the API key
+            being checked first).
         remote_address: the TCP peer, ``(host, port, ...)``.
-        client_ip: set by ``process_request`` (SPEC §4 ``TRUSTED_PROXIES``).
+        client_ip: set by ``process_request`` (``docs/protocol.md``,
+            "Connecting": ``TRUSTED_PROXIES``).
     """
 
     __slots__ = (
@@ -163,7 +170,7 @@ class HTTPFront(asyncio.Protocol):
         self.http_method = "GET"
         self.http_version = "1.1"
         self.http_body = b""
-        self.http_body_error: tuple[int, str, str] | None = None
+        self.http_body_error: Refusal | None = None
         self._state = _HEAD
         self._buffer = bytearray()
         self._head = b""  # the body-less GET head the library parses on a hand-off
@@ -191,9 +198,11 @@ class HTTPFront(asyncio.Protocol):
             end = buffer.find(_HEAD_END)
             if end < 0 or end > MAX_HEAD_BYTES:
                 if _BARE_LF.search(buffer):  # LF without CR: never a valid head
-                    self._refuse(400, "bad_request", "malformed HTTP request (line endings)")
+                    self._refuse(
+                        Refusal("bad_request", "malformed HTTP request (line endings)", http_status=400)
+                    )
                 elif len(buffer) > MAX_HEAD_BYTES:
-                    self._refuse(431, "headers_too_large", "request head too large")
+                    self._refuse(Refusal("headers_too_large", "request head too large", http_status=431))
                 return
             head = bytes(buffer[:end])
             del buffer[: end + 4]
@@ -225,15 +234,15 @@ class HTTPFront(asyncio.Protocol):
         (:attr:`http_body_error`). A malformed head is answered at once."""
         lines = head.split(b"\r\n")
         if len(lines[0]) > MAX_LINE_BYTES:
-            self._refuse(414, "uri_too_long", "request target too long")
+            self._refuse(Refusal("uri_too_long", "request target too long", http_status=414))
             return False
         if len(lines) > MAX_HEADERS or any(len(line) > MAX_LINE_BYTES for line in lines):
-            self._refuse(431, "headers_too_large", "too many or too long header lines")
+            self._refuse(Refusal("headers_too_large", "too many or too long header lines", http_status=431))
             return False
         request_line = _REQUEST_LINE.fullmatch(lines[0])
         matches = [_HEADER_LINE.fullmatch(line) for line in lines[1:]]
         if request_line is None or not all(matches):
-            self._refuse(400, "bad_request", "malformed HTTP request")
+            self._refuse(Refusal("bad_request", "malformed HTTP request", http_status=400))
             return False
         method = request_line[1]
         self.http_method = _METHODS.get(method) or method.decode("ascii")
@@ -263,13 +272,15 @@ class HTTPFront(asyncio.Protocol):
         self._head = b"\r\n".join(kept) + _HEAD_END
         length = next(iter(lengths)) if len(lengths) == 1 else b""
         if coded:
-            error = (411, "length_required", "Transfer-Encoding is not accepted; send Content-Length")
+            error = Refusal(
+                "length_required", "Transfer-Encoding is not accepted; send Content-Length", http_status=411
+            )
         elif lengths and not _DIGITS.fullmatch(length):
-            error = (400, "invalid_request", "invalid Content-Length header")
+            error = Refusal("invalid_request", "invalid Content-Length header", http_status=400)
         elif lengths and (len(length.lstrip(b"0")) > 9 or int(length) > MAX_BODY_BYTES):
-            error = (413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+            error = Refusal("payload_too_large", f"request body over {MAX_BODY_BYTES} bytes", http_status=413)
         elif not lengths and self.http_method == "POST":
-            error = (411, "length_required", "Content-Length is required")
+            error = Refusal("length_required", "Content-Length is required", http_status=411)
         else:
             self._body_length = int(length) if lengths else 0
             if expect_continue and self._body_length:
@@ -300,7 +311,9 @@ class HTTPFront(asyncio.Protocol):
             response = factory.process_response(self, request, response) or response
         except Exception:
             log.error("process_request failed", exc_info=True)
-            response = error_response(500, "internal_error", "the request could not be handled")
+            response = error_response(
+                Refusal("internal_error", "the request could not be handled", http_status=500)
+            )
         self._answer(response.serialize())
 
     def _hand_on(self, rest: bytes) -> None:
@@ -320,10 +333,10 @@ class HTTPFront(asyncio.Protocol):
         connection.hold(rest)
         self.protocol = self.server = self.transport = None
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
-        """Answer a head the library must not see (SPEC §3: malformed HTTP
-        gets 400 and close)."""
-        self._answer(error_response(status, code, message).serialize())
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer a head the library must not see (``docs/protocol.md``,
+        "Anything else": malformed HTTP gets 400 and close)."""
+        self._answer(error_response(refusal).serialize())
 
     def _answer(self, data: bytes) -> None:
         """Write the answer and half-close; the connection closes when the
@@ -351,6 +364,18 @@ def http_response(status: int, content_type: str, body: bytes) -> Response:
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
-def error_response(status: int, code: str, message: str) -> Response:
-    """An error answer with the SPEC §3 body ``{"error", "message"}``."""
-    return http_response(status, "application/json", json.dumps({"error": code, "message": message}).encode())
+def error_response(refusal: Refusal) -> Response:
+    """The HTTP answer to ``refusal``: its ``http_status``, its ``headers``
+    and the JSON body ``{"error": code, "message": message}``
+    (``docs/protocol.md``, "HTTP API").
+
+    Raises:
+        ValueError: ``refusal`` has no ``http_status`` (a WebSocket one).
+    """
+    if refusal.http_status is None:
+        raise ValueError(f"{refusal.code} is not an HTTP refusal")
+    body = json.dumps({"error": refusal.code, "message": refusal.message}).encode()
+    response = http_response(refusal.http_status, "application/json", body)
+    for name, value in refusal.headers.items():
+        response.headers[name] = value
+    return response

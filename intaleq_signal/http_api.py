@@ -1,5 +1,6 @@
 """HTTP on the WebSocket port, answered from websockets' ``process_request``
-hook before any upgrade (SPEC §3, and §4's per-IP connection limit).
+hook before any upgrade (``docs/protocol.md``, "HTTP API", and the per-IP
+connection limit of "Connecting").
 
 ``process_request(connection, request)`` returns a ``Response`` to answer
 plain HTTP, or ``None`` to let a ``/ws`` upgrade proceed. The request method
@@ -7,6 +8,9 @@ and body come from the connection: the HTTP front
 (:class:`~intaleq_signal.front.HTTPFront`, which calls both hooks itself for
 requests that are not upgrades) or, for upgrades, the
 :class:`~intaleq_signal.wire.HTTPServerConnection` it handed them to.
+
+Every refusal is a :class:`~intaleq_signal.exceptions.Refusal` with its
+``http_status``, answered by :func:`~intaleq_signal.front.error_response`.
 """
 
 from __future__ import annotations
@@ -22,41 +26,37 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 from .config import Config
+from .exceptions import Capacity, Refusal
 from .front import error_response, http_response
 from .metrics import Metrics
 from .ratelimit import SlidingWindow, client_ip, peer_address
-from .sessions import Capacity, RideConflict
 from .signaling import Signaling
 
-__all__ = ["HTTPAPI", "is_loopback_peer", "validate_session_body"]
+__all__ = ["BadRequest", "HTTPAPI", "is_loopback_peer", "validate_session_body"]
 
 log = logging.getLogger("intaleq_signal.http")
 
-MAX_FIELD_LENGTH = 255  # code points (SPEC §3, §4 "Precise points")
-#: SPEC §3: 10 wrong API keys from one IP within a minute → 429 for the minute.
+MAX_FIELD_LENGTH = 255  # code points (docs/protocol.md, "POST /sessions" and "Precise points")
+#: 10 wrong API keys from one IP within a minute → 429 for the minute
+#: (``docs/protocol.md``, "POST /sessions").
 API_KEY_FAILURES = 10
 WINDOW = 60.0
 
 _SESSION_FIELDS = ("ride_id", "driver_id", "passenger_id")
 _LIBRARY_REFUSAL = b"Failed to open a WebSocket connection"
 _LIBRARY_CODES = {400: "bad_request", 426: "upgrade_required", 500: "internal_error", 503: "shutting_down"}
+_LIBRARY_HEADERS = ("Upgrade", "Sec-WebSocket-Version")
 
 
-class BadRequest(ValueError):
-    """An HTTP request refused with ``status`` and an error ``code``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+#: The name this module gave the refusals of a request body.
+BadRequest = Refusal
 
 
 def validate_session_body(body: bytes) -> tuple[str, str, str]:
     """Parse a ``POST /sessions`` body into ``(ride_id, driver_id, passenger_id)``.
 
     Raises:
-        BadRequest: 400 ``invalid_json`` when the body is not UTF-8 JSON;
+        Refusal: 400 ``invalid_json`` when the body is not UTF-8 JSON;
         400 ``invalid_request`` naming the field when it is not an object
         of three non-empty strings of at most 255 code points with driver
         and passenger different.
@@ -64,21 +64,21 @@ def validate_session_body(body: bytes) -> tuple[str, str, str]:
     try:
         data = _BODY_DECODER.decode(body.decode("utf-8"))
     except (ValueError, RecursionError):
-        raise BadRequest(400, "invalid_json", "request body is not valid JSON") from None
+        raise Refusal("invalid_json", "request body is not valid JSON", http_status=400) from None
     if not isinstance(data, dict):
-        raise BadRequest(400, "invalid_request", "request body must be a JSON object")
+        raise Refusal("invalid_request", "request body must be a JSON object", http_status=400)
     values = []
     for field in _SESSION_FIELDS:
         value = data.get(field)
         if not isinstance(value, str) or not value:
-            raise BadRequest(400, "invalid_request", f"'{field}' must be a non-empty string")
+            raise Refusal("invalid_request", f"'{field}' must be a non-empty string", http_status=400)
         if len(value) > MAX_FIELD_LENGTH:
-            raise BadRequest(400, "invalid_request", f"'{field}' is longer than 255 characters")
+            raise Refusal("invalid_request", f"'{field}' is longer than 255 characters", http_status=400)
         if not value.isprintable() or not _utf8(value):
-            raise BadRequest(400, "invalid_request", f"'{field}' has control or invalid characters")
+            raise Refusal("invalid_request", f"'{field}' has control or invalid characters", http_status=400)
         values.append(value)
     if values[1] == values[2]:
-        raise BadRequest(400, "invalid_request", "'passenger_id' must differ from 'driver_id'")
+        raise Refusal("invalid_request", "'passenger_id' must differ from 'driver_id'", http_status=400)
     return values[0], values[1], values[2]
 
 
@@ -131,114 +131,109 @@ class HTTPAPI:
         connection.client_ip = ip
         method = connection.http_method
         path = request.path.partition("?")[0]
-        if path != "/sessions" and connection.http_body_error is not None:
-            status, _, _ = connection.http_body_error
-            if status == 400:  # RFC 9112 §6.3: an invalid Content-Length is 400 anywhere
-                return respond(*connection.http_body_error)
+        refused = connection.http_body_error
+        if path != "/sessions" and refused is not None and refused.http_status == 400:
+            return error_response(refused)  # RFC 9112 §6.3: an invalid Content-Length is 400 anywhere
         if path == "/ws":
             if method != "GET":
-                return respond(405, "method_not_allowed", "use GET with a WebSocket upgrade", allow="GET")
-            if connection.http_body_error is not None:
-                return respond(*connection.http_body_error)
+                return error_response(_method_not_allowed("use GET with a WebSocket upgrade", "GET"))
+            if refused is not None:
+                return error_response(refused)
             if connection.http_body:
-                return respond(400, "bad_request", "a WebSocket upgrade request has no body")
+                return error_response(_bad_request("a WebSocket upgrade request has no body"))
             if connection.http_version != "1.1":  # RFC 6455 §4.1
-                return respond(400, "bad_request", "a WebSocket upgrade needs HTTP/1.1")
+                return error_response(_bad_request("a WebSocket upgrade needs HTTP/1.1"))
             return self._upgrade(connection, request, ip)
         if path == "/sessions":
             if method != "POST":
-                return respond(405, "method_not_allowed", "use POST", allow="POST")
-            # SPEC §3 order: the API key, then the body (framing refused by
-            # the wire layer included), then the session.
-            refused = self._check_key(request.headers, ip)
+                return error_response(_method_not_allowed("use POST", "POST"))
+            # The order of docs/protocol.md, "POST /sessions": the API key,
+            # then the body (framing refused by the front included), then
+            # the session.
+            key_refused = self._check_key(request.headers, ip)
+            if key_refused is not None:
+                return error_response(key_refused)
             if refused is not None:
-                return refused
-            if connection.http_body_error is not None:
-                return respond(*connection.http_body_error)
+                return error_response(refused)
             return self._create_session(connection.http_body)
         if path == "/health":
             if method not in ("GET", "HEAD"):
-                return respond(405, "method_not_allowed", "use GET", allow="GET, HEAD")
+                return error_response(_method_not_allowed("use GET", "GET, HEAD"))
             status, document = self.health()
             return _json(status, document, head=method == "HEAD")
         if path == "/metrics":
             if method not in ("GET", "HEAD"):
-                return respond(405, "method_not_allowed", "use GET", allow="GET, HEAD")
+                return error_response(_method_not_allowed("use GET", "GET, HEAD"))
             if (
                 not is_loopback_peer(peer)
                 or "X-Forwarded-For" in request.headers
                 or "X-Real-IP" in request.headers
             ):
-                return respond(404, "not_found", "no such path")
+                return error_response(_not_found())
             return _response(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.metrics.render().encode(),
                 head=method == "HEAD",
             )
-        return respond(404, "not_found", "no such path")
+        return error_response(_not_found())
 
     def process_response(self, connection: Any, request: Any, response: Response) -> Response | None:
         """Give the library's own refusals (a bad WebSocket handshake: 400,
         426; 500 if ``process_request`` failed; 503 while closing) the JSON
-        error body every HTTP answer has (SPEC §3)."""
+        error body every HTTP answer has (``docs/protocol.md``, "HTTP API")."""
         if connection.http_method == "HEAD" and response.body:
             response.body = b""  # RFC 9110 §9.3.2; Content-Length still tells the size
         if response.status_code == 101 or not response.body.startswith(_LIBRARY_REFUSAL):
             return None
         status = response.status_code
         text = response.body.decode("utf-8", "replace").strip().splitlines()[0]
-        code = _LIBRARY_CODES.get(status, "bad_request")
-        refused = respond(status, code, text)
-        for name in ("Upgrade", "Sec-WebSocket-Version"):
-            if name in response.headers:
-                refused.headers[name] = response.headers[name]
-        return refused
+        kept = {name: response.headers[name] for name in _LIBRARY_HEADERS if name in response.headers}
+        return error_response(
+            Refusal(_LIBRARY_CODES.get(status, "bad_request"), text, http_status=status, headers=kept)
+        )
 
     def _upgrade(self, connection: Any, request: Any, ip: str) -> Response | None:
         if "websocket" not in ",".join(request.headers.get_all("Upgrade")).lower():
-            return respond(
-                426, "upgrade_required", "/ws takes a WebSocket upgrade", extra={"Upgrade": "websocket"}
+            return error_response(
+                Refusal(
+                    "upgrade_required",
+                    "/ws takes a WebSocket upgrade",
+                    http_status=426,
+                    headers={"Upgrade": "websocket"},
+                )
             )
         if not self.signaling.accepting:
-            return respond(503, "shutting_down", "the server is stopping")
+            return error_response(_shutting_down())
         if not self.connects.allow(ip, time.monotonic()):
             self.metrics.connections_rejected["ip_rate_limited"] += 1
             log.info("connection refused reason=ip_rate_limited ip=%s", ip)
-            return respond(
-                429,
-                "rate_limited",
-                "too many connection attempts; retry in a minute",
-                extra={"Retry-After": "60"},
-            )
+            return error_response(_rate_limited("too many connection attempts; retry in a minute"))
         return None
 
-    def _check_key(self, headers: Headers, ip: str) -> Response | None:
+    def _check_key(self, headers: Headers, ip: str) -> Refusal | None:
+        """None when ``X-API-Key`` is the key, else why the request is refused:
+        429 while this IP is locked out, 401 for a missing, wrong or repeated
+        key (a failure that counts towards the lock-out)."""
         now = time.monotonic()
         if self.key_failures.full(ip, now):
-            return respond(
-                429, "rate_limited", "too many wrong API keys; retry in a minute", extra={"Retry-After": "60"}
-            )
+            return _rate_limited("too many wrong API keys; retry in a minute")
         keys = headers.get_all("X-API-Key")  # a repeated header is a wrong key
         given = keys[0].encode("utf-8", "surrogateescape") if len(keys) == 1 else b""
         if not hmac.compare_digest(given, self.key):
             self.key_failures.hit(ip, now)
             log.warning("wrong API key on POST /sessions ip=%s", ip)
-            return respond(401, "unauthorized", "missing or wrong X-API-Key")
+            return Refusal("unauthorized", "missing or wrong X-API-Key", http_status=401)
         return None
 
     def _create_session(self, body: bytes) -> Response:
         try:
             ride_id, driver_id, passenger_id = validate_session_body(body)
             session, _ = self.signaling.create_session(ride_id, driver_id, passenger_id)
-        except BadRequest as exc:
-            return respond(exc.status, exc.code, exc.message)
-        except RideConflict:
-            return respond(409, "ride_conflict", "this ride has a live session with other participants")
-        except Capacity:
-            if not self.signaling.accepting:
-                return respond(503, "shutting_down", "the server is stopping")
-            return respond(503, "capacity", "too many live sessions; retry later")
+        except Capacity as exc:
+            return error_response(exc if self.signaling.accepting else _shutting_down())
+        except Refusal as exc:  # the body, or RideConflict
+            return error_response(exc)
         return _json(
             200,
             {
@@ -284,16 +279,24 @@ def _peer_host(connection: Any) -> str:
     return peer_address(str(address[0])) if address else "?"
 
 
-def respond(
-    status: int, code: str, message: str, *, allow: str | None = None, extra: dict[str, str] | None = None
-) -> Response:
-    """An error answer with the SPEC §3 body ``{"error", "message"}``."""
-    response = error_response(status, code, message)
-    if allow is not None:
-        response.headers["Allow"] = allow
-    for name, value in (extra or {}).items():
-        response.headers[name] = value
-    return response
+def _not_found() -> Refusal:
+    return Refusal("not_found", "no such path", http_status=404)
+
+
+def _bad_request(message: str) -> Refusal:
+    return Refusal("bad_request", message, http_status=400)
+
+
+def _method_not_allowed(message: str, allow: str) -> Refusal:
+    return Refusal("method_not_allowed", message, http_status=405, headers={"Allow": allow})
+
+
+def _shutting_down() -> Refusal:
+    return Refusal("shutting_down", "the server is stopping", http_status=503)
+
+
+def _rate_limited(message: str) -> Refusal:
+    return Refusal("rate_limited", message, http_status=429, headers={"Retry-After": "60"})
 
 
 def _json(status: int, document: dict[str, Any], *, head: bool = False) -> Response:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 
+from .exceptions import LifecycleError
+
 __all__ = [
     "ConnectionLifecycle",
     "ConnectionState",
@@ -18,10 +20,6 @@ __all__ = [
     "SessionLifecycle",
     "SessionState",
 ]
-
-
-class LifecycleError(RuntimeError):
-    """An illegal state transition was requested (a programming error)."""
 
 
 class SessionState(enum.Enum):

@@ -1,9 +1,14 @@
 """WebSocket message shapes: validation of client messages and serialization
-of server messages (SPEC §4 tables). Pure functions, no I/O.
+of server messages (``docs/protocol.md``, "Client → server" and "Server →
+client"). Pure functions, no I/O.
 
 A relayed message costs one ``json.loads``, one validation and one
 ``json.dumps`` of a message rebuilt from its defined fields only, so the server
-never echoes fields it did not define (SPEC §4, rule 4).
+never echoes fields it did not define (``docs/protocol.md``, rule 4).
+
+A refused message raises :class:`~intaleq_signal.exceptions.MessageError`
+(a :class:`~intaleq_signal.exceptions.Refusal`); :func:`error_message`
+renders any refusal as the ``error`` message sent back.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import json
 from json.encoder import encode_basestring_ascii as _quote  # the C one when available
 from typing import Any
+
+from .exceptions import MessageError, Refusal
 
 __all__ = [
     "MessageError",
@@ -20,6 +27,7 @@ __all__ = [
     "decode",
     "encode",
     "error",
+    "error_message",
     "parse_authenticate",
     "participant_joined",
     "participant_left",
@@ -28,25 +36,15 @@ __all__ = [
     "unauthorized",
 ]
 
-#: Types the server relays to the other participant (SPEC §4 rule 4).
+#: Types the server relays to the other participant (docs/protocol.md, rule 4).
 RELAYED_TYPES = frozenset({"offer", "answer", "ice_candidate"})
 KNOWN_TYPES = RELAYED_TYPES | {"authenticate", "heartbeat", "end_call"}
 
 #: Longest ``session_id`` / ``user_id`` accepted in ``authenticate``, in code
-#: points; ids are created with at most 255 (SPEC §3).
+#: points; ids are created with at most 255 (``docs/protocol.md``, "POST /sessions").
 MAX_ID_LENGTH = 255
 #: ``sdpMLineIndex`` is an unsigned short in WebRTC.
 MAX_MLINE_INDEX = 65535
-
-
-class MessageError(ValueError):
-    """A client message the SPEC refuses; ``code`` is the ``error`` code sent
-    back (``invalid_json``, ``invalid_message`` or ``unknown_type``)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _reject_constant(name: str) -> Any:
@@ -58,7 +56,7 @@ _scan = _decoder.scan_once  # the C scanner, without decode()'s Python wrappers
 _JSON_SPACE = " \t\n\r"  # RFC 8259 §2 whitespace, nothing else
 # ASCII output: every frame is sendable (a lone surrogate from a "\ud800"
 # escape is re-escaped, not a UnicodeEncodeError) and its length in
-# characters is its length in bytes (the 16 KiB hold bound, SPEC §4 rule 4).
+# characters is its length in bytes (the 16 KiB hold bound, docs/protocol.md, rule 4).
 _encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 encode = _encoder.encode
 
@@ -69,7 +67,8 @@ def decode(text: str) -> tuple[str, dict[str, Any]]:
     Raises:
         MessageError: ``invalid_json`` when the text is not JSON (``NaN`` and
         ``Infinity`` included), ``invalid_message`` when it is not an object
-        with a string ``type``, ``unknown_type`` for a type not in SPEC §4.
+        with a string ``type``, ``unknown_type`` for a type not in
+        ``docs/protocol.md``, "Client → server".
     """
     try:
         if text[:1] in _JSON_SPACE:
@@ -164,7 +163,7 @@ def _optional_string(value: Any, name: str) -> str:
     return _quote(value)
 
 
-# Server → client messages (SPEC §4 "Server → client").
+# Server → client messages (docs/protocol.md, "Server → client").
 
 PONG = encode({"type": "pong"})
 CALL_TIMEOUT = encode({"type": "call_timeout", "reason": "max_duration_reached"})
@@ -200,3 +199,9 @@ def unauthorized(reason: str) -> str:
 
 def error(code: str, message: str) -> str:
     return encode({"type": "error", "code": code, "message": message})
+
+
+def error_message(refusal: Refusal) -> str:
+    """The ``error`` message that tells a client about ``refusal``:
+    ``{"type":"error","code":...,"message":...}``."""
+    return error(refusal.code, refusal.message)

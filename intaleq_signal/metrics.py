@@ -1,9 +1,11 @@
 """Counters, gauges and a histogram of one process, rendered in the
-Prometheus text exposition format 0.0.4 (SPEC §3 ``/metrics``).
+Prometheus text exposition format 0.0.4 (``docs/protocol.md``, "GET /metrics").
 
 Counters are plain attributes bumped on the event loop; values owned by
 other objects are read at scrape time from callables, so the hot path pays
 one integer addition (two and a bisect for the relay-latency histogram).
+Every metric's name and help text is in this module: the server only says
+where the values come from (:meth:`Metrics.bind`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .calllog.writer import CallLogWriter
 
 __all__ = ["Histogram", "Metrics"]
 
@@ -61,6 +67,55 @@ class Metrics:
     def register(self, name: str, kind: str, help_text: str, read: Callable[[], float]) -> None:
         """Add a ``counter`` or ``gauge`` whose value is read at scrape time."""
         self._read.append((name, kind, help_text, read))
+
+    def bind(
+        self,
+        *,
+        sessions_live: Callable[[], int],
+        calls_active: Callable[[], int],
+        connections_open: Callable[[], int],
+        calllog: CallLogWriter,
+    ) -> None:
+        """Register the process's gauges and the call log's counters, read
+        at scrape time: the three callables (counts now), and the call-log
+        writer's figures, in events (``docs/protocol.md``, "GET /metrics")."""
+        register = self.register
+        register("intaleq_sessions_live", "gauge", "Sessions neither ended nor expired.", sessions_live)
+        register("intaleq_calls_active", "gauge", "Calls in progress.", calls_active)
+        register("intaleq_connections_open", "gauge", "Open WebSocket connections.", connections_open)
+        register(
+            "intaleq_calllog_writes_pending",
+            "gauge",
+            "Call-log events queued or being written (the queue depth).",
+            lambda: calllog.pending,
+        )
+        register(
+            "intaleq_calllog_writes_total", "counter", "Call-log events written.", lambda: calllog.writes
+        )
+        register(
+            "intaleq_calllog_writes_failed_total",
+            "counter",
+            "Failed call-log write attempts (each retry counts).",
+            lambda: calllog.failures,
+        )
+        register(
+            "intaleq_calllog_events_dropped_total",
+            "counter",
+            "Call-log events dropped: queue full, or refused by the database as bad data.",
+            lambda: calllog.dropped + calllog.rejected,
+        )
+        register(
+            "intaleq_calllog_journal_events",
+            "gauge",
+            "Call-log events kept in the local journal until the database takes them.",
+            lambda: calllog.journal_backlog,
+        )
+        register(
+            "intaleq_calllog_database_up",
+            "gauge",
+            "1 while the call-log database accepts writes, else 0.",
+            lambda: 0 if calllog.state == "unavailable" else 1,
+        )
 
     def render(self) -> str:
         """The exposition text (``text/plain; version=0.0.4``)."""

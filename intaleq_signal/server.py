@@ -18,8 +18,8 @@ from websockets.asyncio.server import serve
 from .calllog import CallLogWriter, PreviousRunClosed
 from .calllog.journal import Journal
 from .calllog.sqlite import SQLiteStore
-from .calllog.store import StoreError
-from .config import Config, ConfigError
+from .config import Config
+from .exceptions import ConfigError, ListenError, StoreError
 from .front import FrontFactory
 from .http_api import HTTPAPI
 from .metrics import Metrics
@@ -35,10 +35,6 @@ log = logging.getLogger("intaleq_signal")
 OPEN_TIMEOUT = 10.0
 #: Bound on flushing the call log at shutdown (seconds).
 FLUSH_TIMEOUT = 5.0
-
-
-class ListenError(OSError):
-    """The listening socket could not be opened (address taken, not ours)."""
 
 
 def make_store(config: Config) -> Any:
@@ -231,49 +227,13 @@ class Server:
             self.api.prune(time.monotonic())
 
     def _gauges(self) -> None:
-        signaling, calllog, register = self.signaling, self.calllog, self.metrics.register
-        register(
-            "intaleq_sessions_live",
-            "gauge",
-            "Sessions neither ended nor expired.",
-            lambda: signaling.registry.live,
-        )
-        register("intaleq_calls_active", "gauge", "Calls in progress.", signaling.active_calls)
-        register(
-            "intaleq_connections_open", "gauge", "Open WebSocket connections.", lambda: len(signaling.clients)
-        )
-        register(
-            "intaleq_calllog_writes_pending",
-            "gauge",
-            "Call-log events queued or being written (the queue depth).",
-            lambda: calllog.pending,
-        )
-        register(
-            "intaleq_calllog_writes_total", "counter", "Call-log events written.", lambda: calllog.writes
-        )
-        register(
-            "intaleq_calllog_writes_failed_total",
-            "counter",
-            "Failed call-log write attempts (each retry counts).",
-            lambda: calllog.failures,
-        )
-        register(
-            "intaleq_calllog_events_dropped_total",
-            "counter",
-            "Call-log events dropped: queue full, or refused by the database as bad data.",
-            lambda: calllog.dropped + calllog.rejected,
-        )
-        register(
-            "intaleq_calllog_journal_events",
-            "gauge",
-            "Call-log events kept in the local journal until the database takes them.",
-            lambda: calllog.journal_backlog,
-        )
-        register(
-            "intaleq_calllog_database_up",
-            "gauge",
-            "1 while the call-log database accepts writes, else 0.",
-            lambda: 0 if calllog.state == "unavailable" else 1,
+        """Where the scraped metrics come from (their names: ``metrics.py``)."""
+        signaling = self.signaling
+        self.metrics.bind(
+            sessions_live=lambda: signaling.registry.live,
+            calls_active=signaling.active_calls,
+            connections_open=lambda: len(signaling.clients),
+            calllog=self.calllog,
         )
 
 

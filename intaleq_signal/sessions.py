@@ -13,6 +13,7 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from .exceptions import Capacity, RideConflict
 from .lifecycle import EndReason, SessionLifecycle, SessionState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,14 +24,6 @@ __all__ = ["Capacity", "RideConflict", "Registry", "Seat", "Session"]
 #: SPEC §4 rule 4: messages held for an absent participant, per direction.
 HOLD_MAX_MESSAGES = 64
 HOLD_MAX_BYTES = 16 * 1024
-
-
-class RideConflict(Exception):
-    """The ride has a live session with other participants (HTTP 409)."""
-
-
-class Capacity(Exception):
-    """``MAX_SESSIONS`` live sessions are held already (HTTP 503)."""
 
 
 class Seat:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from websockets.http11 import Request, Response
 
+from intaleq_signal.exceptions import Refusal
 from intaleq_signal.front import FrontFactory, HTTPFront, error_response
 
 pytestmark = pytest.mark.compat
@@ -77,7 +78,7 @@ class Hooks:
         )
         if self.raise_in_request:
             raise RuntimeError("boom")
-        return error_response(418, "teapot", request.headers.get("X-API-Key", "-"))
+        return error_response(Refusal("teapot", request.headers.get("X-API-Key", "-"), http_status=418))
 
     def process_response(self, connection: Any, request: Request, response: Response) -> Response | None:
         return None
@@ -120,7 +121,9 @@ async def test_refused_framing_reaches_the_hooks_without_a_body() -> None:
     front.data_received(
         b"POST /sessions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     )
-    assert hooks.seen == [("POST", "/sessions", b"", (411, "length_required", hooks.seen[0][3][2]))]
+    [(method, path, body, refused)] = hooks.seen
+    assert (method, path, body) == ("POST", "/sessions", b"")
+    assert isinstance(refused, Refusal) and (refused.http_status, refused.code) == (411, "length_required")
     assert transport.eof
 
 

@@ -301,7 +301,7 @@ def bad_request(data: bytes):
 
     with pytest.raises(BadRequest) as info:
         validate_session_body(data)
-    assert info.value.status == 400
+    assert info.value.http_status == 400
     return info.value
 
 

@@ -21,8 +21,8 @@ import logging
 import os
 import sqlite3
 
+from ..exceptions import JournalError
 from .events import CallEvent, EventDecodeError, decode, encode
-from .store import StoreError
 
 __all__ = ["Journal", "JournalError"]
 
@@ -34,10 +34,6 @@ CREATE TABLE IF NOT EXISTS events (
     event TEXT NOT NULL
 );
 """
-
-
-class JournalError(StoreError):
-    """The journal file cannot be used (``str()`` names ``JOURNAL_PATH``)."""
 
 
 class Journal:

@@ -1,4 +1,5 @@
-"""Production call log: MySQL through PyMySQL (SPEC §5).
+"""Production call log: MySQL through PyMySQL (``docs/operations.md``,
+"Call log and journal").
 
 One PyMySQL connection per writer thread (PyMySQL connections are not
 thread-safe). Every network wait is bounded (connect, read, write timeouts)
@@ -9,18 +10,18 @@ make idempotent.
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
 
 import pymysql
 
 from .events import CallEvent
-from .sql import ADDED_COLUMNS, MYSQL
+from .sql import ADDED_COLUMNS, MYSQL, create_index, late_indexes, mysql_ddl
 
 __all__ = ["DDL", "MySQLStore"]
 
-#: The table definition, the same file as the repository's ``database.sql``.
-DDL = resources.files(__package__).joinpath("call_logs.sql").read_text(encoding="utf-8")
+#: The table definition: the text of ``call_logs.sql`` (the repository's
+#: ``database.sql``), generated from the table in :mod:`.sql`.
+DDL = mysql_ddl()
 
 CONNECT_TIMEOUT = 5  # seconds
 IO_TIMEOUT = 10  # seconds, each read or write on the socket
@@ -67,9 +68,9 @@ class MySQLStore:
         return pymysql.connect(**self.params)
 
     def prepare(self, conn: pymysql.connections.Connection) -> None:
-        """Create the table when missing, and add the columns (with the
-        index on ``node_id``) a table made by an earlier version lacks
-        (:data:`~.sql.ADDED_COLUMNS`). Safe when several instances start at
+        """Create the table when missing, and add the columns (then the
+        indexes over them) a table made by an earlier version lacks
+        (:data:`~.sql.ADDED_COLUMNS`, :func:`~.sql.late_indexes`). Safe when several instances start at
         once: a column another one just added is taken as added."""
         with conn.cursor() as cursor:
             for statement in _ddl_statements(DDL):
@@ -79,21 +80,24 @@ class MySQLStore:
                 " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'call_logs'"
             )
             have = {row[0] for row in cursor.fetchall()}
-            for name, kind in ADDED_COLUMNS:
-                if name in have:
+            for column in ADDED_COLUMNS:
+                if column.name in have:
                     continue
                 try:
-                    cursor.execute(f"ALTER TABLE call_logs ADD COLUMN {name} {kind}")
+                    cursor.execute(f"ALTER TABLE call_logs ADD COLUMN {column.definition('mysql')}")
                 except pymysql.err.OperationalError as exc:
                     if exc.args[0] != _DUPLICATE_COLUMN:
                         raise
-            cursor.execute(
-                "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
-                " AND TABLE_NAME = 'call_logs' AND INDEX_NAME = 'idx_call_logs_node_status'"
-            )
-            if not cursor.fetchall():
+            for index in late_indexes("mysql"):
+                cursor.execute(
+                    "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()"
+                    " AND TABLE_NAME = 'call_logs' AND INDEX_NAME = %s",
+                    (index.name,),
+                )
+                if cursor.fetchall():
+                    continue
                 try:
-                    cursor.execute("CREATE INDEX idx_call_logs_node_status ON call_logs (node_id, status)")
+                    cursor.execute(create_index(index, "mysql"))
                 except pymysql.err.OperationalError as exc:
                     if exc.args[0] != _DUPLICATE_KEY_NAME:
                         raise

@@ -1,4 +1,13 @@
-"""The call-log writes as SQL, once for every store (SPEC §5).
+"""The ``call_logs`` table and the call-log writes as SQL, once for every
+store (``docs/protocol.md``, "Call log").
+
+The table is data here (:data:`COLUMNS`, :data:`INDEXES`), from which both
+definitions are generated: :func:`mysql_ddl` (the text of ``call_logs.sql``,
+which ``database.sql`` at the top of the repository links to; rewrite it with
+``python -m intaleq_signal.calllog.sql`` or ``make schema``) and
+:func:`sqlite_ddl`. Columns and indexes added after the first edition of the
+table (:data:`ADDED_COLUMNS`, :func:`late_indexes`) are added by each store
+to an existing table at start (``Store.prepare``).
 
 Each event maps to one idempotent statement, so a write replayed after a
 broken connection leaves the row as if it had been applied once:
@@ -18,12 +27,163 @@ reads into ``TIMESTAMP(3)`` (the MySQL session runs at ``time_zone='+00:00'``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-from typing import Any
+import sys
+from pathlib import Path
+from typing import Any, Literal
 
 from .events import CallActive, CallEnded, CallEvent, CallInitiated, PreviousRunClosed, SessionCreated
 
-__all__ = ["ADDED_COLUMNS", "MYSQL", "SQLITE", "Dialect", "utc_text"]
+__all__ = [
+    "ADDED_COLUMNS",
+    "COLUMNS",
+    "INDEXES",
+    "MYSQL",
+    "SQLITE",
+    "Column",
+    "Dialect",
+    "Index",
+    "create_index",
+    "late_indexes",
+    "mysql_ddl",
+    "sqlite_ddl",
+    "utc_text",
+]
+
+#: The two databases the table is defined for.
+Database = Literal["mysql", "sqlite"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One column of ``call_logs``.
+
+    Attributes:
+        name: the column name.
+        mysql: its definition after the name in MySQL (type, ``NULL`` or
+            ``NOT NULL``, default).
+        sqlite: the same in SQLite, when it differs (times are UTC text
+            there; the id and the unique ``session_id`` are declared inline).
+        added: added after the first edition of the table: an existing
+            table gets it at start.
+    """
+
+    name: str
+    mysql: str
+    sqlite: str = ""
+    added: bool = False
+
+    def definition(self, dialect: Database) -> str:
+        """``name definition`` in ``"mysql"`` or ``"sqlite"``."""
+        return f"{self.name} {self.sqlite if dialect == 'sqlite' and self.sqlite else self.mysql}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """One index of ``call_logs``: ``name`` over ``columns``, in that order.
+    ``in_sqlite`` False: MySQL only (the SQLite table declares its unique
+    ``session_id`` inline, and has no index on ``status`` alone)."""
+
+    name: str
+    columns: tuple[str, ...]
+    unique: bool = False
+    in_sqlite: bool = True
+
+
+#: The columns of ``call_logs``, in table order (new tables; an existing
+#: table gets the ``added`` ones at its end).
+COLUMNS: tuple[Column, ...] = (
+    Column("id", "INT UNSIGNED NOT NULL AUTO_INCREMENT", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+    Column("session_id", "VARCHAR(36) NOT NULL", "VARCHAR(36) NOT NULL UNIQUE"),
+    Column("ride_id", "VARCHAR(255) NOT NULL"),
+    Column("driver_id", "VARCHAR(255) NOT NULL"),
+    Column("passenger_id", "VARCHAR(255) NOT NULL"),
+    Column("status", "VARCHAR(50) NOT NULL DEFAULT 'created'"),
+    Column("initiated_by", "VARCHAR(255) NULL"),
+    Column("end_reason", "VARCHAR(255) NULL"),
+    # NULL in MySQL: with explicit_defaults_for_timestamp=OFF, a first
+    # TIMESTAMP column declared NOT NULL without a default gets DEFAULT
+    # CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP, rewritten by every update.
+    Column("created_at", "TIMESTAMP(3) NULL", "TEXT NOT NULL"),
+    Column("connected_at", "TIMESTAMP(3) NULL", "TEXT NULL"),
+    Column("ended_at", "TIMESTAMP(3) NULL", "TEXT NULL"),
+    Column("node_id", "VARCHAR(255) NULL", added=True),
+)
+#: The MySQL primary key (SQLite's is inline: ``INTEGER PRIMARY KEY``).
+PRIMARY_KEY = ("id",)
+#: The indexes of ``call_logs``.
+INDEXES: tuple[Index, ...] = (
+    Index("uq_call_logs_session_id", ("session_id",), unique=True, in_sqlite=False),
+    Index("idx_call_logs_ride_id", ("ride_id",)),
+    Index("idx_call_logs_status", ("status",), in_sqlite=False),
+    Index("idx_call_logs_node_status", ("node_id", "status")),
+)
+#: Columns added after the first edition of the table. Each store adds the
+#: ones an existing table lacks, at start (``Store.prepare``); new tables
+#: have them from their DDL.
+ADDED_COLUMNS: tuple[Column, ...] = tuple(column for column in COLUMNS if column.added)
+
+#: What ``call_logs.sql`` says above the table, for the operators who read it.
+MYSQL_HEADER = """\
+-- intaleq-signal call log. One row per call session.
+-- The server runs this at start (CREATE TABLE IF NOT EXISTS), so the table
+-- exists as soon as the daemon has reached the database once.
+-- Times are UTC (the server's MySQL sessions use time_zone '+00:00') with
+-- milliseconds: the moments the events happened, not the moments of the writes.
+-- node_id is the instance (NODE_ID) that owns the row; a table made before
+-- it existed gets the column (and its index) added by the server at start.
+"""
+#: ``call_logs.sql``, next to this module.
+MYSQL_DDL_FILE = Path(__file__).with_name("call_logs.sql")
+
+
+def late_indexes(dialect: Database) -> tuple[Index, ...]:
+    """The indexes over an added column, in ``"mysql"`` or ``"sqlite"``:
+    created after those columns are added to an existing table."""
+    added = {column.name for column in ADDED_COLUMNS}
+    return tuple(
+        index
+        for index in INDEXES
+        if added.intersection(index.columns) and (dialect == "mysql" or index.in_sqlite)
+    )
+
+
+def create_index(index: Index, dialect: Database) -> str:
+    """The statement that creates ``index`` (SQLite: only when missing;
+    MySQL has no ``IF NOT EXISTS`` for indexes)."""
+    guard = " IF NOT EXISTS" if dialect == "sqlite" else ""
+    unique = "UNIQUE " if index.unique else ""
+    return f"CREATE {unique}INDEX{guard} {index.name} ON call_logs ({', '.join(index.columns)})"
+
+
+def mysql_ddl() -> str:
+    """The text of ``call_logs.sql``: :data:`MYSQL_HEADER`, then the table
+    with every column, the primary key and every index."""
+    lines = [column.definition("mysql") for column in COLUMNS]
+    lines.append(f"PRIMARY KEY ({', '.join(PRIMARY_KEY)})")
+    for index in INDEXES:
+        lines.append(f"{'UNIQUE ' if index.unique else ''}KEY {index.name} ({', '.join(index.columns)})")
+    body = ",\n".join("    " + line for line in lines)
+    return (
+        MYSQL_HEADER
+        + "CREATE TABLE IF NOT EXISTS call_logs (\n"
+        + body
+        + "\n) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;\n"
+    )
+
+
+def sqlite_ddl() -> str:
+    """The SQLite script that creates the table and the indexes over its
+    first-edition columns, each only when missing (the late ones come after
+    the added columns: :func:`late_indexes`)."""
+    body = ",\n".join("    " + column.definition("sqlite") for column in COLUMNS)
+    late = late_indexes("sqlite")
+    indexes = "".join(
+        create_index(index, "sqlite") + ";\n" for index in INDEXES if index.in_sqlite and index not in late
+    )
+    return "\nCREATE TABLE IF NOT EXISTS call_logs (\n" + body + "\n);\n" + indexes
+
 
 _TEMPLATES = {
     SessionCreated: (
@@ -44,11 +204,6 @@ _TEMPLATES = {
         " WHERE status <> 'ended' AND created_at < {p} AND node_id = {p}"
     ),
 }
-
-#: Columns added after the first edition of the table: ``(name, type)``.
-#: Each store adds the ones an existing table lacks, at start
-#: (``Store.prepare``); new tables have them from their DDL.
-ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("node_id", "VARCHAR(255) NULL"),)
 
 
 def utc_text(at: float) -> str:
@@ -93,3 +248,24 @@ class Dialect:
 
 SQLITE = Dialect("?", "INSERT OR IGNORE")
 MYSQL = Dialect("%s", "INSERT IGNORE")
+
+
+def main(argv: list[str]) -> int:
+    """``python -m intaleq_signal.calllog.sql [--check]``: rewrite
+    ``call_logs.sql`` from :data:`COLUMNS` and :data:`INDEXES`; with
+    ``--check``, only say whether it is up to date (exit 1 when not)."""
+    text = mysql_ddl()
+    current = MYSQL_DDL_FILE.read_text(encoding="utf-8") if MYSQL_DDL_FILE.exists() else ""
+    if current == text:
+        print(f"{MYSQL_DDL_FILE}: up to date")
+        return 0
+    if "--check" in argv:
+        print(f"{MYSQL_DDL_FILE}: differs from the table in {__name__}; run python -m {__name__}")
+        return 1
+    MYSQL_DDL_FILE.write_text(text, encoding="utf-8")
+    print(f"{MYSQL_DDL_FILE}: rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,38 +1,26 @@
 """Embedded development call log: the ``call_logs`` table in a SQLite file
-(SPEC §2: ``ENVIRONMENT=development`` without ``DB_USERNAME``).
+(``ENVIRONMENT=development`` without ``DB_USERNAME``; ``docs/operations.md``,
+"Configuration").
 
-Same columns and the same idempotent writes (:mod:`.sql`) as the MySQL
-store; times are stored as UTC text with milliseconds.
+Same columns and the same idempotent writes (:mod:`.sql`, where the table
+is defined once for both stores) as the MySQL store; times are stored as
+UTC text with milliseconds.
 """
 
 from __future__ import annotations
 
 import sqlite3
 
+from ..exceptions import StoreError
 from .events import CallEvent
-from .sql import ADDED_COLUMNS, SQLITE
-from .store import StoreError
+from .sql import ADDED_COLUMNS, SQLITE, create_index, late_indexes, sqlite_ddl
 
 __all__ = ["SQLiteStore"]
 
-DDL = """
-CREATE TABLE IF NOT EXISTS call_logs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_id VARCHAR(36) NOT NULL UNIQUE,
-    ride_id VARCHAR(255) NOT NULL,
-    driver_id VARCHAR(255) NOT NULL,
-    passenger_id VARCHAR(255) NOT NULL,
-    status VARCHAR(50) NOT NULL DEFAULT 'created',
-    initiated_by VARCHAR(255) NULL,
-    end_reason VARCHAR(255) NULL,
-    created_at TEXT NOT NULL,
-    connected_at TEXT NULL,
-    ended_at TEXT NULL,
-    node_id VARCHAR(255) NULL
-);
-CREATE INDEX IF NOT EXISTS idx_call_logs_ride_id ON call_logs (ride_id);
-"""
-INDEXES = "CREATE INDEX IF NOT EXISTS idx_call_logs_node_status ON call_logs (node_id, status);"
+#: The table and its first-edition indexes, each created when missing.
+DDL = sqlite_ddl()
+#: The indexes over added columns, created once those columns exist.
+LATE_INDEXES = tuple(create_index(index, "sqlite") for index in late_indexes("sqlite"))
 
 
 class SQLiteStore:
@@ -66,18 +54,20 @@ class SQLiteStore:
         return conn
 
     def prepare(self, conn: sqlite3.Connection) -> None:
-        """Create the table when missing, and add the columns a table made
-        by an earlier version lacks (:data:`~.sql.ADDED_COLUMNS`)."""
+        """Create the table when missing, and add the columns (then the
+        indexes over them) a table made by an earlier version lacks
+        (:data:`~.sql.ADDED_COLUMNS`, :data:`LATE_INDEXES`)."""
         conn.executescript(DDL)
         have = {row[1] for row in conn.execute("PRAGMA table_info(call_logs)")}
-        for name, kind in ADDED_COLUMNS:
-            if name not in have:
+        for column in ADDED_COLUMNS:
+            if column.name not in have:
                 try:
-                    conn.execute(f"ALTER TABLE call_logs ADD COLUMN {name} {kind}")
+                    conn.execute(f"ALTER TABLE call_logs ADD COLUMN {column.definition('sqlite')}")
                 except sqlite3.OperationalError as exc:  # another process added it meanwhile
                     if "duplicate column" not in str(exc):
                         raise
-        conn.executescript(INDEXES)
+        for statement in LATE_INDEXES:
+            conn.execute(statement)
 
     def apply(self, conn: sqlite3.Connection, event: CallEvent) -> None:
         conn.execute(*SQLITE.statement(event))

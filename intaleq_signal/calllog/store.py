@@ -1,4 +1,5 @@
-"""The seam between the call-log writer and a database (SPEC §5).
+"""The seam between the call-log writer and a database (``docs/design.md``,
+"Call-log writer and journal").
 
 A :class:`Store` knows one database's connections and SQL; the
 :class:`~intaleq_signal.calllog.writer.CallLogWriter` owns threads, queues,
@@ -11,14 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from ..exceptions import StoreError
 from .events import CallEvent
 
 __all__ = ["Store", "StoreError"]
-
-
-class StoreError(Exception):
-    """A call-log file cannot be used at start (the SQLite call log, the
-    journal); ``str()`` is one line naming the setting."""
 
 
 class Store(Protocol):

@@ -31,6 +31,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from ..exceptions import StartError
 from .events import CallEvent, PreviousRunClosed
 from .journal import Journal
 from .store import Store
@@ -65,11 +66,6 @@ DEGRADED_AFTER = 5.0
 
 #: One queued event: (sequence number, ``time.monotonic()`` when recorded, event).
 Item = tuple[int, float, CallEvent]
-
-
-class StartError(RuntimeError):
-    """The writer's threads could not be started (``str()`` is the one line
-    for the operator: the system refused a new thread)."""
 
 
 class CallLogWriter:
