@@ -168,6 +168,7 @@ class HTTPAPI:
                 not is_loopback_peer(peer)
                 or "X-Forwarded-For" in request.headers
                 or "X-Real-IP" in request.headers
+                or "Forwarded" in request.headers  # RFC 7239
             ):
                 return error_response(_not_found())
             return _response(

@@ -91,6 +91,7 @@ class Server:
             "connections": len(signaling.clients),
             "database": self.calllog.health(),
             "journal": self.calllog.journal_backlog,
+            "journal_writable": self.calllog.journal_writable,
         }
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -132,18 +133,13 @@ class Server:
                 loop.remove_signal_handler(signum)
 
     async def startup(self) -> Any:
-        """Open the call log (the journal's events first), start its threads,
-        then bind; returns the websockets server. Nothing is written when
-        the address cannot be bound."""
+        """Bind (not yet accepting), then open the call log (the journal's
+        events queued first), start its threads, queue the start-up work,
+        and only then accept connections; returns the websockets server.
+        Nothing is opened or written when the address cannot be bound."""
         config = self.config
-        try:
-            self.calllog.open()
-        except StoreError as exc:
-            raise ConfigError(str(exc)) from None
-        self.calllog.start()
         self.signaling = Signaling(config, self.calllog, self.metrics)
         self.api = HTTPAPI(config, self.signaling, self.metrics, self.health)
-        self._gauges()
         try:
             server = await serve(
                 self.signaling.handler,
@@ -161,13 +157,25 @@ class Server:
                 close_timeout=CLOSE_TIMEOUT,
                 server_header=None,
                 max_queue=4,
+                start_serving=False,  # accepted once the call log is ready (below)
             )
         except OSError as exc:
-            self.calllog.close(0)
             raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+        try:
+            try:
+                self.calllog.open()
+            except StoreError as exc:
+                raise ConfigError(str(exc)) from None
+            self.calllog.claim_node(config.node_id)
+            self.calllog.start()
+        except BaseException:
+            server.close()
+            raise
+        self._gauges()
         # Rows this instance's killed predecessor left open end as
         # server_restart (after the journal's events: see CallLogWriter).
         self.calllog.record(PreviousRunClosed(time.time(), config.node_id))
+        await server.server.start_serving()
         return server
 
     async def main_loop(self, server: Any, stop: asyncio.Event) -> None:

@@ -100,6 +100,12 @@ class FakeStore:
                 raise ConnectionResetError("server has gone away")
             into.append(event)
 
+    def ping(self, conn: object) -> None:
+        pass
+
+    def claim(self, conn: object, node_id: str) -> bool:
+        return True
+
     def close(self, conn: object) -> None:
         with self.lock:
             self.closed += 1

@@ -702,7 +702,12 @@ def test_metrics_for_loopback_only(server) -> None:
         "intaleq_calllog_writes_failed_total",
     ):
         assert f"# TYPE {name} " in text, name
-    proxied = ({"X-Forwarded-For": "203.0.113.7"}, {"X-Real-IP": "203.0.113.7"}, {"X-Real-IP": "127.0.0.1"})
+    proxied = (
+        {"X-Forwarded-For": "203.0.113.7"},
+        {"X-Real-IP": "203.0.113.7"},
+        {"X-Real-IP": "127.0.0.1"},
+        {"Forwarded": "for=203.0.113.7;proto=https"},  # RFC 7239, sent by some proxies instead
+    )
     for header in proxied:
         assert_error(server.request("GET", "/metrics", None, header), 404)
 

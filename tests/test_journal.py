@@ -239,9 +239,83 @@ def test_journal_write_failure_is_retried_not_fatal(tmp_path, monkeypatch, caplo
     events = lifecycle_events("s1", T)
     for event in events:
         writer.record(event)
+    # no new event after the failures: the retries alone get them on disk
+    deadline = time.monotonic() + 5
+    while writer.journal_backlog < len(events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.journal_backlog == len(events) and writer.journal_writable
+    with sqlite3.connect(path) as conn:  # as a restart would find it
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == len(events)
     assert writer.close(0.5) == len(events)
     assert [e for _, e in journal_rows(path)] == events
     assert "journal: write failed, will retry" in caplog.text
+    assert "writing again" in caplog.text
+
+
+def test_journal_that_cannot_be_written_at_exit_says_what_is_lost(tmp_path, monkeypatch, caplog):
+    """The last write failing too: the events it could not keep are
+    counted and said to be lost, never reported as kept."""
+    path = str(tmp_path / "journal")
+    writer = journaled_writer(FakeStore(always_fail=True), path, threads=1, sleep=no_sleep)
+    writer.open()
+
+    def full(self: Journal, appends: Any, removes: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Journal, "write", full)
+    writer.start()
+    events = lifecycle_events("s1", T)
+    for event in events:
+        writer.record(event)
+    started = time.monotonic()
+    assert writer.close(0.2) == len(events)
+    assert time.monotonic() - started < 5
+    assert writer.journal_lost == len(events) and writer.journal_backlog == 0
+    assert f"{len(events)} events could not be kept at exit" in caplog.text
+    assert "kept in the journal" not in caplog.text
+
+
+def test_journal_removed_while_running_is_written_anew(tmp_path):
+    """An operator (or a clean-up job) deletes the journal file: the next
+    write notices and writes a new file with every event the old one held."""
+    import os
+
+    path = str(tmp_path / "journal")
+    writer = journaled_writer(FakeStore(always_fail=True), path, threads=1, sleep=lambda s: time.sleep(0.02))
+    writer.open()
+    writer.start()
+    first, second = lifecycle_events("s1", T), lifecycle_events("s2", T + 1)
+    for event in first:
+        writer.record(event)
+    deadline = time.monotonic() + 5
+    while writer.journal_backlog < len(first) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    for event in second:
+        writer.record(event)
+    assert writer.close(0.2) == len(first) + len(second)
+    assert [e for _, e in journal_rows(path)] == first + second
+
+
+def test_journal_reached_by_another_name_is_still_locked(tmp_path):
+    import os
+
+    path = tmp_path / "journal"
+    first = Journal(str(path))
+    first.open()
+    os.symlink(path, tmp_path / "alias")
+    with pytest.raises(JournalError, match="in use by another process"):
+        Journal(str(tmp_path / "alias")).open()
+    first.close()
+
+
+def test_an_sqlite_file_with_other_tables_is_not_a_journal(tmp_path):
+    path = str(tmp_path / "calls.sqlite3")
+    SQLiteStore(path).check()  # the development call log, say
+    with pytest.raises(JournalError, match=r"JOURNAL_PATH=.*other tables \(call_logs, .*\), not a journal"):
+        Journal(path).open()
 
 
 # -- /health's database state --------------------------------------------------
@@ -277,6 +351,55 @@ def test_health_is_degraded_after_a_failed_write(monkeypatch):
     time.sleep(0.35)
     assert writer.health() == "ok"
     writer.close(1.0)
+
+
+def test_health_tells_a_database_lost_while_idle(monkeypatch):
+    """No events to write: the idle writer's probe still finds the database
+    gone (and back)."""
+    monkeypatch.setattr(writer_module, "IDLE_PROBE", 0.05)
+    store = FakeStore()
+    alive = {"up": True}
+
+    def ping(conn: object) -> None:
+        if not alive["up"]:
+            raise ConnectionResetError("server has gone away")
+
+    store.ping = ping  # type: ignore[method-assign]
+    writer = CallLogWriter(store, threads=2, sleep=no_sleep)
+    writer.start()
+    assert writer.health() == "ok"
+    alive["up"] = False
+    deadline = time.monotonic() + 5
+    while writer.health() != "unavailable" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.health() == "unavailable"
+    alive["up"] = True
+    deadline = time.monotonic() + 5
+    while writer.state != "ok" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.state == "ok"
+    writer.close(1.0)
+
+
+def test_start_up_work_is_skipped_when_another_instance_holds_the_node(caplog):
+    """A second live instance with the same NODE_ID: its start-up work on
+    open rows is not done (the first instance's rows stay open), and it
+    says why."""
+
+    class Taken(FakeStore):
+        def claim(self, conn: object, node_id: str) -> bool:
+            return False
+
+    store = Taken()
+    writer = CallLogWriter(store, threads=2)
+    writer.claim_node("node-a")
+    writer.start()
+    writer.record(PreviousRunClosed(T, "node-a"))
+    writer.record(SessionCreated("s1", "r", "d", "p", T, "node-a"))
+    assert writer.close(5.0) == 0
+    assert store.applied == [SessionCreated("s1", "r", "d", "p", T, "node-a")]
+    assert writer.node_claimed is False
+    assert "NODE_ID 'node-a' is held by another live instance" in caplog.text
 
 
 def test_health_is_unavailable_while_the_database_is_down():

@@ -617,3 +617,41 @@ def test_unusable_or_shared_journal_exits_78_naming_it(server_factory, db, tmp_p
         assert done.stderr.count("\n") == 1 and "JOURNAL_PATH=" in done.stderr and words in done.stderr, (
             done.stderr
         )
+
+
+def test_second_instance_with_the_same_node_id_leaves_the_rows_alone(server_factory, db) -> None:
+    """A copy-pasted NODE_ID: the second live instance's start-up work does
+    not close the first one's open rows (it says why), and the first one's
+    endings land."""
+    first = server_factory(SESSION_DURATION="10m", NODE_ID="twin", **db.server_env())
+    live = first.new_session(ride_id="twin-live")
+    wait_until(lambda: rows_by_ride(db).get("twin-live", {}).get("status") == "created")
+    second = server_factory(SESSION_DURATION="10m", NODE_ID="twin", **db.server_env())
+    second.wait_for_log("NODE_ID 'twin' is held by another live instance")
+    wait_until(lambda: metric(second, "intaleq_calllog_writes_pending") == 0)
+    assert rows_by_ride(db)["twin-live"]["status"] == "created"
+
+    async def scenario() -> None:
+        d, p = await connected_call(first, live)
+        await send_json(p, {"type": "end_call"})
+        assert await closed_with(d) == 1000
+
+    asyncio.run(scenario())
+    wait_until(lambda: rows_by_ride(db)["twin-live"]["status"] == "ended")
+    assert rows_by_ride(db)["twin-live"]["end_reason"] == "user_terminated"
+
+
+def test_health_tells_a_database_lost_while_idle(server_factory, db, proxy) -> None:
+    """No call, no write: /health still says the database is gone (a
+    frozen one: degraded, then unavailable; a cut one: unavailable) and
+    back."""
+    server = server_factory(**db.server_env(proxy.port))
+    wait_until(lambda: health(server)["database"] == "ok")
+    proxy.cut()
+    wait_until(lambda: health(server)["database"] == "unavailable", timeout=20)
+    proxy.restore()
+    wait_until(lambda: health(server)["database"] == "ok", timeout=20)
+    proxy.freeze()
+    wait_until(lambda: health(server)["database"] != "ok", timeout=20)
+    proxy.restore()
+    wait_until(lambda: health(server)["database"] == "ok", timeout=30)

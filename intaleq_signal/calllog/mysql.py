@@ -10,6 +10,7 @@ make idempotent.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pymysql
@@ -119,6 +120,20 @@ class MySQLStore:
             except Exception:  # noqa: BLE001 - a broken connection: the writer reconnects
                 pass
             raise
+
+    def ping(self, conn: pymysql.connections.Connection) -> None:
+        conn.ping(reconnect=False)
+
+    def claim(self, conn: pymysql.connections.Connection, node_id: str) -> bool:
+        """A named lock (``GET_LOCK``, not waited for) held by ``conn``;
+        MySQL releases it when the connection ends, a killed process's
+        included. Lock names are at most 64 characters: the node id is
+        hashed into it."""
+        name = "intaleq-signal node " + hashlib.sha1(node_id.encode()).hexdigest()
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT GET_LOCK(%s, 0)", (name,))
+            (held,) = cursor.fetchone()
+        return held == 1
 
     def close(self, conn: pymysql.connections.Connection) -> None:
         try:

@@ -83,6 +83,13 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
 
+    def ping(self, conn: sqlite3.Connection) -> None:
+        conn.execute("SELECT 1")
+
+    def claim(self, conn: sqlite3.Connection, node_id: str) -> bool:
+        """One file, one process in practice: nothing to claim."""
+        return True
+
     def close(self, conn: sqlite3.Connection) -> None:
         try:
             conn.close()

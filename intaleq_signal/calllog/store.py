@@ -40,6 +40,18 @@ class Store(Protocol):
         """Write ``events`` in order in one transaction: all of them, or
         (rolled back, then raised) none."""
 
+    def ping(self, conn: Any) -> None:
+        """Check that an idle connection still works.
+
+        Raises:
+            Exception: it does not (the writer reconnects).
+        """
+
+    def claim(self, conn: Any, node_id: str) -> bool:
+        """Hold, for as long as ``conn`` lives, the database's claim that
+        this process is the live instance ``node_id``; False when another
+        live connection holds it. A store without such a notion says True."""
+
     def close(self, conn: Any) -> None:
         """Close a connection, ignoring errors."""
 

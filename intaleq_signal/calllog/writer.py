@@ -60,6 +60,12 @@ BATCH_LINGER = 0.01
 JOURNAL_LINGER = 0.2
 #: After a failed journal write, the next attempt (seconds).
 JOURNAL_RETRY = 1.0
+#: Bound on the journal's last write at exit (seconds): its lock wait
+#: (``journal.BUSY_TIMEOUT_MS``) and the write itself.
+JOURNAL_CLOSE_TIMEOUT = 3.0
+#: A writer with nothing to write checks its connection this often
+#: (seconds), so ``/health`` tells a database lost while idle.
+IDLE_PROBE = 5.0
 #: ``/health`` says ``degraded`` while a write failed or an event has waited
 #: this long (seconds) for its commit.
 DEGRADED_AFTER = 5.0
@@ -98,6 +104,11 @@ class CallLogWriter:
         self.rejected = 0  # events the database refused as data errors
         #: Events in the journal file (0 without a journal).
         self.journal_backlog = 0
+        #: False while the journal cannot be written (its events wait in memory).
+        self.journal_writable = True
+        #: Events the journal could not keep at exit (its last write failed).
+        self.journal_lost = 0
+        self._replayed: dict[int, CallEvent] = {}  # what open() read from the journal
         self._queues: list[queue.SimpleQueue[object]] = [queue.SimpleQueue() for _ in range(threads)]
         self._threads = [
             threading.Thread(target=self._run, args=(i,), name=f"calllog-{i}", daemon=True)
@@ -126,6 +137,10 @@ class CallLogWriter:
         self._in_hand = [0] * threads  # events thread i holds, taken but not yet written
         self._oldest: list[float | None] = [None] * threads  # record time of thread i's oldest in hand
         self._last_failure = -math.inf  # monotonic time of the latest failed write
+        self._reported_at_start = False
+        self._node_id: str | None = None
+        #: Whether this instance holds its node_id's claim (None: not known yet).
+        self.node_claimed: bool | None = None
 
     # -- the event loop's side ------------------------------------------------
 
@@ -145,7 +160,7 @@ class CallLogWriter:
         if backlog:
             self._seq = backlog[-1][0]
             self._replay_pending = {seq for seq, _ in backlog}
-            log.warning("call log: %d events from the journal are written first", len(backlog))
+        self._replayed = dict(backlog)
         self.journal_backlog = len(backlog)
         return len(backlog)
 
@@ -170,6 +185,8 @@ class CallLogWriter:
                     "the system's task limit (systemd TasksMax=) is below what DB_POOL_SIZE needs"
                 ) from None
         self._started = True
+        if self._replayed:
+            log.warning("call log: %d events from the journal are written first", len(self._replayed))
         deadline = time.monotonic() + wait
         for attempted in self._attempted:
             attempted.wait(max(0.0, deadline - time.monotonic()))
@@ -258,16 +275,16 @@ class CallLogWriter:
             if self._journal_thread.ident is not None:
                 self._journal_queue.put(_STOP)
                 self._journal_wake.set()
-                self._journal_thread.join()
+                self._journal_thread.join(JOURNAL_CLOSE_TIMEOUT)
             else:
                 self._journal.close()  # type: ignore[union-attr]
-            if left or self.journal_backlog:
+            if self.journal_backlog:
                 log.warning(
                     "call log: %d events not committed to the database are kept in the journal "
                     "and written at the next start",
                     self.journal_backlog,
                 )
-            return self.journal_backlog
+            return self.journal_backlog + self.journal_lost
         if left:
             log.error("call log: %d events could not be written before exit", left)
         return left
@@ -275,11 +292,14 @@ class CallLogWriter:
     # -- writer threads --------------------------------------------------------
 
     def _run(self, index: int) -> None:
-        conn = self._open()
+        conn = self._open(index)
         self._attempted[index].set()
         try:
             while True:
                 batch = self._take(index)
+                if not batch:  # idle: is the database still there?
+                    conn = self._probe(conn, index)
+                    continue
                 stop = batch[-1] is _STOP
                 if stop:
                     batch.pop()
@@ -305,7 +325,10 @@ class CallLogWriter:
         :data:`BATCH_LINGER`, up to :data:`MAX_BATCH` (the sentinel, when
         met, is last). Taken events count as in hand (``pending``) at once."""
         q = self._queues[index]
-        batch = [q.get()]
+        try:
+            batch = [q.get(timeout=IDLE_PROBE if self._deadline is None else None)]
+        except queue.Empty:
+            return []
         if batch[0] is _STOP:
             return batch
         self._in_hand[index] = 1
@@ -341,7 +364,7 @@ class CallLogWriter:
         for item in batch:
             if isinstance(item[2], PreviousRunClosed) and not self._wait_for_replay(item[0]):
                 return None
-            conn = self._write(conn, item[2])
+            conn = self._write(conn, item[2], index)
             if conn is None:
                 return None
             self._committed([item])
@@ -372,30 +395,90 @@ class CallLogWriter:
                 pending.difference_update(item[0] for item in items)
                 self._replay_done.notify_all()
 
-    def _open(self) -> object | None:
+    def _open(self, index: int) -> object | None:
         """Connect (and create the table when missing) at start, once: the
         database state is known before the first call, and a database that
-        is down is reported, not waited for."""
+        is down is reported (once, not once per thread), not waited for."""
         try:
-            conn = self.store.connect()
-            self.store.prepare(conn)
+            conn = self._connect(index)
         except Exception as exc:  # noqa: BLE001 - reported; writes will retry
             self._failed()
-            self.state = "unavailable"
-            log.error("call log: database unavailable at start, will retry: %s", exc)
+            with self._lock:
+                first = self.state != "unavailable" or not self._reported_at_start
+                self._reported_at_start = True
+                self.state = "unavailable"
+            if first:
+                log.error("call log: database unavailable at start, will retry: %s", exc)
             return None
         self.state = self.store.healthy_state
         return conn
 
-    def _write(self, conn: object | None, event: CallEvent) -> object | None:
+    def _connect(self, index: int) -> object:
+        """A new connection, the table prepared; the thread that does the
+        start-up work (index 0, where events without a session go) also
+        holds this instance's claim on its ``node_id`` (:meth:`claim_node`)."""
+        conn = self.store.connect()
+        self.store.prepare(conn)
+        if index == 0 and self._node_id is not None:
+            self._hold_claim(conn)
+        return conn
+
+    def claim_node(self, node_id: str) -> None:
+        """Before :meth:`start`: this instance is ``node_id`` in the call
+        log. Its start-up work on open rows runs only while it holds the
+        database's claim on that name (``Store.claim``): a second live
+        instance started with the same ``NODE_ID`` leaves the first one's
+        rows alone and says so."""
+        self._node_id = node_id
+
+    def _hold_claim(self, conn: object) -> bool:
+        held = self.store.claim(conn, self._node_id)  # type: ignore[arg-type]
+        if not held and self.node_claimed is not False:
+            log.error(
+                "call log: NODE_ID %r is held by another live instance on this database; this one "
+                "leaves open rows alone (give every instance its own NODE_ID)",
+                self._node_id,
+            )
+        self.node_claimed = held
+        return held
+
+    def _probe(self, conn: object | None, index: int) -> object | None:
+        """With nothing to write for :data:`IDLE_PROBE` seconds: check the
+        connection (or make one), so a database lost while idle shows in
+        ``/health``; a probe that hangs shows as a write that waits."""
+        self._oldest[index] = time.monotonic()
+        try:
+            if conn is None:
+                conn = self._connect(index)
+            else:
+                self.store.ping(conn)
+        except Exception as exc:  # noqa: BLE001 - reported like a failed write
+            self._failed()
+            if conn is not None:
+                self.store.close(conn)
+                conn = None
+            if self.state != "unavailable":
+                log.error("call log: database unavailable, will retry: %s", exc)
+            self.state = "unavailable"
+        else:
+            if self.state == "unavailable":
+                log.warning("call log: database available again")
+            self.state = self.store.healthy_state
+        finally:
+            self._oldest[index] = None
+        return conn
+
+    def _write(self, conn: object | None, event: CallEvent, index: int) -> object | None:
         """Apply ``event``, reconnecting and retrying until it lands; returns
         the live connection, or None when the close deadline passed."""
         delay = BACKOFF_FIRST
         while True:
             try:
                 if conn is None:
-                    conn = self.store.connect()
-                    self.store.prepare(conn)
+                    conn = self._connect(index)
+                if isinstance(event, PreviousRunClosed) and self._node_id is not None:
+                    if not self._hold_claim(conn):
+                        return conn  # not ours to close: skipped (and said so)
                 self.store.apply(conn, event)
             except Exception as exc:  # noqa: BLE001 - any driver error means retry
                 self._failed()
@@ -455,56 +538,101 @@ class CallLogWriter:
     def _run_journal(self) -> None:
         """Append recorded events to the journal unless their commit came
         first; delete committed ones; until the sentinel, then a last write
-        and close. A failed write is logged and retried: nothing is given up
-        while the process runs."""
+        and close. A failed write is logged and retried every
+        :data:`JOURNAL_RETRY` seconds, new events or not: nothing is given
+        up while the process runs."""
         journal, q = self._journal, self._journal_queue
         assert journal is not None and q is not None
-        appends: dict[int, CallEvent] = {}  # recorded, not committed, not yet in the file
-        removes: list[int] = []  # in the file (or being appended), committed since
+        state = _JournalState(self._replayed)
         stop = False
-        failing = False
         try:
             while not stop:
-                first = q.get()
-                items = [first]
-                if first is not _STOP:
+                waiting = state.appends or state.removes
+                try:
+                    items = [q.get(timeout=JOURNAL_RETRY if waiting else None)]
+                except queue.Empty:
+                    items = []
+                if items and items[0] is not _STOP:
                     self._journal_wake.wait(JOURNAL_LINGER)
                 while True:
                     try:
                         items.append(q.get_nowait())
                     except queue.Empty:
                         break
-                for item in items:
-                    if item is _STOP:
-                        stop = True
-                    elif type(item) is tuple:
-                        appends[item[0]] = item[2]  # type: ignore[index]
-                    else:
-                        for seq in item:  # type: ignore[attr-defined]
-                            if appends.pop(seq, None) is None:
-                                removes.append(seq)
-                if not appends and not removes:
-                    continue
-                try:
-                    journal.write(sorted(appends.items()), removes)
-                except Exception as exc:  # noqa: BLE001 - disk full, I/O error: kept, retried
-                    if not failing:
-                        log.error("call-log journal: write failed, will retry: %s", exc)
-                    failing = True
-                    if not stop:
-                        self._journal_wake.wait(JOURNAL_RETRY)
-                    continue
-                if failing:
-                    log.warning("call-log journal: writing again")
-                failing = False
-                self.journal_backlog += len(appends) - len(removes)
-                appends.clear()
-                removes.clear()
-            if appends or removes:
-                try:
-                    journal.write(sorted(appends.items()), removes)
-                    self.journal_backlog += len(appends) - len(removes)
-                except Exception as exc:  # noqa: BLE001 - the last try at exit
-                    log.error("call-log journal: %d events could not be kept: %s", len(appends), exc)
+                stop = state.take(items)
+                if state.appends or state.removes:
+                    self._journal_write(journal, state, final=stop)
         finally:
             journal.close()
+            self.journal_backlog = len(state.in_file)
+            if state.appends:  # the last write failed: these are lost
+                self.journal_lost += len(state.appends)
+
+    def _journal_write(self, journal: Journal, state: _JournalState, final: bool) -> None:
+        """One journal transaction for what ``state`` has waiting; a journal
+        file removed or replaced meanwhile is written anew with every event
+        the old one held."""
+        try:
+            if not journal.intact():
+                log.error(
+                    "call-log journal %s was removed or replaced: writing a new one with its %d events",
+                    journal.path,
+                    len(state.in_file) + len(state.appends),
+                )
+                journal.recreate(sorted({**state.in_file, **state.appends}.items()))
+                state.removes.clear()
+            else:
+                journal.write(sorted(state.appends.items()), sorted(state.removes))
+        except Exception as exc:  # noqa: BLE001 - disk full, I/O error, locked: kept, retried
+            self.journal_writable = False
+            if final:
+                log.error(
+                    "call-log journal: %d events could not be kept at exit (%s): they are lost",
+                    len(state.appends),
+                    exc,
+                )
+            elif not state.failing:
+                log.error("call-log journal: write failed, will retry: %s", exc)
+            state.failing = True
+            return
+        if state.failing:
+            log.warning("call-log journal: writing again")
+        state.written()
+        self.journal_writable = True
+        self.journal_backlog = len(state.in_file)
+
+
+class _JournalState:
+    """The journal thread's view: what the file holds, and what waits to be
+    appended to it or deleted from it."""
+
+    __slots__ = ("in_file", "appends", "removes", "failing")
+
+    def __init__(self, in_file: dict[int, CallEvent]) -> None:
+        self.in_file = dict(in_file)  # seq -> event, as in the file
+        self.appends: dict[int, CallEvent] = {}  # recorded, not committed, not yet in the file
+        self.removes: set[int] = set()  # in the file, committed since
+        self.failing = False
+
+    def take(self, items: list[object]) -> bool:
+        """Apply queued items (recorded events, committed sequence numbers,
+        the sentinel); True when the sentinel was among them."""
+        stop = False
+        for item in items:
+            if item is _STOP:
+                stop = True
+            elif type(item) is tuple:
+                self.appends[item[0]] = item[2]  # type: ignore[index]
+            else:
+                for seq in item:  # type: ignore[attr-defined]
+                    if self.appends.pop(seq, None) is None and seq in self.in_file:
+                        self.removes.add(seq)
+        return stop
+
+    def written(self) -> None:
+        self.in_file.update(self.appends)
+        for seq in self.removes:
+            self.in_file.pop(seq, None)
+        self.appends.clear()
+        self.removes.clear()
+        self.failing = False
