@@ -29,7 +29,14 @@ from websockets.protocol import State
 from . import messages as msg
 from .calllog import CallActive, CallEnded, CallInitiated, CallLogWriter, SessionCreated
 from .config import Config
-from .lifecycle import ConnectionLifecycle, ConnectionState, EndReason, SessionState
+from .lifecycle import (
+    ConnectionEvent,
+    ConnectionLifecycle,
+    ConnectionState,
+    EndReason,
+    SessionEvent,
+    SessionState,
+)
 from .messages import MessageError
 from .metrics import Metrics
 from .ratelimit import TokenBucket
@@ -273,11 +280,11 @@ class Signaling:
         if client.auth_timer is not None:
             client.auth_timer.cancel()
             client.auth_timer = None
-        client.lifecycle.authenticate()
+        client.lifecycle.handle(ConnectionEvent.AUTHENTICATE)
         client.seat, client.session = seat, session
         old = seat.conn
         if old is not None:
-            old.lifecycle.replace()
+            old.lifecycle.handle(ConnectionEvent.REPLACE)
             old.send(msg.error("replaced", "a newer connection of this participant took over"))
             self._close(old, CLOSE_REPLACED, "replaced")
         seat.conn = client
@@ -286,7 +293,7 @@ class Signaling:
             seat.grace.cancel()
             seat.grace = None
         if session.state is SessionState.CREATED:
-            session.lifecycle.first_join()
+            session.lifecycle.handle(SessionEvent.FIRST_JOIN)
         log.info("participant joined session=%s role=%s ip=%s", session.session_id, seat.role, client.ip)
         client.send(msg.authenticated(seat.user_id))
         client.send(msg.session_joined(session.session_id, session.ride_id, seat.role))
@@ -302,7 +309,7 @@ class Signaling:
 
     def _activate(self, session: Session) -> None:
         now = self.loop.time()
-        session.lifecycle.activate()
+        session.lifecycle.handle(SessionEvent.BOTH_CONNECTED)
         session.connected = now
         session.deadline = now + self.config.session_duration
         if session.timer is not None:
