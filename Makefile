@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-memory bench-calllog install schema
+.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-memory bench-calllog install schema docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ soak: $(VENV)/.installed
 e2e: $(VENV)/.installed
 	@test -x $(CHROMIUM) || { echo "make e2e: $(CHROMIUM) is missing: apt-get install chromium"; exit 1; }
 	$(VENV)/bin/pytest -q -m e2e -rs
+
+## docs: redraw the state-machine diagrams of docs/design.md from the tables
+## (lifecycle.py, front.py); tests/test_diagrams.py fails until this is run
+docs: $(VENV)/.run-installed
+	$(PY) -m intaleq_signal.diagrams
 
 $(COMPAT_VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(COMPAT_VENV)

@@ -42,9 +42,12 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .exceptions import Refusal
+from .lifecycle import transition
 from .wire import HTTPServerConnection
 
 __all__ = [
+    "FRONT_TRANSITIONS",
+    "FrontEvent",
     "FrontFactory",
     "FrontState",
     "HTTPFront",
@@ -78,16 +81,37 @@ _METHODS = {name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELE
 
 
 class FrontState(enum.Enum):
-    """Where a connection's one request is; it only moves down this list,
-    skipping ``BODY`` when the head is refused."""
+    """Where a connection's one request is (:data:`FRONT_TRANSITIONS`)."""
 
     HEAD = "reading the request head"
     BODY = "reading the Content-Length body"
-    ANSWERED = "answer written and half-closed; input dropped until the client closes"
+    COMPLETE = "the whole request read, answered or handed on in the same call"
+    ANSWERED = "answer written and half-closed, input dropped until the client closes"
     HANDED_ON = "a WebSocket connection owns the transport"
 
 
-_HEAD, _BODY, _ANSWERED, _HANDED_ON = FrontState
+class FrontEvent(enum.Enum):
+    HEAD_COMPLETE = "the head is read and its body framing accepted"
+    FRAMING_REFUSED = "the head is read, its body framing refused (411, 413, 400): no body is read"
+    BODY_COMPLETE = "the Content-Length body is read (at once when there is none)"
+    UPGRADE_HANDED_ON = "an upgrade request went to a WebSocket connection"
+    ANSWERED = "an answer was written and the connection half-closed"
+
+
+_HEAD, _BODY, _COMPLETE, _ANSWERED, _HANDED_ON = FrontState
+
+#: ``(state, event) -> next state`` of one connection's request, as
+#: :mod:`.lifecycle`'s tables (a pair not here raises ``LifecycleError``).
+#: A malformed head is answered at once (400, 414, 431: HEAD → ANSWERED);
+#: any other request is read whole, then answered or handed on.
+FRONT_TRANSITIONS: dict[tuple[FrontState, FrontEvent], FrontState] = {
+    (_HEAD, FrontEvent.HEAD_COMPLETE): _BODY,
+    (_HEAD, FrontEvent.FRAMING_REFUSED): _COMPLETE,
+    (_HEAD, FrontEvent.ANSWERED): _ANSWERED,
+    (_BODY, FrontEvent.BODY_COMPLETE): _COMPLETE,
+    (_COMPLETE, FrontEvent.UPGRADE_HANDED_ON): _HANDED_ON,
+    (_COMPLETE, FrontEvent.ANSWERED): _ANSWERED,
+}
 
 ProcessRequest = Callable[[Any, Request], "Response | None | Awaitable[Response | None]"]
 ProcessResponse = Callable[[Any, Request, Response], "Response | None | Awaitable[Response | None]"]
@@ -207,12 +231,19 @@ class HTTPFront(asyncio.Protocol):
             head = bytes(buffer[:end])
             del buffer[: end + 4]
             if not self._read_head(head):
-                self._complete(b"")
+                if self._state is _HEAD:  # its framing refused (a malformed head is answered)
+                    self._move(FrontEvent.FRAMING_REFUSED)
+                    self._complete(b"")
                 return
-            self._state = _BODY
+            self._move(FrontEvent.HEAD_COMPLETE)
         if len(buffer) >= self._body_length:
             self.http_body = bytes(buffer[: self._body_length])
+            self._move(FrontEvent.BODY_COMPLETE)
             self._complete(bytes(buffer[self._body_length :]))
+
+    def _move(self, event: FrontEvent) -> None:
+        """Raises ``LifecycleError`` for a pair not in :data:`FRONT_TRANSITIONS`."""
+        self._state = transition(FRONT_TRANSITIONS, self._state, event)
 
     def eof_received(self) -> bool:
         """The client may half-close once its request is sent (RFC 9112
@@ -294,8 +325,6 @@ class HTTPFront(asyncio.Protocol):
         it). An upgrade request whose framing is sound goes to websockets;
         any other is answered here."""
         self._buffer = bytearray()
-        if self._state is _ANSWERED:  # refused as malformed already
-            return
         if self._upgrade and self.http_body_error is None and not self.http_body:
             self._hand_on(rest)
             return
@@ -320,7 +349,7 @@ class HTTPFront(asyncio.Protocol):
         """Give the transport to a WebSocket connection: it parses the
         request head and runs the library's opening handshake; bytes that
         came behind the request wait until after its 101 (RFC 6455 §4.1)."""
-        self._state = _HANDED_ON
+        self._move(FrontEvent.UPGRADE_HANDED_ON)
         if self._timer is not None:
             self._timer.cancel()  # the library's open_timeout applies from here
             self._timer = None
@@ -341,7 +370,7 @@ class HTTPFront(asyncio.Protocol):
     def _answer(self, data: bytes) -> None:
         """Write the answer and half-close; the connection closes when the
         client closes its side, or after ``close_timeout`` (seconds)."""
-        self._state = _ANSWERED
+        self._move(FrontEvent.ANSWERED)
         self._buffer = bytearray()
         transport = self.transport
         transport.write(data)

@@ -240,7 +240,7 @@ class HTTPAPI:
             {
                 "session_id": session.session_id,
                 "ride_id": session.ride_id,
-                "expires_in": session.expires_in(self.signaling.loop.time()),
+                "expires_in": session.expires_in(self.signaling.clock.time()),
             },
         )
 

@@ -1,5 +1,7 @@
 """The process: start-up, serving, signals and graceful shutdown in one place
-(SPEC §2, §6).
+(docs/operations.md, "Configuration" and "Shutdown"). It wires the pieces:
+the call log, the signaling engine with its asyncio driver
+(:mod:`.serving`), the HTTP API and websockets' server.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .exceptions import ConfigError, ListenError, StoreError
 from .front import FrontFactory
 from .http_api import HTTPAPI
 from .metrics import Metrics
+from .serving import EngineDriver, LoopClock
 from .signaling import CLOSE_TIMEOUT, Signaling
 from .systemd import Notifier
 
@@ -31,14 +34,16 @@ __all__ = ["ListenError", "run", "run_event_loop", "Server"]
 log = logging.getLogger("intaleq_signal")
 
 #: Bound on the opening handshake, HTTP request bodies included (seconds):
-#: slow or idle HTTP clients are dropped after it (SPEC §3).
+#: slow or idle HTTP clients are dropped after it (docs/protocol.md,
+#: "Anything else").
 OPEN_TIMEOUT = 10.0
 #: Bound on flushing the call log at shutdown (seconds).
 FLUSH_TIMEOUT = 5.0
 
 
 def make_store(config: Config) -> Any:
-    """The call-log store the configuration asks for (SPEC §2, §5).
+    """The call-log store the configuration asks for (docs/operations.md,
+    "Call log and journal").
 
     Raises:
         ConfigError: when the SQLite file cannot be used.
@@ -86,8 +91,8 @@ class Server:
         return 200, {
             "status": "ok",
             "uptime_seconds": int(time.monotonic() - self.started),
-            "sessions": signaling.registry.live,
-            "active_calls": signaling.active_calls(),
+            "sessions": signaling.sessions.live,
+            "active_calls": signaling.sessions.active_calls(),
             "connections": len(signaling.clients),
             "database": self.calllog.health(),
             "journal": self.calllog.journal_backlog,
@@ -117,7 +122,7 @@ class Server:
         try:
             server = await self.startup()
             tasks = [
-                loop.create_task(self.signaling.heartbeat()),
+                loop.create_task(self.driver.heartbeat()),
                 loop.create_task(self._housekeeping()),
             ]
             if self.notifier.watchdog_interval is not None:
@@ -138,11 +143,13 @@ class Server:
         and only then accept connections; returns the websockets server.
         Nothing is opened or written when the address cannot be bound."""
         config = self.config
-        self.signaling = Signaling(config, self.calllog, self.metrics)
+        loop = asyncio.get_running_loop()
+        self.signaling = Signaling(config, self.calllog, self.metrics, LoopClock(loop))
+        self.driver = EngineDriver(self.signaling, loop)
         self.api = HTTPAPI(config, self.signaling, self.metrics, self.health)
         try:
             server = await serve(
-                self.signaling.handler,
+                self.driver.handler,
                 config.host,
                 config.port,
                 process_request=self.api.process_request,
@@ -207,7 +214,7 @@ class Server:
         self.stopping = True
         try:
             self.signaling.shutdown()
-            await self.signaling.drain(CLOSE_TIMEOUT + 1)
+            await self.driver.drain(CLOSE_TIMEOUT + 1)
             server.close(close_connections=True)
             try:
                 await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT + 1)
@@ -238,8 +245,8 @@ class Server:
         """Where the scraped metrics come from (their names: ``metrics.py``)."""
         signaling = self.signaling
         self.metrics.bind(
-            sessions_live=lambda: signaling.registry.live,
-            calls_active=signaling.active_calls,
+            sessions_live=lambda: signaling.sessions.live,
+            calls_active=signaling.sessions.active_calls,
             connections_open=lambda: len(signaling.clients),
             calllog=self.calllog,
         )

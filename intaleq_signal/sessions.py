@@ -1,9 +1,16 @@
-"""The session registry: live and recently ended sessions, one per ride.
+"""Where session state lives: the :class:`SessionStore` interface the
+signaling engine talks to, and :class:`Registry`, its in-process
+implementation (live and recently ended sessions, one live session per ride).
 
-Pure bookkeeping with the clock passed in (``loop.time()`` seconds); the
-signaling layer owns sockets and timers and attaches its timer handles to the
-records here. Rules: SPEC §3 (one live session per ride, ``MAX_SESSIONS``,
-``expires_in``) and §4 "Precise points" (ended sessions are remembered).
+Pure bookkeeping with the clock passed in (the engine's ``Clock.time()``,
+monotonic seconds); the engine owns the timers and attaches their handles to
+the records here. Rules: docs/protocol.md, "POST /sessions" (one live
+session per ride, ``MAX_SESSIONS``, ``expires_in``) and rule 3 (ended
+sessions are remembered for ``SESSION_DURATION``).
+
+A store kept elsewhere (restored from the call log after a restart, or
+shared through Redis) implements :class:`SessionStore` and is passed to the
+engine instead of a :class:`Registry`.
 """
 
 from __future__ import annotations
@@ -11,17 +18,18 @@ from __future__ import annotations
 import math
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from .exceptions import Capacity, RideConflict
 from .lifecycle import EndReason, SessionLifecycle, SessionState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from asyncio import TimerHandle
+    from .signaling import Client, Timer
 
-__all__ = ["Capacity", "RideConflict", "Registry", "Seat", "Session"]
+__all__ = ["Capacity", "RideConflict", "Registry", "Seat", "Session", "SessionStore"]
 
-#: SPEC §4 rule 4: messages held for an absent participant, per direction.
+#: docs/protocol.md, rule 4: messages held for an absent participant, per
+#: direction (bytes on the wire for the size).
 HOLD_MAX_MESSAGES = 64
 HOLD_MAX_BYTES = 16 * 1024
 
@@ -35,15 +43,15 @@ class Seat:
     def __init__(self, role: str, user_id: str) -> None:
         self.role = role
         self.user_id = user_id
-        self.conn: Any = None  # the signaling layer's connection object
+        self.conn: Client | None = None  # the engine's connection object, None while absent
         self.joined = False  # has authenticated at least once
         self.held: deque[str] | None = None  # created on first use: most calls never hold
         self.held_bytes = 0
-        self.grace: TimerHandle | None = None  # RECONNECT_GRACE timer while absent
+        self.grace: Timer | None = None  # RECONNECT_GRACE timer while absent
 
     def hold(self, text: str) -> bool:
         """Queue a message for this absent participant; False when the
-        64-message / 16 KiB bound is reached (SPEC §4 rule 4)."""
+        64-message / 16 KiB bound is reached (docs/protocol.md, rule 4)."""
         held = self.held
         if held is None:
             held = self.held = deque()
@@ -67,8 +75,9 @@ class Seat:
 class Session:
     """A call session: the two seats, its lifecycle and its times.
 
-    ``created``, ``connected`` and ``ended`` are ``loop.time()`` seconds;
-    ``deadline`` is when it expires (never active) or is cut (active).
+    ``created``, ``connected`` and ``ended`` are the engine's clock
+    (monotonic seconds); ``deadline`` is when it expires (never active) or
+    is cut (active, ``SESSION_DURATION`` after ``connected``).
     """
 
     __slots__ = (
@@ -98,7 +107,7 @@ class Session:
         self.ended: float | None = None
         self.deadline = now + duration
         self.initiated_by: str | None = None
-        self.timer: TimerHandle | None = None  # the deadline (or, once ended, purge) timer
+        self.timer: Timer | None = None  # the deadline (or, once ended, forget) timer
 
     @property
     def state(self) -> SessionState:
@@ -115,12 +124,65 @@ class Session:
         return self.passenger if seat is self.driver else self.driver
 
     def expires_in(self, now: float) -> int:
-        """SPEC §3: whole seconds left, rounded up, never negative."""
+        """Whole seconds left before ``deadline``, rounded up, never
+        negative (docs/protocol.md, "POST /sessions")."""
         return max(0, math.ceil(self.deadline - now - 1e-9))
 
 
+class SessionStore(Protocol):
+    """Where the engine keeps its sessions: everything it asks of session
+    state goes through these methods. Times are the engine's clock
+    (monotonic seconds)."""
+
+    def create(
+        self, ride_id: str, driver_id: str, passenger_id: str, now: float, *, accepting: bool = True
+    ) -> tuple[Session, bool]:
+        """``(session, created)``: the ride's live session when the
+        participants match (``created`` False), else a new ``created`` one
+        with ``deadline`` ``SESSION_DURATION`` after ``now``.
+
+        Raises:
+            RideConflict: the ride's live session has other participants.
+            Capacity: ``MAX_SESSIONS`` live sessions, or ``accepting`` is
+                False; a matching re-POST is never refused.
+        """
+        ...
+
+    def get(self, session_id: str) -> Session | None:
+        """The session with that id, live or ended and not yet forgotten."""
+        ...
+
+    def end(self, session: Session, reason: EndReason, now: float) -> None:
+        """Move a live session to ``ended``: no longer its ride's live
+        session, still found by :meth:`get` until :meth:`forget`.
+
+        Raises:
+            LifecycleError: ``reason`` is not legal in the session's state
+            (docs/protocol.md, rule 3), or it ended already.
+        """
+        ...
+
+    def forget(self, session: Session) -> None:
+        """Drop an ended session: its id becomes unknown."""
+        ...
+
+    @property
+    def live(self) -> int:
+        """How many sessions are neither ended nor expired."""
+        ...
+
+    def live_sessions(self) -> list[Session]:
+        """The live sessions (a copy: ending them while iterating is fine)."""
+        ...
+
+    def active_calls(self) -> int:
+        """How many live sessions are ``active``."""
+        ...
+
+
 class Registry:
-    """Sessions by id and live sessions by ride.
+    """The in-process :class:`SessionStore`: sessions by id and live
+    sessions by ride, in two dicts.
 
     Args:
         duration: ``SESSION_DURATION`` in seconds.
@@ -136,6 +198,16 @@ class Registry:
     @property
     def live(self) -> int:
         return len(self.by_ride)
+
+    def live_sessions(self) -> list[Session]:
+        return list(self.by_ride.values())
+
+    def active_calls(self) -> int:
+        active = SessionState.ACTIVE
+        return sum(1 for session in self.by_ride.values() if session.state is active)
+
+    def get(self, session_id: str) -> Session | None:
+        return self.by_id.get(session_id)
 
     def create(
         self, ride_id: str, driver_id: str, passenger_id: str, now: float, *, accepting: bool = True
@@ -165,8 +237,9 @@ class Registry:
         return session, True
 
     def end(self, session: Session, reason: EndReason, now: float) -> None:
-        """Move the session to ``ended``; it stays findable by id (SPEC §4
-        "an ended or expired session is remembered") until :meth:`forget`.
+        """Move the session to ``ended``; it stays findable by id until
+        :meth:`forget` (docs/protocol.md, rule 3: an ended or expired
+        session is remembered).
 
         Raises:
             LifecycleError: when the session already ended or ``reason`` is

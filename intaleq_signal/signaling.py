@@ -1,41 +1,57 @@
-"""WebSocket signaling: authentication, relay, call endings and timers
-(SPEC §4). The I/O glue between sockets and the pure state in
-:mod:`~intaleq_signal.sessions` and :mod:`~intaleq_signal.lifecycle`.
+"""The signaling engine: authentication, relay, call endings and timers
+(docs/protocol.md, "WebSocket /ws", rules 1–8), without I/O.
+
+The engine does no I/O and knows no event loop. Its inputs are plain method
+calls: :meth:`Signaling.connected`, :meth:`~Signaling.message_received`,
+:meth:`~Signaling.frame_received`, :meth:`~Signaling.closing`,
+:meth:`~Signaling.closed`, :meth:`~Signaling.sweep`,
+:meth:`~Signaling.create_session` and :meth:`~Signaling.shutdown`, plus the
+timers it arms on its :class:`Clock`. Its outputs go through interfaces it
+is given: a :class:`Peer` per connection (send a text frame, start a close,
+ping), the :class:`Clock` (time and timers), a
+:class:`~intaleq_signal.sessions.SessionStore`, a :class:`CallLog` and the
+:class:`~intaleq_signal.metrics.Metrics`. :mod:`intaleq_signal.serving`
+drives it from asyncio; ``tests/test_signaling.py`` drives it with fake
+peers and a fake clock.
 
 Every event is checked against the connection that caused it: only an
 ``AUTHENTICATED`` connection that is still its seat's connection speaks for
 the participant, so a replaced socket's late messages, close and timers are
-ignored (SPEC §4 rule 2). Sends are synchronous writes to the transport —
-no task or coroutine per relayed message.
+ignored (docs/protocol.md, rule 2). Sends are synchronous writes to the
+peer — no task or coroutine per relayed message.
 
 A participant is present while its socket is open for sending: the moment
 the connection stops being open (a close frame either way, a protocol
 error, the TCP connection lost, a peer that stopped reading) is its
-disconnect, told by the connection's ``on_closing``; the TCP teardown that
-may follow for up to :data:`CLOSE_TIMEOUT` changes nothing. A message for a
+disconnect, told by :meth:`Signaling.closing`; the TCP teardown that may
+follow for up to :data:`CLOSE_TIMEOUT` changes nothing. A message for a
 participant that is not present is held or refused, never dropped
 (docs/protocol.md, rules 4 and 6).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from typing import Any
-
-from websockets.protocol import State
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from . import messages as msg
-from .calllog import CallActive, CallEnded, CallInitiated, CallLogWriter, SessionCreated
+from .calllog import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
 from .config import Config
-from .lifecycle import ConnectionLifecycle, ConnectionState, EndReason, SessionState
+from .lifecycle import (
+    ConnectionEvent,
+    ConnectionLifecycle,
+    ConnectionState,
+    EndReason,
+    SessionEvent,
+    SessionState,
+)
 from .messages import MessageError
 from .metrics import Metrics
 from .ratelimit import TokenBucket
-from .sessions import Registry, Seat, Session
+from .sessions import Registry, Seat, Session, SessionStore
 
-__all__ = ["Client", "Signaling"]
+__all__ = ["CallLog", "Client", "Clock", "Peer", "Signaling", "Timer"]
 
 log = logging.getLogger("intaleq_signal.signaling")
 
@@ -46,129 +62,220 @@ CLOSE_INTERNAL = 1011  # used for heartbeat timeout, as websockets' keepalive do
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_REPLACED = 4002
 
-_OPEN = State.OPEN
+#: Bound on a closing handshake (seconds); past it the TCP connection is
+#: aborted (a peer that stopped reading never lets the close frame out).
+#: Applied by the connection (``close_timeout``), not by the engine.
+CLOSE_TIMEOUT = 2.0
+
 _AUTHENTICATED = ConnectionState.AUTHENTICATED
 _CONNECTED = ConnectionState.CONNECTED
 _DISCONNECT_REASON = {"driver": EndReason.DISCONNECT_DRIVER, "passenger": EndReason.DISCONNECT_PASSENGER}
 
 
-#: Bound on a closing handshake (seconds); past it the TCP connection is
-#: aborted (a peer that stopped reading never lets the close frame out).
-CLOSE_TIMEOUT = 2.0
+class Timer(Protocol):
+    """A pending call armed on a :class:`Clock`."""
+
+    def cancel(self) -> None:
+        """Do not call it (a no-op once it ran or was cancelled)."""
+        ...
+
+
+class Clock(Protocol):
+    """The engine's time and timers.
+
+    ``time`` is monotonic seconds: every timer, deadline, rate-limit bucket,
+    :attr:`Peer.last_received` and relay latency is on this clock. ``wall``
+    is epoch seconds, for the times of call-log events only.
+    """
+
+    def time(self) -> float: ...
+
+    def wall(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Timer:
+        """Call ``callback(*args)`` once :meth:`time` reaches ``when``."""
+        ...
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
+        """Call ``callback(*args)`` ``delay`` seconds from now."""
+        ...
+
+
+class Peer(Protocol):
+    """One WebSocket connection as the engine sees it
+    (:class:`~intaleq_signal.wire.HTTPServerConnection` in production).
+
+    Attributes:
+        ip: the client IP, for logs.
+        last_received: :meth:`Clock.time` seconds of the latest bytes
+            received (a message, a pong, any byte).
+        is_open: whether a frame sent now could go out. Once False, the
+            connection tells the engine :meth:`Signaling.closing`.
+    """
+
+    @property
+    def ip(self) -> str: ...
+
+    @property
+    def last_received(self) -> float: ...
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def send_text(self, text: str) -> bool:
+        """Queue one text frame; True only if it was written to (queued on)
+        an open socket, False and nothing sent otherwise."""
+        ...
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Start the closing handshake (RFC 6455 §7.1.2) without blocking;
+        a no-op unless open. Afterwards the peer is not open."""
+        ...
+
+    def send_ping(self) -> None:
+        """Send a WebSocket ping (RFC 6455 §5.5.2)."""
+        ...
+
+
+class CallLog(Protocol):
+    """Where call-log events go (:class:`~intaleq_signal.calllog.CallLogWriter`):
+    ``record`` is O(1) and never blocks."""
+
+    def record(self, event: CallEvent) -> None: ...
 
 
 class Client:
-    """Our state for one WebSocket connection (the websockets connection
-    object holds the rest). ``__slots__`` keeps it to a few hundred bytes."""
+    """The engine's state for one connection. ``__slots__`` keeps it to a
+    few hundred bytes.
 
-    __slots__ = ("engine", "ws", "ip", "lifecycle", "seat", "session", "bucket", "auth_timer")
+    The three methods below are the engine's connection inputs bound to this
+    client, for drivers that deliver by callback (no closure or partial per
+    connection).
+    """
 
-    def __init__(self, engine: Signaling, ws: Any, ip: str, now: float) -> None:
+    __slots__ = ("engine", "peer", "lifecycle", "seat", "session", "bucket", "auth_timer")
+
+    def __init__(self, engine: Signaling, peer: Peer, now: float) -> None:
         self.engine = engine
-        self.ws = ws
-        self.ip = ip
+        self.peer = peer
         self.lifecycle = ConnectionLifecycle()
         self.seat: Seat | None = None
         self.session: Session | None = None
         self.bucket = TokenBucket(now)
-        self.auth_timer: asyncio.TimerHandle | None = None
+        self.auth_timer: Timer | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.peer.ip
 
     def send(self, text: str) -> bool:
-        """Queue one text frame (see ``HTTPServerConnection.send_text``):
-        False, and nothing sent, once the socket is no longer open for
-        sending. Server notices to such a socket are not kept: its
-        ``on_closing`` makes the participant absent, and a participant that
-        comes back learns the state of the call from its join."""
-        return self.ws.send_text(text)
+        """Send one text frame: False, and nothing sent, once the socket is
+        no longer open for sending. Server notices to such a socket are not
+        kept: :meth:`Signaling.closing` makes the participant absent, and a
+        participant that comes back learns the state of the call from its
+        join."""
+        return self.peer.send_text(text)
 
-    def receive(self, message: str | bytes) -> None:
-        """Each whole message received (the connection's ``on_message``)."""
-        self.engine.on_message(self, message)
+    def message_received(self, message: str | bytes) -> None:
+        """:meth:`Signaling.message_received` for this client."""
+        self.engine.message_received(self, message)
 
     def frame_received(self) -> None:
-        """Each other frame received (the connection's ``on_frame``)."""
-        self.engine.on_frame(self)
+        """:meth:`Signaling.frame_received` for this client."""
+        self.engine.frame_received(self)
 
     def closing(self) -> None:
-        """The socket stopped being open for sending (the connection's
-        ``on_closing``)."""
-        self.engine.on_closed(self)
+        """:meth:`Signaling.closing` for this client."""
+        self.engine.closing(self)
 
 
 class Signaling:
     """The protocol engine of one process.
 
     Args:
-        config: validated settings.
+        config: validated settings (durations in seconds).
         calllog: where call-log events go.
         metrics: counters to bump.
+        clock: time and timers (see :class:`Clock`).
+        sessions: where sessions live; by default an in-process
+            :class:`~intaleq_signal.sessions.Registry`.
     """
 
-    def __init__(self, config: Config, calllog: CallLogWriter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        calllog: CallLog,
+        metrics: Metrics,
+        clock: Clock,
+        sessions: SessionStore | None = None,
+    ) -> None:
         self.config = config
         self.calllog = calllog
         self.metrics = metrics
-        self.registry = Registry(config.session_duration, config.max_sessions)
+        self.clock = clock
+        self.sessions: SessionStore = (
+            sessions if sessions is not None else Registry(config.session_duration, config.max_sessions)
+        )
+        #: Every connection from :meth:`connected` until :meth:`closed`.
         self.clients: set[Client] = set()
+        #: False from :meth:`shutdown` on: no new sessions or connections.
         self.accepting = True
-        self.loop = asyncio.get_running_loop()
+        self._now = clock.time  # read per frame: looked up once
 
     # -- sessions (HTTP side) ----------------------------------------------
 
     def create_session(self, ride_id: str, driver_id: str, passenger_id: str) -> tuple[Session, bool]:
-        """``POST /sessions`` after validation: see :meth:`Registry.create`.
+        """``POST /sessions`` after validation: ``(session, created)``, see
+        :meth:`SessionStore.create`; a new session's expiry timer is armed
+        (docs/protocol.md, "POST /sessions" and rule 3).
 
         Raises:
-            RideConflict, Capacity: as :meth:`Registry.create`.
+            RideConflict, Capacity: as :meth:`SessionStore.create`.
         """
-        now = self.loop.time()
-        session, created = self.registry.create(
+        now = self._now()
+        session, created = self.sessions.create(
             ride_id, driver_id, passenger_id, now, accepting=self.accepting
         )
         if created:
-            session.timer = self.loop.call_at(session.deadline, self._deadline_reached, session)
+            session.timer = self.clock.call_at(session.deadline, self._deadline_reached, session)
             self.calllog.record(
                 SessionCreated(
-                    session.session_id, ride_id, driver_id, passenger_id, time.time(), self.config.node_id
+                    session.session_id,
+                    ride_id,
+                    driver_id,
+                    passenger_id,
+                    self.clock.wall(),
+                    self.config.node_id,
                 )
             )
             self.metrics.sessions_created += 1
             log.info("session created session=%s ride=%s", session.session_id, ride_id)
         return session, created
 
-    def active_calls(self) -> int:
-        return sum(1 for s in self.registry.by_ride.values() if s.state is SessionState.ACTIVE)
+    # -- connection inputs ----------------------------------------------------
 
-    # -- connection lifetime ------------------------------------------------
-
-    async def handler(self, ws: Any) -> None:
-        """The websockets connection handler for ``/ws``: messages arrive
-        through ``ws.start`` callbacks; this coroutine only waits for the
-        end of the connection."""
-        client = Client(self, ws, ws.client_ip, self.loop.time())
-        client.auth_timer = self.loop.call_later(self.config.auth_timeout, self._auth_expired, client)
+    def connected(self, peer: Peer) -> Client:
+        """A WebSocket connection was upgraded: its :class:`Client`, with
+        the ``AUTH_TIMEOUT`` timer armed (docs/protocol.md, rule 1)."""
+        client = Client(self, peer, self._now())
+        client.auth_timer = self.clock.call_later(self.config.auth_timeout, self._auth_expired, client)
         self.clients.add(client)
-        ws.forget_handshake()
-        try:
-            ws.start(client.receive, client.frame_received, client.closing)
-            await ws.wait_closed()
-        finally:
-            self.clients.discard(client)
-            self.on_closed(client)
+        return client
 
-    def on_frame(self, client: Client) -> None:
+    def frame_received(self, client: Client) -> None:
         """A frame other than a whole unfragmented message — a fragment, a
         ping, a pong (solicited or not), a close frame: every frame counts
         against the message rate (docs/protocol.md, rule 7)."""
         state = client.lifecycle.state
-        if (state is _AUTHENTICATED or state is _CONNECTED) and not client.bucket.take(self.loop.time()):
+        if (state is _AUTHENTICATED or state is _CONNECTED) and not client.bucket.take(self._now()):
             self._rate_limited(client)
 
-    def on_message(self, client: Client, message: str | bytes) -> None:
-        """One received frame (SPEC §4 rules 1, 2, 4, 5, 7, 8)."""
+    def message_received(self, client: Client, message: str | bytes) -> None:
+        """One whole message, ``str`` for a text frame, ``bytes`` for a
+        binary one (docs/protocol.md, rules 1, 2, 4, 5, 7, 8)."""
         state = client.lifecycle.state
         if state is _AUTHENTICATED:
-            if not client.bucket.take(self.loop.time()):
+            if not client.bucket.take(self._now()):
                 return self._rate_limited(client)
             if type(message) is not str:
                 return client.send(msg.error("unsupported_frame", "binary frames are not supported"))
@@ -185,23 +292,23 @@ class Signaling:
             else:  # authenticate
                 client.send(msg.error("already_authenticated", "this connection is already authenticated"))
         elif state is _CONNECTED:
-            if not client.bucket.take(self.loop.time()):
+            if not client.bucket.take(self._now()):
                 return self._rate_limited(client)
             self._authenticate(client, message)
         # REPLACED or CLOSED: a stale socket speaks for nobody.
 
-    def on_closed(self, client: Client) -> None:
-        """The socket stopped being open for sending, for whatever reason,
-        or its TCP connection closed: whichever comes first is the
-        participant's disconnect, the rest is ignored (SPEC §4 rules 2, 6;
-        docs/protocol.md, rule 6)."""
+    def closing(self, client: Client) -> None:
+        """The socket stopped being open for sending, for whatever reason:
+        the participant's disconnect. Later calls, and those for a
+        connection that never joined or was replaced, change nothing
+        (docs/protocol.md, rules 2, 6)."""
         if client.auth_timer is not None:
             client.auth_timer.cancel()
             client.auth_timer = None
         was = client.lifecycle.state
         client.lifecycle.close()
         if was is not _AUTHENTICATED:
-            return  # never joined, replaced, or already closed by the server
+            return  # never joined, replaced, or already closed
         seat, session = client.seat, client.session
         assert seat is not None and session is not None
         seat.conn = None
@@ -213,14 +320,21 @@ class Signaling:
             if self.config.reconnect_grace <= 0:
                 self.end(session, _DISCONNECT_REASON[seat.role])
             else:
-                seat.grace = self.loop.call_later(
+                seat.grace = self.clock.call_later(
                     self.config.reconnect_grace, self._grace_over, session, seat
                 )
+
+    def closed(self, client: Client) -> None:
+        """The TCP connection is gone: the client is forgotten (and, if
+        :meth:`closing` was never told, this is its disconnect)."""
+        self.clients.discard(client)
+        self.closing(client)
 
     # -- authentication -----------------------------------------------------
 
     def _authenticate(self, client: Client, message: str | bytes) -> None:
-        """SPEC §4 rule 1 and "Precise points": the first message."""
+        """The first message (docs/protocol.md, rule 1 and "Precise
+        points"): refusals in the rule's order, else the join."""
         try:
             if type(message) is not str:
                 raise MessageError("not_authenticated", "binary frame")
@@ -233,19 +347,19 @@ class Signaling:
             session_id, user_id = msg.parse_authenticate(obj)
         except MessageError:
             return self._refuse(client, "invalid_message")
-        session = self.registry.by_id.get(session_id)
+        session = self.sessions.get(session_id)
         if session is None:
             return self._refuse(client, "session_not_found")
         if session.state is SessionState.ENDED:
             expired = session.lifecycle.end_reason is EndReason.EXPIRED
             return self._refuse(client, "session_expired" if expired else "session_ended")
-        if self.loop.time() >= session.deadline:  # its timer is about to fire
+        if self._now() >= session.deadline:  # its timer is about to fire
             active = session.state is SessionState.ACTIVE
             return self._refuse(client, "session_ended" if active else "session_expired")
         seat = session.seat_of(user_id)
         if seat is None:
             return self._refuse(client, "user_not_in_session")
-        if not client.ws.can_send():
+        if not client.peer.is_open:
             # Closed in the chunk that carried its authenticate (a close
             # frame or a protocol error right behind it): it cannot be told
             # it joined, and it is absent from the moment it closed, so it
@@ -256,6 +370,7 @@ class Signaling:
         self._join(client, session, seat)
 
     def _refuse(self, client: Client, reason: str) -> None:
+        """``unauthorized`` with ``reason``, then close 4001 (rule 1)."""
         self.metrics.connections_rejected[reason] += 1
         log.info("connection refused reason=%s ip=%s", reason, client.ip)
         client.send(msg.unauthorized(reason))
@@ -269,15 +384,15 @@ class Signaling:
 
     def _join(self, client: Client, session: Session, seat: Seat) -> None:
         """Bind the connection to its seat (first join, reconnect or
-        replacement) and tell both sides (SPEC §4 rules 2, 3)."""
+        replacement) and tell both sides (docs/protocol.md, rules 2, 3)."""
         if client.auth_timer is not None:
             client.auth_timer.cancel()
             client.auth_timer = None
-        client.lifecycle.authenticate()
+        client.lifecycle.handle(ConnectionEvent.AUTHENTICATE)
         client.seat, client.session = seat, session
         old = seat.conn
         if old is not None:
-            old.lifecycle.replace()
+            old.lifecycle.handle(ConnectionEvent.REPLACE)
             old.send(msg.error("replaced", "a newer connection of this participant took over"))
             self._close(old, CLOSE_REPLACED, "replaced")
         seat.conn = client
@@ -286,7 +401,7 @@ class Signaling:
             seat.grace.cancel()
             seat.grace = None
         if session.state is SessionState.CREATED:
-            session.lifecycle.first_join()
+            session.lifecycle.handle(SessionEvent.FIRST_JOIN)
         log.info("participant joined session=%s role=%s ip=%s", session.session_id, seat.role, client.ip)
         client.send(msg.authenticated(seat.user_id))
         client.send(msg.session_joined(session.session_id, session.ride_id, seat.role))
@@ -301,14 +416,16 @@ class Signaling:
             self._deliver_held(client, seat, held)
 
     def _activate(self, session: Session) -> None:
-        now = self.loop.time()
-        session.lifecycle.activate()
+        """Both are connected for the first time: the call starts, and its
+        deadline moves to ``SESSION_DURATION`` after now (rule 3)."""
+        now = self._now()
+        session.lifecycle.handle(SessionEvent.BOTH_CONNECTED)
         session.connected = now
         session.deadline = now + self.config.session_duration
         if session.timer is not None:
             session.timer.cancel()
-        session.timer = self.loop.call_at(session.deadline, self._deadline_reached, session)
-        self.calllog.record(CallActive(session.session_id, time.time()))
+        session.timer = self.clock.call_at(session.deadline, self._deadline_reached, session)
+        self.calllog.record(CallActive(session.session_id, self.clock.wall()))
         self.metrics.calls_started += 1
         log.info("call active session=%s", session.session_id)
 
@@ -330,11 +447,15 @@ class Signaling:
     # -- relay --------------------------------------------------------------
 
     def _relay(self, client: Client, kind: str, obj: dict[str, Any]) -> None:
-        """SPEC §4 rule 4: rebuild, then write to the peer's socket, or hold
-        it for the peer while the peer is absent (or its socket just stopped
-        being open), or refuse it with ``peer_not_connected`` when the hold
-        queue is full. Only a message written to an open socket counts as
-        relayed (docs/protocol.md, rule 4)."""
+        """Rebuild, then write to the peer's socket, or hold it for the peer
+        while the peer is absent (or its socket just stopped being open), or
+        refuse it with ``peer_not_connected`` when the hold queue is full.
+        Only a message written to an open socket counts as relayed
+        (docs/protocol.md, rule 4).
+
+        Raises:
+            MessageError: ``invalid_message`` (answered by the caller).
+        """
         payload = msg.relay_payload(kind, obj)
         seat, session = client.seat, client.session
         assert seat is not None and session is not None
@@ -344,9 +465,9 @@ class Signaling:
         peer = session.other(seat)
         conn = peer.conn
         if conn is not None:
-            if conn.ws.send_text(payload):
+            if conn.peer.send_text(payload):
                 metrics = self.metrics
-                metrics.relay_latency.observe(time.monotonic() - client.ws.last_received)
+                metrics.relay_latency.observe(self._now() - client.peer.last_received)
                 metrics.messages_relayed += 1
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
@@ -354,9 +475,9 @@ class Signaling:
                     )
                 return
             # Its TCP connection was lost in this loop pass, and its
-            # connection_lost is still to come: it is absent from now
+            # closing is still to come: it is absent from now
             # (participant_left to the sender first, then the hold).
-            self.on_closed(conn)
+            self.closing(conn)
             if session.state is SessionState.ENDED:  # no reconnect grace: the call ended with it
                 return
         if not peer.hold(payload):
@@ -368,10 +489,15 @@ class Signaling:
 
     def end(self, session: Session, reason: EndReason) -> None:
         """End a live session: tell and close both sockets, record the end
-        (SPEC §4 rules 3, 5, 6; §6 shutdown). Remembered for
-        ``SESSION_DURATION`` afterwards so late joins get a precise refusal."""
-        now = self.loop.time()
-        self.registry.end(session, reason, now)
+        (docs/protocol.md, rules 3, 5, 6 and "End reasons"). It is
+        remembered for ``SESSION_DURATION`` afterwards so late joins get a
+        precise refusal.
+
+        Raises:
+            LifecycleError: ``reason`` is not legal in the session's state.
+        """
+        now = self._now()
+        self.sessions.end(session, reason, now)
         if session.timer is not None:
             session.timer.cancel()
         if reason is EndReason.MAX_DURATION_REACHED:
@@ -390,7 +516,7 @@ class Signaling:
                 conn.send(notice)
                 conn.lifecycle.close()
                 self._close(conn, code, reason.value)
-        self.calllog.record(CallEnded(session.session_id, reason.value, time.time()))
+        self.calllog.record(CallEnded(session.session_id, reason.value, self.clock.wall()))
         self.metrics.calls_ended[reason.value] += 1
         started = session.connected
         if started is None:  # it never became a call (expired, or ended before both were there)
@@ -402,7 +528,7 @@ class Signaling:
                 reason.value,
                 now - started,
             )
-        session.timer = self.loop.call_later(self.config.session_duration, self.registry.forget, session)
+        session.timer = self.clock.call_later(self.config.session_duration, self.sessions.forget, session)
 
     def _deadline_reached(self, session: Session) -> None:
         session.timer = None
@@ -417,68 +543,49 @@ class Signaling:
             self.end(session, _DISCONNECT_REASON[seat.role])
 
     def _rate_limited(self, client: Client) -> None:
-        """SPEC §4 rule 7: error, then close 1008; for the session this is a
-        disconnect like any other (rule 6)."""
+        """``error`` ``rate_limited``, then close 1008; for the session this
+        is a disconnect like any other (docs/protocol.md, rules 6, 7)."""
         self.metrics.connections_rejected["rate_limited"] += 1
         log.info("connection rate limited ip=%s", client.ip)
         client.send(msg.error("rate_limited", "more than 50 messages per second"))
-        self.on_closed(client)
+        self.closing(client)
         self._close(client, CLOSE_POLICY, "rate limited")
 
     def _close(self, client: Client, code: int, reason: str) -> None:
-        """Start the closing handshake without blocking the caller (bounded
-        by :data:`CLOSE_TIMEOUT`). The caller has already moved the
-        connection's lifecycle out of the way."""
-        client.ws.close_soon(code, reason)
+        """Start the closing handshake without blocking the caller. The
+        caller has already moved the connection's lifecycle out of the way,
+        so the :meth:`closing` this causes changes nothing."""
+        client.peer.close_soon(code, reason)
 
     # -- heartbeat ----------------------------------------------------------
 
     def sweep(self, ping: bool) -> None:
-        """One heartbeat pass (SPEC §4 rule 8): close the connections with
-        nothing received for ``HEARTBEAT_TIMEOUT``; ping the others when
-        ``ping`` is set."""
-        now = time.monotonic()  # the clock of last_received
+        """One heartbeat pass (docs/protocol.md, rule 8): close with 1011 the
+        open connections with nothing received for ``HEARTBEAT_TIMEOUT``
+        seconds, a network loss for the session (rule 6); ping the other
+        open ones when ``ping`` is set."""
+        now = self._now()  # the clock of last_received
         timeout = self.config.heartbeat_timeout
         for client in list(self.clients):
-            ws = client.ws
-            if ws.protocol.state is not _OPEN:
+            peer = client.peer
+            if not peer.is_open:
                 continue
-            if now - ws.last_received >= timeout:
+            if now - peer.last_received >= timeout:
                 log.info("heartbeat timeout ip=%s", client.ip)
-                self.on_closed(client)  # a dead peer is a network loss (rule 6)
+                self.closing(client)  # a dead peer is a network loss (rule 6)
                 self._close(client, CLOSE_INTERNAL, "heartbeat timeout")
             elif ping:
-                ws.protocol.send_ping(b"")
-                ws.send_data()
-
-    async def heartbeat(self) -> None:
-        """Ping every ``HEARTBEAT_INTERVAL``; look for dead connections often
-        enough that one is found at most a tick after ``HEARTBEAT_TIMEOUT``."""
-        interval = self.config.heartbeat_interval
-        tick = max(0.05, min(interval, self.config.heartbeat_timeout - interval))
-        next_ping = self.loop.time() + interval
-        while True:
-            await asyncio.sleep(tick)
-            now = self.loop.time()
-            ping = now >= next_ping
-            if ping:
-                next_ping = now + interval
-            self.sweep(ping)
+                peer.send_ping()
 
     # -- shutdown -----------------------------------------------------------
 
     def shutdown(self) -> None:
-        """SPEC §6: refuse new sessions, end live calls with
-        ``server_shutdown`` (close 1001), close unauthenticated sockets."""
+        """Refuse new sessions, end live calls with ``server_shutdown``
+        (close 1001), close unauthenticated sockets with 1001 and no message
+        (docs/protocol.md, "Close codes" and "End reasons")."""
         self.accepting = False
-        for session in list(self.registry.by_ride.values()):
+        for session in self.sessions.live_sessions():
             self.end(session, EndReason.SERVER_SHUTDOWN)
         for client in list(self.clients):
             if client.lifecycle.close():
                 self._close(client, CLOSE_GOING_AWAY, "server stopping")
-
-    async def drain(self, timeout: float) -> None:
-        """Wait (bounded, seconds) for the connections to close."""
-        closing = [client.ws.wait_closed() for client in self.clients]
-        if closing:
-            await asyncio.wait(closing, timeout=timeout)

@@ -74,7 +74,12 @@ _NO_MESSAGES = _NoMessages()
 
 
 class HTTPServerConnection(ServerConnection):
-    """A ``ServerConnection`` that delivers messages by callback.
+    """A ``ServerConnection`` that delivers messages by callback, and the
+    signaling engine's :class:`~intaleq_signal.signaling.Peer`:
+    :meth:`send_text`, :meth:`close_soon`, :meth:`send_ping`,
+    :attr:`is_open`, :attr:`ip` and :attr:`last_received`. (The library's
+    ``send``, ``close`` and ``ping`` are coroutines its server awaits;
+    these are their synchronous, non-blocking counterparts.)
 
     Attributes:
         http_method: the request method as sent (``process_request``
@@ -83,10 +88,12 @@ class HTTPServerConnection(ServerConnection):
             ``None`` here (the front answers the other requests itself);
             read by ``process_request``.
         client_ip: the client address as ``process_request`` resolved it
-            (SPEC §4, ``TRUSTED_PROXIES``).
-        last_received: ``time.monotonic()`` of the latest bytes received (not
-            ``loop.time()``: uvloop's is cached per loop iteration), read by
-            the heartbeat sweep (SPEC §4 rule 8).
+            (docs/protocol.md, "Connecting": ``TRUSTED_PROXIES``); also
+            :attr:`ip`.
+        last_received: ``time.monotonic()`` seconds of the latest bytes
+            received (not ``loop.time()``: uvloop's is cached per loop
+            iteration), read by the heartbeat sweep (docs/protocol.md,
+            rule 8) and for the relay latency.
     """
 
     # Slots, not the inherited __dict__: a few more keys there would make
@@ -368,10 +375,23 @@ class HTTPServerConnection(ServerConnection):
         if self.on_closing is not None:
             self.on_closing()
 
-    def can_send(self) -> bool:
+    @property
+    def is_open(self) -> bool:
         """Whether a frame queued now could go out: the connection is open
-        and its transport is not closing (see :meth:`send_text`)."""
+        for sending and its transport is not closing (see :meth:`send_text`)."""
         return not self._closing and self.protocol.state is _OPEN and not self.transport.is_closing()
+
+    @property
+    def ip(self) -> str:
+        """The client IP (:attr:`client_ip`)."""
+        return self.client_ip
+
+    def send_ping(self) -> None:
+        """Write a ping with an empty payload now (RFC 6455 §5.5.2); its
+        pong, like any bytes received, moves :attr:`last_received`. Only
+        while :attr:`is_open`."""
+        self.protocol.send_ping(b"")
+        self.send_data()
 
     def _expect_tcp_close(self) -> None:
         """Once a close frame went out — ours, or the answer to the

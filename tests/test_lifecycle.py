@@ -1,6 +1,8 @@
-"""Unit tests of the session and connection state machines (SPEC §4 rules 1–3,
-5, 6; end reasons SPEC §5). Legal and illegal moves are derived from the
-transition tables, then the tables themselves are checked against the SPEC."""
+"""Unit tests of the state machines: the session and connection lifecycles
+(docs/protocol.md, rules 1–3, 5, 6 and "End reasons") and the HTTP front's
+request states. Every (state, event) pair of each table is tried: a legal
+one moves to its target, any other raises LifecycleError and changes
+nothing. Then the tables themselves are checked against the protocol."""
 
 from __future__ import annotations
 
@@ -8,19 +10,33 @@ import itertools
 
 import pytest
 
+from intaleq_signal.front import FRONT_TRANSITIONS, FrontEvent, FrontState
 from intaleq_signal.lifecycle import (
     CONNECTION_TRANSITIONS,
+    END_EVENTS,
     SESSION_TRANSITIONS,
+    ConnectionEvent,
     ConnectionLifecycle,
     ConnectionState,
     EndReason,
     LifecycleError,
+    SessionEvent,
     SessionLifecycle,
     SessionState,
+    transition,
 )
 
-S = SessionState
-C = ConnectionState
+S, SE = SessionState, SessionEvent
+C, CE = ConnectionState, ConnectionEvent
+F, FE = FrontState, FrontEvent
+
+SESSION_PAIRS = list(itertools.product(S, SE))
+CONNECTION_PAIRS = list(itertools.product(C, CE))
+FRONT_PAIRS = list(itertools.product(F, FE))
+
+
+def _id(value: object) -> str:
+    return getattr(value, "name", str(value)).lower()
 
 
 def session_in(state: SessionState) -> SessionLifecycle:
@@ -35,127 +51,105 @@ def connection_in(state: ConnectionState) -> ConnectionLifecycle:
     return lifecycle
 
 
-def move_session(lifecycle: SessionLifecycle, target: SessionState, reason: EndReason | None) -> None:
-    """Request ``target`` through the public method that leads there."""
-    if target is S.WAITING:
-        lifecycle.first_join()
-    elif target is S.ACTIVE:
-        lifecycle.activate()
-    elif target is S.ENDED:
-        lifecycle.end(reason)  # type: ignore[arg-type]
-    else:  # nothing leads back to CREATED: only the internal move can ask for it
-        lifecycle._move(target)
+# -- every (state, event) pair ------------------------------------------------
 
 
-def move_connection(lifecycle: ConnectionLifecycle, target: ConnectionState) -> None:
-    if target is C.AUTHENTICATED:
-        lifecycle.authenticate()
-    elif target is C.REPLACED:
-        lifecycle.replace()
-    elif target is C.CLOSED:
-        lifecycle.close()
-    else:
-        lifecycle._move(target)
-
-
-LEGAL_SESSION_MOVES = [
-    (source, target, reason)
-    for source, targets in SESSION_TRANSITIONS.items()
-    for target, reasons in targets.items()
-    for reason in (sorted(reasons) if target is S.ENDED else [None])
-]
-
-ILLEGAL_SESSION_MOVES = [
-    (source, target, reason)
-    for source, target in itertools.product(S, S)
-    for reason in (list(EndReason) if target is S.ENDED else [None])
-    if target not in SESSION_TRANSITIONS[source]
-    or (target is S.ENDED and reason not in SESSION_TRANSITIONS[source][target])
-]
-
-
-def _id(value: object) -> str:
-    return getattr(value, "value", str(value))
-
-
-# -- session: derived from the table ------------------------------------------
-
-
-def test_tables_cover_every_state():
-    """SPEC §4 rule 3: every state has a row in the transition tables."""
-    assert set(SESSION_TRANSITIONS) == set(S)
-    assert set(CONNECTION_TRANSITIONS) == set(C)
-
-
-@pytest.mark.parametrize("source, target, reason", LEGAL_SESSION_MOVES, ids=_id)
-def test_legal_session_transition(source, target, reason):
-    """SPEC §4 rule 3: every move in the session table is allowed."""
-    lifecycle = session_in(source)
-    move_session(lifecycle, target, reason)
-    assert lifecycle.state is target
-    assert lifecycle.end_reason is reason
-    assert lifecycle.live is (target is not S.ENDED)
-
-
-@pytest.mark.parametrize("source, target, reason", ILLEGAL_SESSION_MOVES, ids=_id)
-def test_illegal_session_transition(source, target, reason):
-    """SPEC §4 rule 3: every move not in the table raises LifecycleError and changes nothing."""
-    lifecycle = session_in(source)
-    with pytest.raises(LifecycleError):
-        move_session(lifecycle, target, reason)
-    assert lifecycle.state is source
-    assert lifecycle.end_reason is None
-
-
-def test_illegal_moves_were_enumerated():
-    """SPEC §4 rule 3: the illegal set is not empty and disjoint from the legal one."""
-    assert ILLEGAL_SESSION_MOVES
-    assert not set(LEGAL_SESSION_MOVES) & set(ILLEGAL_SESSION_MOVES)
-    every = {(s, t, r) for s, t in itertools.product(S, S) for r in (EndReason if t is S.ENDED else [None])}
-    assert set(LEGAL_SESSION_MOVES) | set(ILLEGAL_SESSION_MOVES) == every
-
-
-@pytest.mark.parametrize("reason", list(EndReason), ids=_id)
-def test_ended_is_terminal(reason):
-    """SPEC §4 rule 3: an ended session never ends again nor comes back, and keeps its reason."""
-    lifecycle = session_in(S.ACTIVE)
-    lifecycle.end(EndReason.USER_TERMINATED)
-    with pytest.raises(LifecycleError):
-        lifecycle.end(reason)
-    for step in (lifecycle.first_join, lifecycle.activate):
+@pytest.mark.parametrize("state, event", SESSION_PAIRS, ids=_id)
+def test_session_pair(state: SessionState, event: SessionEvent) -> None:
+    """docs/protocol.md, rule 3: a pair in SESSION_TRANSITIONS moves to its target (an end event
+    sets the end reason); any other raises LifecycleError and changes nothing."""
+    lifecycle = session_in(state)
+    target = SESSION_TRANSITIONS.get((state, event))
+    if target is None:
         with pytest.raises(LifecycleError):
-            step()
-    assert lifecycle.state is S.ENDED
-    assert lifecycle.end_reason is EndReason.USER_TERMINATED
+            lifecycle.handle(event)
+        assert (lifecycle.state, lifecycle.end_reason) == (state, None)
+        return
+    lifecycle.handle(event)
+    assert lifecycle.state is target
+    if target is S.ENDED:
+        assert lifecycle.end_reason is EndReason[event.name]
+        assert not lifecycle.live
+    else:
+        assert lifecycle.end_reason is None
+        assert lifecycle.live
 
 
-# -- session: the table checked against the SPEC -------------------------------
+@pytest.mark.parametrize("state, event", CONNECTION_PAIRS, ids=_id)
+def test_connection_pair(state: ConnectionState, event: ConnectionEvent) -> None:
+    """docs/protocol.md, rules 1, 2: a pair in CONNECTION_TRANSITIONS moves to its target;
+    any other raises LifecycleError and changes nothing."""
+    lifecycle = connection_in(state)
+    target = CONNECTION_TRANSITIONS.get((state, event))
+    if target is None:
+        with pytest.raises(LifecycleError):
+            lifecycle.handle(event)
+        assert lifecycle.state is state
+    else:
+        lifecycle.handle(event)
+        assert lifecycle.state is target
 
 
-def test_new_session_starts_created():
-    """SPEC §4 rule 3: a session starts in `created`, live, without end reason."""
+@pytest.mark.parametrize("state, event", FRONT_PAIRS, ids=_id)
+def test_front_pair(state: FrontState, event: FrontEvent) -> None:
+    """The HTTP front: a pair in FRONT_TRANSITIONS gives its target; any other raises LifecycleError."""
+    target = FRONT_TRANSITIONS.get((state, event))
+    if target is None:
+        with pytest.raises(LifecycleError):
+            transition(FRONT_TRANSITIONS, state, event)
+    else:
+        assert transition(FRONT_TRANSITIONS, state, event) is target
+
+
+def test_error_names_the_state_and_the_event() -> None:
+    """LifecycleError says which move was refused (a programming error should be easy to find)."""
+    with pytest.raises(LifecycleError, match="SessionState active has no move on expired"):
+        session_in(S.ACTIVE).handle(SE.EXPIRED)
+    with pytest.raises(LifecycleError, match="ConnectionState connected has no move on replace"):
+        ConnectionLifecycle().handle(CE.REPLACE)
+
+
+# -- the session table against the protocol -----------------------------------
+
+
+def test_tables_use_only_their_own_states_and_events() -> None:
+    for table, states, events in (
+        (SESSION_TRANSITIONS, S, SE),
+        (CONNECTION_TRANSITIONS, C, CE),
+        (FRONT_TRANSITIONS, F, FE),
+    ):
+        for (state, event), target in table.items():
+            assert (type(state), type(event), type(target)) == (states, events, states)
+
+
+def test_every_state_is_reachable_and_every_event_used() -> None:
+    """No dead rows: each state but the initial one is some move's target, each event some move's."""
+    for table, initial, events in (
+        (SESSION_TRANSITIONS, S.CREATED, set(SE) - {SE.SERVER_RESTART}),
+        (CONNECTION_TRANSITIONS, C.CONNECTED, set(CE)),
+        (FRONT_TRANSITIONS, F.HEAD, set(FE)),
+    ):
+        assert set(table.values()) | {initial} == set(type(initial))
+        assert {event for _, event in table} == events
+
+
+def test_new_session_starts_created() -> None:
+    """docs/protocol.md, rule 3: a session starts in `created`, live, without end reason."""
     lifecycle = SessionLifecycle()
-    assert lifecycle.state is S.CREATED
-    assert lifecycle.live
-    assert lifecycle.end_reason is None
+    assert (lifecycle.state, lifecycle.end_reason, lifecycle.live) == (S.CREATED, None, True)
 
 
-def test_full_call_path():
-    """SPEC §4 rule 3: created → first join → active → ended (max_duration_reached)."""
+def test_full_call_path() -> None:
+    """docs/protocol.md, rule 3: created → first join → active → ended (max_duration_reached)."""
     lifecycle = SessionLifecycle()
-    lifecycle.first_join()
-    assert lifecycle.state is S.WAITING
-    lifecycle.activate()
-    assert lifecycle.state is S.ACTIVE
-    lifecycle.end(EndReason.MAX_DURATION_REACHED)
-    assert (lifecycle.state, lifecycle.end_reason) == (S.ENDED, EndReason.MAX_DURATION_REACHED)
-    assert not lifecycle.live
-
-
-def test_cannot_activate_before_first_join():
-    """SPEC §4 rule 3: active needs both participants, so never straight from created."""
-    with pytest.raises(LifecycleError):
-        SessionLifecycle().activate()
+    for event, state in (
+        (SE.FIRST_JOIN, S.WAITING),
+        (SE.BOTH_CONNECTED, S.ACTIVE),
+        (SE.MAX_DURATION_REACHED, S.ENDED),
+    ):
+        lifecycle.handle(event)
+        assert lifecycle.state is state
+    assert lifecycle.end_reason is EndReason.MAX_DURATION_REACHED
 
 
 @pytest.mark.parametrize(
@@ -171,22 +165,33 @@ def test_cannot_activate_before_first_join():
     ],
     ids=_id,
 )
-def test_end_reason_legal_only_in_its_states(reason, legal_from):
-    """SPEC §4 rules 3, 5, 6, §5: each end reason is legal exactly in the states the SPEC allows."""
-    # max_duration/disconnect only from active, expired only before it, end_call and shutdown from
-    # any live state, server_restart never (only for rows a killed process left open).
+def test_end_reason_legal_only_in_its_states(reason: EndReason, legal_from: set[SessionState]) -> None:
+    """docs/protocol.md, rules 3, 5, 6 and "End reasons": max_duration and disconnects only while active,
+    expired only before, end_call and shutdown from any live state, server_restart never (call log only)."""
+    assert {state for state in S if (state, END_EVENTS[reason]) in SESSION_TRANSITIONS} == legal_from
     for state in S:
         lifecycle = session_in(state)
         if state in legal_from:
             lifecycle.end(reason)
-            assert lifecycle.end_reason is reason
+            assert (lifecycle.state, lifecycle.end_reason) == (S.ENDED, reason)
         else:
             with pytest.raises(LifecycleError):
                 lifecycle.end(reason)
 
 
-def test_end_reason_values_match_call_log():
-    """SPEC §5: the end reasons written to call_logs."""
+def test_ended_is_terminal() -> None:
+    """docs/protocol.md, rule 3: an ended session never moves again and keeps its first reason."""
+    lifecycle = session_in(S.ACTIVE)
+    lifecycle.end(EndReason.USER_TERMINATED)
+    for event in SE:
+        with pytest.raises(LifecycleError):
+            lifecycle.handle(event)
+    assert (lifecycle.state, lifecycle.end_reason) == (S.ENDED, EndReason.USER_TERMINATED)
+
+
+def test_one_end_event_per_reason() -> None:
+    """docs/protocol.md, "End reasons": each end reason has its event of the same name."""
+    assert {reason: event.name for reason, event in END_EVENTS.items()} == {r: r.name for r in EndReason}
     assert {r.value for r in EndReason} == {
         "user_terminated",
         "max_duration_reached",
@@ -196,74 +201,49 @@ def test_end_reason_values_match_call_log():
         "server_shutdown",
         "server_restart",
     }
-    assert str(EndReason.EXPIRED) == "expired"
 
 
-def test_error_message_names_states():
-    """LifecycleError says which move was refused (a programming error should be easy to find)."""
-    with pytest.raises(LifecycleError, match="active.*ended.*expired"):
-        session_in(S.ACTIVE).end(EndReason.EXPIRED)
+# -- the connection table against the protocol ---------------------------------
 
 
-# -- connection ---------------------------------------------------------------
-
-LEGAL_CONNECTION_MOVES = [
-    (s, t) for s, targets in CONNECTION_TRANSITIONS.items() for t in sorted(targets, key=str)
-]
-ILLEGAL_CONNECTION_MOVES = [
-    (s, t)
-    for s, t in itertools.product(C, C)
-    if t not in CONNECTION_TRANSITIONS[s] and not (s is t is C.CLOSED)
-]
-
-
-@pytest.mark.parametrize("source, target", LEGAL_CONNECTION_MOVES, ids=_id)
-def test_legal_connection_transition(source, target):
-    """SPEC §4 rules 1, 2: every move in the connection table is allowed."""
-    lifecycle = connection_in(source)
-    move_connection(lifecycle, target)
-    assert lifecycle.state is target
-
-
-@pytest.mark.parametrize("source, target", ILLEGAL_CONNECTION_MOVES, ids=_id)
-def test_illegal_connection_transition(source, target):
-    """SPEC §4 rules 1, 2: every move not in the table raises LifecycleError and changes nothing."""
-    lifecycle = connection_in(source)
-    with pytest.raises(LifecycleError):
-        move_connection(lifecycle, target)
-    assert lifecycle.state is source
-
-
-def test_connection_path():
-    """SPEC §4 rules 1, 2: connected → authenticated → replaced → closed."""
+def test_connection_path() -> None:
+    """docs/protocol.md, rules 1, 2: connected → authenticated → replaced → closed."""
     lifecycle = ConnectionLifecycle()
     assert lifecycle.state is C.CONNECTED
-    lifecycle.authenticate()
-    lifecycle.replace()
+    lifecycle.handle(CE.AUTHENTICATE)
+    lifecycle.handle(CE.REPLACE)
     assert lifecycle.state is C.REPLACED
     assert lifecycle.close() is True
     assert lifecycle.state is C.CLOSED
 
 
-def test_connection_cannot_be_replaced_before_authentication():
-    """SPEC §4 rule 2: only an authenticated socket can be replaced."""
-    with pytest.raises(LifecycleError):
-        ConnectionLifecycle().replace()
-
-
-def test_connection_cannot_authenticate_twice():
-    """SPEC §4 rule 1: a second authenticate is refused by the machine (already_authenticated)."""
-    lifecycle = ConnectionLifecycle()
-    lifecycle.authenticate()
-    with pytest.raises(LifecycleError):
-        lifecycle.authenticate()
-
-
-@pytest.mark.parametrize("state", [C.CONNECTED, C.AUTHENTICATED, C.REPLACED], ids=_id)
-def test_close_is_idempotent(state):
-    """SPEC §4 rule 2: closing twice (both sides at once) is fine; the second close returns False."""
+@pytest.mark.parametrize("state", list(C), ids=_id)
+def test_close_is_idempotent(state: ConnectionState) -> None:
+    """docs/protocol.md, rule 2: closing twice (both sides at once) is fine; the first close() says True."""
     lifecycle = connection_in(state)
-    assert lifecycle.close() is True
-    assert lifecycle.close() is False
+    assert lifecycle.close() is (state is not C.CLOSED)
     assert lifecycle.close() is False
     assert lifecycle.state is C.CLOSED
+
+
+# -- the HTTP front's table ------------------------------------------------------
+
+
+def test_front_paths() -> None:
+    """docs/protocol.md, "Anything else": a request is read whole then answered or handed on; a malformed
+    head is answered at once; refused body framing skips the body."""
+
+    def walk(*events: FrontEvent) -> FrontState:
+        state = F.HEAD
+        for event in events:
+            state = transition(FRONT_TRANSITIONS, state, event)
+        return state
+
+    assert walk(FE.HEAD_COMPLETE, FE.BODY_COMPLETE, FE.UPGRADE_HANDED_ON) is F.HANDED_ON
+    assert walk(FE.HEAD_COMPLETE, FE.BODY_COMPLETE, FE.ANSWERED) is F.ANSWERED
+    assert walk(FE.FRAMING_REFUSED, FE.ANSWERED) is F.ANSWERED
+    assert walk(FE.ANSWERED) is F.ANSWERED
+    with pytest.raises(LifecycleError):  # an upgrade with a refused framing is answered, never handed on
+        walk(FE.FRAMING_REFUSED, FE.UPGRADE_HANDED_ON, FE.ANSWERED)
+    for final in (F.ANSWERED, F.HANDED_ON):
+        assert not [event for state, event in FRONT_TRANSITIONS if state is final]
