@@ -1,4 +1,5 @@
-"""Logging to stderr in ``text`` or ``json`` (one object per line), SPEC §6.
+"""Logging to stderr in ``text`` or ``json`` (one object per line)
+(docs/operations.md, "Logs").
 
 Never log the API key, SDP bodies or ICE candidates above ``debug``.
 

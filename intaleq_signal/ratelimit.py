@@ -14,7 +14,7 @@ __all__ = ["SlidingWindow", "TokenBucket", "client_ip", "peer_address"]
 
 
 def client_ip(peer: str, headers: Mapping[str, str], trusted: frozenset[str]) -> str:
-    """The client IP of a request (SPEC §4 first rule).
+    """The client IP of a request (docs/protocol.md, "Connecting").
 
     The TCP peer, unless the peer is in ``TRUSTED_PROXIES``: then
     ``X-Real-IP``, else the last address of ``X-Forwarded-For``. A header
@@ -111,7 +111,7 @@ class SlidingWindow:
 
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; one token per frame
-    (SPEC §4 rule 7: 50 msg/s sustained, bursts of 100)."""
+    (docs/protocol.md, rule 7: 50 msg/s sustained, bursts of 100)."""
 
     __slots__ = ("tokens", "stamp")
 

@@ -1,6 +1,6 @@
 """systemd service notifications (sd_notify protocol) with the standard
 library: ``READY=1`` once listening, ``STOPPING=1`` on shutdown and
-``WATCHDOG=1`` from the event loop (SPEC §6, systemd ``sd_notify(3)``).
+``WATCHDOG=1`` from the event loop (docs/operations.md, "systemd"; ``sd_notify(3)``).
 
 Without ``NOTIFY_SOCKET`` (not started by systemd) every call is a no-op.
 """
