@@ -48,7 +48,9 @@ MAX_MLINE_INDEX = 65535
 
 
 def _reject_constant(name: str) -> Any:
-    raise MessageError("invalid_json", f"{name} is not JSON")
+    """``NaN``, ``Infinity``, ``-Infinity``: not JSON (RFC 8259 §6), so the
+    message is ``invalid_json`` like any other text that is not JSON."""
+    raise ValueError(f"{name} is not JSON")
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
