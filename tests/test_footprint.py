@@ -32,7 +32,7 @@ class FootprintServer(ServerProcess):
     def __init__(self, env: dict[str, str], tmp_path) -> None:
         self.figures = tmp_path / "footprint.jsonl"
         env = {**env, "FOOTPRINT_FILE": str(self.figures)}
-        super().__init__(env, tmp_path, argv=[sys.executable, str(HERE / "footprint_server.py")])
+        super().__init__(env, tmp_path, command=[sys.executable, str(HERE / "footprint_server.py")])
 
     def measure(self) -> dict:
         count = len(self.figures.read_text().splitlines()) if self.figures.exists() else 0

@@ -59,11 +59,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
-from test_wire import upgrade_head
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from conftest import API_KEY
+from conftest import API_KEY, RawWebSocket, client_frame, upgrade_head
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
 
@@ -144,7 +143,10 @@ def fresh_ip() -> str:
     return f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
 
 
-def start(server_factory: Any) -> Any:
+@pytest.fixture
+def server(server_factory: Any) -> Any:
+    """The daemon every property talks to (clean exit and no traceback in
+    its log asserted at teardown)."""
     return server_factory(**DAEMON)
 
 
@@ -735,88 +737,27 @@ def new_session(server: Any, driver: str, passenger: str) -> dict[str, Any]:
     return body
 
 
-def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 §5.2)."""
-    mask = os.urandom(4)
-    size = len(payload)
-    if size < 126:
-        length = bytes((0x80 | size,))
-    elif size < 65536:
-        length = bytes((0x80 | 126,)) + size.to_bytes(2, "big")
-    else:
-        length = bytes((0x80 | 127,)) + size.to_bytes(8, "big")
-    keys = (mask * (size // 4 + 1))[:size]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keys, "big")).to_bytes(size, "big")
-    return bytes(((0x80 if fin else 0) | opcode,)) + length + mask + masked
-
-
-class RawWS:
-    """A WebSocket spoken byte by byte: frames ``pipelined`` right behind the
-    upgrade request in the same write (the daemon's early-frame path), or sent
-    ``after`` its 101 answer."""
-
-    def __init__(self, server: Any, pipelined: bytes = b"", after: bytes = b"") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        self.buffer = b""
-        self.sock.sendall(upgrade_head() + pipelined)
-        head = self._until(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), f"not a 101 answer first: {head!r}"
-        if after:
-            self.sock.sendall(after)
-
-    def _read(self) -> None:
-        try:
-            chunk = self.sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError("no answer within 5 s") from None
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            raise EOFError
-        self.buffer += chunk
-
-    def _until(self, marker: bytes) -> bytes:
-        while marker not in self.buffer:
-            self._read()
-        head, _, self.buffer = self.buffer.partition(marker)
-        return head
-
-    def _take(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            self._read()
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def frame(self) -> tuple[int, bytes]:
-        first, second = self._take(2)
-        assert first & 0x80 and not second & 0x80, "server frames are whole and unmasked"
-        size = second & 0x7F
-        if size == 126:
-            size = int.from_bytes(self._take(2), "big")
-        elif size == 127:
-            size = int.from_bytes(self._take(8), "big")
-        return first & 0x0F, self._take(size)
-
-    def conversation(self) -> tuple[list[dict[str, Any]], int | None]:
-        """Messages until the server closes (we close after ``session_joined``)."""
-        received: list[dict[str, Any]] = []
-        try:
-            while True:
-                opcode, payload = self.frame()
-                if opcode == 0x1:
-                    received.append(server_message(payload.decode()))
-                    if received[-1]["type"] == "session_joined":
-                        self.sock.sendall(client_frame(0x8, (1000).to_bytes(2, "big")))
-                elif opcode == 0x8:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                    self.sock.sendall(client_frame(0x8, payload[:2]))
-                    return received, code
-                else:
-                    assert opcode == 0xA, (opcode, payload)  # pongs to our pings
-        except (EOFError, BrokenPipeError):
-            return received, None
-        finally:
-            self.sock.close()
+def conversation(raw: RawWebSocket) -> tuple[list[dict[str, Any]], int | None]:
+    """The messages on ``raw`` until the server closes it (closed from our
+    side after ``session_joined``), and the close code."""
+    received: list[dict[str, Any]] = []
+    try:
+        while True:
+            opcode, payload = raw.frame()
+            if opcode == 0x1:
+                received.append(server_message(payload.decode()))
+                if received[-1]["type"] == "session_joined":
+                    raw.send_close(1000)
+            elif opcode == 0x8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                raw.send_frame(0x8, payload[:2])
+                return received, code
+            else:
+                assert opcode == 0xA, (opcode, payload)  # pongs to our pings
+    except (EOFError, BrokenPipeError):
+        return received, None
+    finally:
+        raw.close()
 
 
 def raw_frames(message: Message, data: bytes, ping: bool) -> bytes:
@@ -849,9 +790,12 @@ def classify_first(received: list[dict[str, Any]], code: int | None, ctx: dict[s
 
 def first_message(server: Any, message: Message, data: bytes, mode: str, ctx: dict[str, str]) -> tuple:
     if mode == "pipelined":
-        return classify_first(*RawWS(server, pipelined=raw_frames(message, data, True)).conversation(), ctx)
+        raw = RawWebSocket(server, pipelined=raw_frames(message, data, True), timeout=5)
+        return classify_first(*conversation(raw), ctx)
     if mode == "raw":
-        return classify_first(*RawWS(server, after=raw_frames(message, data, True)).conversation(), ctx)
+        raw = RawWebSocket(server, timeout=5)
+        raw.send(raw_frames(message, data, True))
+        return classify_first(*conversation(raw), ctx)
     received: list[dict[str, Any]] = []
     with open_ws(server) as ws:
         send_message(ws, data, message.text, message.pieces(data))
@@ -996,10 +940,9 @@ def normal_call(server: Any) -> None:
 # -- the WebSocket properties --------------------------------------------------------------
 
 
-def test_ws_messages_before_authentication(server_factory: Any, record_property: Any) -> None:
+def test_ws_messages_before_authentication(server: Any, record_property: Any) -> None:
     """SPEC §4 rule 1, "Precise points": any first message gets the SPEC's
     ``unauthorized`` reason and close 4001 (or joins, for a real driver)."""
-    server = start(server_factory)
     session = new_session(server, "fuzz-driver", "fuzz-passenger")
     ctx = {"session_id": session["session_id"], "driver": "fuzz-driver", "nobody": "fuzz-nobody"}
     tally = Tally("ws before authentication")
@@ -1020,11 +963,10 @@ def test_ws_messages_before_authentication(server_factory: Any, record_property:
     tally.report(record_property)
 
 
-def test_ws_messages_after_authentication(server_factory: Any, record_property: Any) -> None:
+def test_ws_messages_after_authentication(server: Any, record_property: Any) -> None:
     """SPEC §4 rules 4, 5, 7, 8: every message on an authenticated socket gets
     the SPEC's answer, or is relayed rebuilt from its defined fields only, and
     the socket stays open (heartbeat → pong) unless the SPEC closes it."""
-    server = start(server_factory)
     lanes = Lanes(server)
     tally = Tally("ws after authentication")
 
@@ -1047,12 +989,11 @@ def test_ws_messages_after_authentication(server_factory: Any, record_property: 
     print(f"[fuzz] ws after authentication: {lanes.count} calls used")
 
 
-def test_ws_frame_edges(server_factory: Any, record_property: Any) -> None:
+def test_ws_frame_edges(server: Any, record_property: Any) -> None:
     """SPEC §4: over ``MAX_MESSAGE_BYTES`` bytes (whole or fragmented) → close
     1009, at or under → the normal answer; invalid UTF-8 in a text frame →
     close 1007 (RFC 6455 §8.1); UTF-8 split across fragments is fine. Before
     and after authentication."""
-    server = start(server_factory)
     session = new_session(server, "edge-driver", "edge-passenger")
     ctx = {"session_id": session["session_id"], "driver": "edge-driver", "nobody": "edge-nobody"}
     lanes = Lanes(server)
@@ -1356,11 +1297,10 @@ session_bodies = mostly(
 )
 
 
-def test_post_sessions_bodies(server_factory: Any, record_property: Any) -> None:
+def test_post_sessions_bodies(server: Any, record_property: Any) -> None:
     """SPEC §3 with the right key: any body gets 200 (new or the same session),
     409, 413 or 400 ``invalid_json`` / ``invalid_request`` naming the field,
     exactly as the SPEC's checks and the live rides say."""
-    server = start(server_factory)
     rides = Rides()
     tally = Tally("POST /sessions bodies")
 
@@ -1434,12 +1374,11 @@ KEY_VARIANTS = {
 RIGHT_KEYS = {"right", "lowercase-name", "uppercase-name", "padded"}
 
 
-def test_post_sessions_headers(server_factory: Any, record_property: Any) -> None:
+def test_post_sessions_headers(server: Any, record_property: Any) -> None:
     """SPEC §3: only one ``X-API-Key`` equal to ``API_KEY`` (after optional
     whitespace) opens ``POST /sessions``; the key is checked before the body;
     any other header (Content-Type, repeats, odd values) changes nothing;
     broken header syntax is 400."""
-    server = start(server_factory)
     rides = Rides()
     tally = Tally("POST /sessions headers")
 
@@ -1713,11 +1652,10 @@ def requests(framings: list[str] = FRAMINGS, trailers: list[bytes] = TRAILERS) -
     )
 
 
-def test_raw_http_requests(server_factory: Any, record_property: Any) -> None:
+def test_raw_http_requests(server: Any, record_property: Any) -> None:
     """SPEC §3 / README "Anything else": any complete request, however it is
     delivered, gets one well-formed HTTP/1.1 answer with a status those
     sections define for it (JSON, ``/metrics`` text), promptly, then close."""
-    server = start(server_factory)
     tally = Tally("raw HTTP requests")
 
     @fuzz(500)
@@ -1812,11 +1750,10 @@ complete_requests = st.one_of(
 )
 
 
-def test_truncated_requests(server_factory: Any, record_property: Any) -> None:
+def test_truncated_requests(server: Any, record_property: Any) -> None:
     """README "Anything else": a request cut short gets a clean close (at most
     a well-formed answer): at once when the client half-closes, else within
     the 10 s open timeout; never a hang, never a traceback."""
-    server = start(server_factory)
     tally = Tally("truncated HTTP requests")
     watcher = CloseWatcher()
 
@@ -1856,12 +1793,11 @@ def test_truncated_requests(server_factory: Any, record_property: Any) -> None:
 # accept any SPEC answer the input allows; these pin the exact one.
 
 
-def test_line_limits_answer_json(server_factory: Any, record_property: Any) -> None:
+def test_line_limits_answer_json(server: Any, record_property: Any) -> None:
     """SPEC §3 "All HTTP answers are JSON", at the line limits. Found: a
     request or header line of 8191–8192 bytes passed wire.py's check
     (``len(line) > 8192``, CRLF not counted) but not websockets' parser (8192
     bytes CRLF included), whose own ``text/plain`` 414/431 went out as is."""
-    server = start(server_factory)
     tally = Tally("line limits")
 
     @fuzz(40)
@@ -1890,13 +1826,12 @@ def test_line_limits_answer_json(server_factory: Any, record_property: Any) -> N
     tally.report(record_property)
 
 
-def test_invalid_framing_is_400_on_every_path(server_factory: Any, record_property: Any) -> None:
+def test_invalid_framing_is_400_on_every_path(server: Any, record_property: Any) -> None:
     """RFC 9112 §6.3 (an invalid Content-Length MUST get 400 and close) and
     SPEC §3 "Malformed HTTP: 400" on every path but ``/sessions`` (where the
     key comes first). Found: wire.py recorded the framing error but only
     ``/sessions`` read it (``GET /health`` → 200; a ``/ws`` upgrade → 101,
     then every frame silently dropped)."""
-    server = start(server_factory)
     tally = Tally("invalid framing")
 
     @fuzz(40)
@@ -1925,12 +1860,11 @@ def test_invalid_framing_is_400_on_every_path(server_factory: Any, record_proper
     tally.report(record_property)
 
 
-def test_upgrade_with_body_framing_keeps_frames(server_factory: Any, record_property: Any) -> None:
+def test_upgrade_with_body_framing_keeps_frames(server: Any, record_property: Any) -> None:
     """A ``/ws`` upgrade carrying body framing is refused (400/411), or its
     frames are answered. Found: it was upgraded (101) and then wire.py
     dropped every frame (``_discard``); the client waited for
     ``AUTH_TIMEOUT``."""
-    server = start(server_factory)
     tally = Tally("upgrade with body framing")
 
     @fuzz(30)
@@ -1963,12 +1897,11 @@ def test_upgrade_with_body_framing_keeps_frames(server_factory: Any, record_prop
     tally.report(record_property)
 
 
-def test_bare_lf_is_400_at_once(server_factory: Any, record_property: Any) -> None:
+def test_bare_lf_is_400_at_once(server: Any, record_property: Any) -> None:
     """README "Anything else": bare LF line endings → 400 and close, at once.
     Found: wire.py only spotted ``\\n\\n``; a bare LF right before the final
     CRLF (``Host: x\\n\\r\\n``) waited for the 10 s open timeout and closed
     with no answer."""
-    server = start(server_factory)
     tally = Tally("bare LF")
 
     @fuzz(30, phases=(Phase.explicit, Phase.generate))  # a failing case costs a 1 s wait
@@ -1995,12 +1928,11 @@ def test_bare_lf_is_400_at_once(server_factory: Any, record_property: Any) -> No
     tally.report(record_property)
 
 
-def test_half_closed_request_is_answered(server_factory: Any, record_property: Any) -> None:
+def test_half_closed_request_is_answered(server: Any, record_property: Any) -> None:
     """A complete request followed by a half-close (``shutdown(SHUT_WR)``, as
     ``nc -N`` or a probe does; RFC 9112 allows it) is answered. Found: no
     answer, on both event loops: websockets' ``eof_received`` closed the
     transport before ``process_request``'s answer was written."""
-    server = start(server_factory)
     tally = Tally("half-close")
 
     @fuzz(30)
@@ -2026,11 +1958,10 @@ def test_half_closed_request_is_answered(server_factory: Any, record_property: A
     tally.report(record_property)
 
 
-def test_head_answers_have_no_body(server_factory: Any, record_property: Any) -> None:
+def test_head_answers_have_no_body(server: Any, record_property: Any) -> None:
     """RFC 9110 §9.3.2: an answer to HEAD has no content. Found: only ``HEAD
     /health`` was right; http_api.respond() (404, 405, 426, ...) wrote the
     JSON body, which a keep-alive client would read as the next response."""
-    server = start(server_factory)
     tally = Tally("HEAD bodies")
 
     @fuzz(30)
@@ -2045,7 +1976,7 @@ def test_head_answers_have_no_body(server_factory: Any, record_property: Any) ->
     tally.report(record_property)
 
 
-def test_pipelined_frames_are_read_after_101(server_factory: Any, record_property: Any) -> None:
+def test_pipelined_frames_are_read_after_101(server: Any, record_property: Any) -> None:
     """Frames pipelined right behind the upgrade request (accepted, see
     test_wire) are read after the 101 is written. Found: wire.py handed them
     to websockets' parser with the head, so they were parsed while the
@@ -2053,7 +1984,6 @@ def test_pipelined_frames_are_read_after_101(server_factory: Any, record_propert
     ``HTTP/1.1 101``, and a frame over ``MAX_MESSAGE_BYTES`` failed the
     connection in the CONNECTING state, closing TCP with neither the 101 nor
     close 1009 (and no log line)."""
-    server = start(server_factory)
     tally = Tally("pipelined frames")
 
     @fuzz(20)
@@ -2083,7 +2013,7 @@ def test_pipelined_frames_are_read_after_101(server_factory: Any, record_propert
     tally.report(record_property)
 
 
-def test_bytes_behind_an_upgrade_header_are_answered(server_factory: Any, record_property: Any) -> None:
+def test_bytes_behind_an_upgrade_header_are_answered(server: Any, record_property: Any) -> None:
     """Any request with an ``Upgrade`` header (``websocket``, ``h2c``, ...) and
     more bytes behind it in the same segment is answered. Found: no answer at
     all on both event loops, at times with ``ERROR websockets.server:
@@ -2091,7 +2021,6 @@ def test_bytes_behind_an_upgrade_header_are_answered(server_factory: Any, record
     in ``send_response``): wire.py passed ``self._head + pending`` to the
     library, which parsed the bytes as frames during the handshake, failed,
     sent EOF, and could not send the answer process_request chose."""
-    server = start(server_factory)
     tally = Tally("bytes behind an Upgrade header")
 
     @fuzz(30)
@@ -2125,7 +2054,7 @@ def test_bytes_behind_an_upgrade_header_are_answered(server_factory: Any, record
     tally.report(record_property)
 
 
-def test_bytes_after_the_head_are_discarded(server_factory: Any, record_property: Any) -> None:
+def test_bytes_after_the_head_are_discarded(server: Any, record_property: Any) -> None:
     """Bytes arriving in later segments after the head was handed on (a
     refused body: 400 bad Content-Length, 411 chunked, 413 over 16 KiB; or
     more requests behind one) are dropped and the answer still goes out.
@@ -2137,7 +2066,6 @@ def test_bytes_after_the_head_are_discarded(server_factory: Any, record_property
     not self.eof_sent``: no answer (a 400 whose body came in 10-byte writes:
     17 times in 20) and an ``unexpected internal error`` traceback. The
     asyncio loop lost none."""
-    server = start(server_factory)
     tally = Tally("bytes after the head")
     key = b"X-API-Key: " + K + b"\r\n"
     cases = {
@@ -2173,7 +2101,7 @@ def test_bytes_after_the_head_are_discarded(server_factory: Any, record_property
     tally.report(record_property)
 
 
-def test_check_order_method_key_framing(server_factory: Any, record_property: Any) -> None:
+def test_check_order_method_key_framing(server: Any, record_property: Any) -> None:
     """SPEC §3 check order, as test_http pins it: on ``/sessions`` another
     method is 405 whatever its framing, and ``POST`` with a wrong key is 401
     before any body check (411/413/400); ``/ws`` takes its method first too.
@@ -2183,7 +2111,6 @@ def test_check_order_method_key_framing(server_factory: Any, record_property: An
     wrong key with ``Content-Length: abc`` → 400 (test_http's
     test_api_key_is_checked_before_the_body fails too), ``POST /ws`` without
     Content-Length → 411, ``PUT /ws`` with a small body → 400."""
-    server = start(server_factory)
     tally = Tally("check order")
 
     @fuzz(40)

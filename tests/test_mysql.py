@@ -8,33 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import closed_with, join, recv_json, send_json, wait_until
+from conftest import (
+    closed_with,
+    connected_call,
+    health,
+    metric,
+    recv_json,
+    run_daemon,
+    send_json,
+    utcnow,
+    wait_until,
+)
 from intaleq_signal.calllog.mysql import DDL
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-
-
-def health(server) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5) as response:
-        return json.loads(response.read())
-
-
-async def connected_call(server, session):
-    driver, _ = await join(server, session, "driver-1")
-    passenger, _ = await join(server, session, "passenger-1")
-    await recv_json(passenger)  # participant_joined
-    await recv_json(driver)
-    return driver, passenger
 
 
 def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
@@ -273,16 +264,9 @@ def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> Non
     session = server.new_session(ride_id="bad-credentials")
     assert session["expires_in"] == 60
     time.sleep(2)
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
-        metrics = response.read().decode()
-    failed = next(
-        line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_failed_total ")
-    )
-    assert int(failed.split()[1]) <= 2 * int(env.get("DB_POOL_SIZE", "4")), server.log
-    pending = next(
-        line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_pending ")
-    )
-    assert int(pending.split()[1]) == 2  # the restart clean-up and the session's row, both kept
+    failed = metric(server, "intaleq_calllog_writes_failed_total")
+    assert failed <= 2 * int(env.get("DB_POOL_SIZE", "4")), server.log
+    assert metric(server, "intaleq_calllog_writes_pending") == 2  # the restart clean-up and the session's row
 
 
 def test_sigkill_then_restart_closes_open_rows_as_server_restart(server_factory, db, tmp_path) -> None:
@@ -593,26 +577,13 @@ def test_table_of_the_first_edition_gets_node_id_at_start(server_factory, db) ->
     assert rows["new-ride"]["node_id"] == "node-m"
 
 
-def metric(server, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def test_unusable_or_shared_journal_exits_78_naming_it(server_factory, db, tmp_path) -> None:
     """A journal that cannot be opened, or that another instance holds,
     stops the start with one line naming JOURNAL_PATH (exit 78)."""
-    import subprocess
-    import sys
-
     first = server_factory(JOURNAL_PATH=str(tmp_path / "shared"), **db.server_env())
     for path, words in ((tmp_path / "no-such-dir" / "j", "cannot be used"), (tmp_path / "shared", "in use")):
         env = {**first.env, "SERVER_ADDR": "127.0.0.1:0", "JOURNAL_PATH": str(path)}
-        done = subprocess.run(
-            [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=30
-        )
+        done = run_daemon(env)
         assert done.returncode == 78, done.stderr
         assert done.stderr.count("\n") == 1 and "JOURNAL_PATH=" in done.stderr and words in done.stderr, (
             done.stderr

@@ -13,7 +13,6 @@ not skip, without one.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import re
@@ -27,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import API_KEY, join, recv_json, relay_and_end
+from conftest import API_KEY, Endpoint, connected_call, free_port, relay_and_end
 
 #: Where the documented Nginx block lives (it used to be README.md).
 OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
@@ -135,14 +133,14 @@ def nginx_binary() -> str:
     return found
 
 
-class NginxProcess:
+class NginxProcess(Endpoint):
     """Nginx in the foreground with the README block, proxying to ``upstream_port``."""
 
     def __init__(self, upstream_port: int, prefix: Path) -> None:
         self.binary = nginx_binary()
         self.prefix = prefix
         prefix.mkdir()
-        self.port = _free_port()
+        self.port = free_port()
         self.error_log = prefix / "error.log"
         self.access_log = prefix / "access.log"
         self.conf = prefix / "nginx.conf"
@@ -201,39 +199,6 @@ class NginxProcess:
         self.proc.kill()
         return self.proc.wait(5)
 
-    def request(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            if isinstance(body, dict):
-                body = json.dumps(body).encode()
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        finally:
-            conn.close()
-
-    def new_session(self, ride_id: str) -> dict[str, Any]:
-        status, _, data = self.request(
-            "POST",
-            "/sessions",
-            {"ride_id": ride_id, "driver_id": "driver-1", "passenger_id": "passenger-1"},
-            {"X-API-Key": API_KEY, "Content-Type": "application/json"},
-        )
-        assert status == 200, (status, data, self.log)
-        return json.loads(data)
-
-    def ws(self, **kwargs: Any) -> Any:
-        """A websockets client to ``ws://<nginx>/ws`` (so ``conftest.join`` works through Nginx)."""
-        return connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=5, **kwargs)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def nginx_factory(tmp_path: Path, server_factory: Any) -> Iterator[Any]:
@@ -289,11 +254,7 @@ def test_full_call_through_nginx(server_factory, nginx_factory) -> None:
     session = nginx.new_session("ride-nginx-call")
 
     async def scenario() -> None:
-        driver, _ = await join(nginx, session, "driver-1")
-        passenger, _ = await join(nginx, session, "passenger-1")
-        assert await recv_json(passenger) == {"type": "participant_joined", "role": "driver"}
-        assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
-
+        driver, passenger = await connected_call(nginx, session)
         await relay_and_end(driver, passenger)
 
     asyncio.run(scenario())

@@ -12,15 +12,13 @@ import shutil
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY, closed_with, join, recv_json, send_json
+from conftest import API_KEY, closed_with, connected_call, recv_json, run_daemon, send_json
 from intaleq_signal.config import MAX_DB_POOL_SIZE, MAX_THREADS, OTHER_THREADS
 from intaleq_signal.systemd import Notifier
 
@@ -58,10 +56,7 @@ def run_call(server, ride_id: str) -> None:
     session = server.new_session(ride_id=ride_id)
 
     async def scenario() -> None:
-        driver, _ = await join(server, session, "driver-1")
-        passenger, _ = await join(server, session, "passenger-1")
-        await recv_json(passenger)
-        await recv_json(driver)
+        driver, passenger = await connected_call(server, session)
         await send_json(driver, {"type": "offer", "sdp": SDP_OFFER})
         assert (await recv_json(passenger))["sdp"] == SDP_OFFER
         await send_json(passenger, {"type": "answer", "sdp": SDP_ANSWER})
@@ -211,10 +206,10 @@ def test_metrics_parse_as_prometheus_text(server) -> None:
     """SPEC §3: /metrics is valid exposition text with the listed counters, gauges and a histogram."""
     run_call(server, "ride-metrics")
     server.post_session(key="wrong-key-for-metrics-" * 2)
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    families = {family.name: family for family in text_string_to_metric_families(text)}
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in families.values()
@@ -318,9 +313,7 @@ def test_port_in_use_is_one_line_and_writes_nothing(server, tmp_path) -> None:
         "LOG_LEVEL": "info",
         "JOURNAL_STREAM": "",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=30
-    )
+    done = run_daemon(env)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [

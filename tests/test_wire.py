@@ -6,18 +6,14 @@ newcomer's adversarial session found (SPEC §3, §4)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
-from test_http import assert_error, daemon_env, parse_response, read_until_closed, session_body
+from test_http import assert_error, parse_response, read_until_closed, session_body
 from websockets.asyncio.client import ClientConnection
 
-from conftest import API_KEY, recv_json, send_json
+from conftest import API_KEY, client_frame, daemon_env, join, recv_json, run_daemon, send_json, upgrade_head
 
 pytestmark = pytest.mark.compat
 
@@ -28,27 +24,6 @@ def raw_answer(server, data: bytes, timeout: float = 5.0) -> tuple[int, dict[str
         reply, closed = read_until_closed(sock, timeout)
     assert closed, reply
     return parse_response(reply)
-
-
-def masked_text_frame(payload: bytes) -> bytes:
-    """One client text frame (RFC 6455 §5.2: clients mask)."""
-    mask = os.urandom(4)
-    size = len(payload)
-    length = bytes((0x80 | size,)) if size < 126 else bytes((0x80 | 126,)) + size.to_bytes(2, "big")
-    return b"\x81" + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def upgrade_head(*extra: str) -> bytes:
-    lines = [
-        "GET /ws HTTP/1.1",
-        "Host: x",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
-        "Sec-WebSocket-Version: 13",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def post(body: bytes, *headers: str) -> bytes:
@@ -77,7 +52,7 @@ def test_repeated_proxy_headers_are_not_believed(server) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(head)
         assert sock.recv(4096).startswith(b"HTTP/1.1 101")
-        sock.sendall(masked_text_frame(b'{"type":"heartbeat"}'))  # not authenticate: refused
+        sock.sendall(client_frame(0x1, b'{"type":"heartbeat"}'))  # not authenticate: refused
         sock.recv(4096)
     line = server.wait_for_log("connection refused reason=not_authenticated")
     assert "ip=198.51.100.2" in line
@@ -194,11 +169,7 @@ def test_huge_number_in_body_is_invalid_request(server) -> None:
 
 async def authenticated(server, ride_id: str) -> ClientConnection:
     """A websockets client authenticated as the driver of a new session."""
-    session = server.new_session(ride_id=ride_id)
-    ws = await server.ws().__aenter__()
-    await send_json(ws, {"type": "authenticate", "session_id": session["session_id"], "user_id": "driver-1"})
-    assert (await recv_json(ws))["type"] == "authenticated"
-    assert (await recv_json(ws))["type"] == "session_joined"
+    ws, _ = await join(server, server.new_session(ride_id=ride_id), "driver-1")
     return ws
 
 
@@ -267,7 +238,7 @@ def test_frames_pipelined_behind_the_upgrade_are_handled(server) -> None:
         {"type": "authenticate", "session_id": session["session_id"], "user_id": "driver-1"}
     ).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(upgrade_head() + masked_text_frame(payload))
+        sock.sendall(upgrade_head() + client_frame(0x1, payload))
         data = b""
         while b"authenticated" not in data:
             chunk = sock.recv(4096)
@@ -278,10 +249,7 @@ def test_frames_pipelined_behind_the_upgrade_are_handled(server) -> None:
 
 def test_unusable_sqlite_path_exits_78(tmp_path) -> None:
     """SPEC §2: a call-log file that cannot be opened is a configuration error (exit 78, one line)."""
-    env = daemon_env(tmp_path, SQLITE_PATH=str(tmp_path / "missing-dir" / "calls.sqlite3"))
-    result = subprocess.run(
-        [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=30
-    )
+    result = run_daemon(daemon_env(tmp_path, SQLITE_PATH=str(tmp_path / "missing-dir" / "calls.sqlite3")))
     assert result.returncode == 78, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "SQLITE_PATH" in lines[0], result.stderr
