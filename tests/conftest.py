@@ -492,25 +492,27 @@ class Clients:
         return ws, await authenticate(ws, session, user_id, **extra)
 
     async def meet(
-        self, session: dict[str, Any], user_id: str, peer: ClientConnection, *held: dict[str, Any]
-    ) -> ClientConnection:
-        """``user_id`` joins while ``peer`` is there: it is told of the peer,
-        then gets ``held`` (the messages held for it), and the peer is told
-        of it."""
-        ws, first = await self.join(session, user_id)
+        self, session: dict[str, Any], user_id: str, peer: ClientConnection, *held: Any, **extra: Any
+    ) -> tuple[ClientConnection, list[dict[str, Any]]]:
+        """``user_id`` joins (as :meth:`join`) while ``peer`` is there: it is
+        told of the peer, then gets ``held`` (the messages held for it), and
+        the peer is told of it."""
+        ws, first = await self.join(session, user_id, **extra)
         role = first[1]["role"]
         other = "passenger" if role == "driver" else "driver"
-        assert await recv_json(ws) == {"type": "participant_joined", "role": other}
-        assert [await recv_json(ws) for _ in held] == list(held)
+        assert [await recv_json(ws) for _ in range(1 + len(held))] == [
+            {"type": "participant_joined", "role": other},
+            *held,
+        ]
         assert await recv_json(peer) == {"type": "participant_joined", "role": role}
-        return ws
+        return ws, first
 
     async def pair(
         self, session: dict[str, Any], driver: str = "driver-1", passenger: str = "passenger-1"
     ) -> tuple[ClientConnection, ClientConnection]:
         """Both participants connected, the call active, joins consumed."""
         d, _ = await self.join(session, driver)
-        p = await self.meet(session, passenger, d)
+        p, _ = await self.meet(session, passenger, d)
         return d, p
 
     def raw(self, *headers: str) -> RawWebSocket:
@@ -520,10 +522,12 @@ class Clients:
         return raw
 
     async def close(self) -> None:
+        """Abort every socket opened so far."""
         for ws in self.opened:
             ws.transport.abort()
         for raw in self.raws:
             raw.close()
+        self.opened, self.raws = [], []
         await asyncio.sleep(0)
 
 

@@ -62,7 +62,7 @@ def test_every_test_named_in_the_docs_exists() -> None:
             if name:
                 assert last_file is not None, f"{where}: {name}"
                 source = (ROOT / "tests" / last_file).read_text(encoding="utf-8")
-                assert re.search(rf"^def {name}\(", source, re.M), f"{where}: {last_file}::{name}"
+                assert re.search(rf"^(?:async )?def {name}\(", source, re.M), f"{where}: {last_file}::{name}"
                 count += 1
         named[where] = count
     threats = section(DOCS["design.md"], "## Threats and mitigations")
