@@ -1,4 +1,4 @@
-"""Soak driver (issue 7): N concurrent calls churning for M minutes against a
+"""Soak driver: N concurrent calls churning for M minutes against a
 real daemon, every ending path in rotation, while the daemon's memory, file
 descriptors and ``/health`` counts are sampled.
 
@@ -76,7 +76,7 @@ AUTH_TIMEOUT = 1.0
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 1.5
 
-#: Short timers so that every ending of SPEC §4 happens within seconds. The
+#: Short timers so that every ending of docs/protocol.md ("End reasons") happens within seconds. The
 #: grace is 1 s rather than 500 ms: a return "within grace" must fit a
 #: reconnect on a loaded CI machine, and the disconnect paths only cost it
 #: once. The per-IP upgrade limit is lifted: every client is 127.0.0.1.
@@ -213,7 +213,7 @@ async def http_request(
 
 
 class CallError(Exception):
-    """A call saw something other than what SPEC §4 says it must."""
+    """A call saw something other than what docs/protocol.md says it must."""
 
 
 def _joined(role: str) -> dict[str, str]:
@@ -386,7 +386,7 @@ class Call:
         await self.closes(d, 1000, notice, **kw)
         await self.closes(p, 1000, notice, **kw)
 
-    # -- the ending paths (SPEC §4 rules 1-8) --
+    # -- the ending paths (docs/protocol.md, "Rules" 1-8) --
 
     async def end_by_driver(self) -> str:
         d, p = await self.connected()
@@ -759,7 +759,7 @@ class Soak:
 def check_call_log(daemon: Daemon, report: SoakReport) -> list[str]:
     """Every session has its row, ended; every completed call's row has the
     end reason its scenario produced, the driver as initiator, and a
-    ``connected_at`` unless the session expired (SPEC §5)."""
+    ``connected_at`` unless the session expired (docs/protocol.md, "Call log")."""
     rows = {row["session_id"]: row for row in daemon.call_logs()}
     problems = []
     missing = report.created - set(rows)

@@ -1,4 +1,4 @@
-"""Unit tests of the call log (SPEC §5): the writer thread pool against an
+"""Unit tests of the call log (docs/operations.md, "Call log and journal"): the writer thread pool against an
 in-memory fake Store, and the SQLite store on a temporary file."""
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def make_writer(store: FakeStore, **kwargs: Any) -> CallLogWriter:
 
 
 def test_writes_in_order_and_flushes_on_close():
-    """SPEC §5: writes for one session are applied in order; close() flushes and reports 0 left."""
+    """docs/operations.md, "Call log and journal": writes for one session are applied in order;
+    close() flushes and reports 0 left."""
     store = FakeStore()
     writer = make_writer(store)
     writer.start()
@@ -151,7 +152,8 @@ def test_writes_in_order_and_flushes_on_close():
 
 
 def test_failed_writes_are_retried_in_order():
-    """SPEC §5: an unreachable database delays writes, which retry with backoff and land in order."""
+    """docs/operations.md, "Call log and journal": an unreachable database delays writes, which
+    retry with backoff and land in order."""
     store = FakeStore(fail_first=3)
     delays: list[float] = []
     writer = make_writer(store, sleep=delays.append)
@@ -207,7 +209,8 @@ def test_batches_are_bounded():
 
 
 def test_state_unavailable_then_back():
-    """SPEC §3 /health: the database state goes `unavailable` while writes fail, then back to ok."""
+    """docs/protocol.md, "GET /health": the database state goes `unavailable` while writes
+    fail, then back to ok."""
     store = FakeStore(fail_first=2)
     writer = make_writer(store, sleep=no_sleep)
     writer.record(SessionCreated("s1", "r", "d", "p", 0.0))
@@ -220,7 +223,8 @@ def test_state_unavailable_then_back():
 
 
 def test_state_known_right_after_start():
-    """SPEC §3 /health: the database state is reported from the start (ok when it connects)."""
+    """docs/protocol.md, "GET /health": the database state is reported from the start (ok when
+    it connects)."""
     store = FakeStore()
     writer = make_writer(store)
     writer.start()
@@ -231,7 +235,8 @@ def test_state_known_right_after_start():
 
 
 def test_state_unavailable_when_database_down_at_start():
-    """SPEC §3 /health, §5: a database that is down at start is reported unavailable, not waited for."""
+    """docs/protocol.md, "GET /health": a database that is down at start is reported
+    unavailable, not waited for."""
     store = FakeStore(connect_fail_first=10**9)
     writer = make_writer(store, sleep=no_sleep)
     started = time.monotonic()
@@ -242,7 +247,8 @@ def test_state_unavailable_when_database_down_at_start():
 
 
 def test_backoff_is_exponential_and_capped():
-    """SPEC §5: retries back off exponentially up to a cap (no hot loop against a dead database)."""
+    """docs/operations.md, "Call log and journal": retries back off exponentially up to a cap
+    (no hot loop against a dead database)."""
     store = FakeStore(fail_first=9)
     delays: list[float] = []
     writer = make_writer(store, sleep=delays.append)
@@ -255,7 +261,8 @@ def test_backoff_is_exponential_and_capped():
 
 
 def test_fatal_errors_back_off_long():
-    """SPEC §5: errors a retry cannot fix soon (credentials) are retried slowly."""
+    """docs/operations.md, "Call log and journal": errors a retry cannot fix soon (credentials)
+    are retried slowly."""
     store = FakeStore(fail_first=2, fatal=True)
     delays: list[float] = []
     writer = make_writer(store, sleep=delays.append)
@@ -268,7 +275,8 @@ def test_fatal_errors_back_off_long():
 
 
 def test_connect_failures_are_retried():
-    """SPEC §5: a database that is down at start is retried until it comes up."""
+    """docs/operations.md, "Call log and journal": a database that is down at start is retried
+    until it comes up."""
     store = FakeStore(connect_fail_first=3)
     writer = make_writer(store, sleep=no_sleep)
     events = lifecycle_events("s1")
@@ -283,7 +291,8 @@ def test_connect_failures_are_retried():
 
 
 def test_many_sessions_keep_per_session_order_with_threads():
-    """SPEC §5: with several writer threads and a flaky database, each session's writes stay in order."""
+    """docs/operations.md, "Call log and journal": with several writer threads and a flaky
+    database, each session's writes stay in order."""
     store = FakeStore(fail_every=7)
     writer = make_writer(store, threads=4, sleep=no_sleep)
     writer.start()
@@ -304,7 +313,7 @@ def test_many_sessions_keep_per_session_order_with_threads():
 
 
 def test_close_waits_for_slow_writes():
-    """SPEC §6: shutdown flushes the call-log writes that are queued."""
+    """docs/operations.md, "Shutdown": shutdown flushes the call-log writes that are queued."""
     store = FakeStore(apply_delay=0.001)
     writer = make_writer(store, threads=2)
     writer.start()
@@ -317,7 +326,8 @@ def test_close_waits_for_slow_writes():
 
 @pytest.mark.parametrize("sleep", [None, no_sleep], ids=["real-backoff", "no-sleep"])
 def test_close_with_dead_database_returns_unwritten_count(sleep):
-    """SPEC §6: shutdown gives up on an unreachable database within the timeout and reports what is lost."""
+    """docs/operations.md, "Shutdown": shutdown gives up on an unreachable database within the
+    timeout and reports what is lost."""
     store = FakeStore(always_fail=True)
     writer = make_writer(store, threads=2, sleep=sleep)
     writer.start()
@@ -334,7 +344,8 @@ def test_close_with_dead_database_returns_unwritten_count(sleep):
 
 
 def test_close_with_a_stuck_write_returns_within_timeout():
-    """SPEC §6: a write hanging in the driver does not hold shutdown past the timeout."""
+    """docs/operations.md, "Shutdown": a write hanging in the driver does not hold shutdown
+    past the timeout."""
     store = FakeStore()
     store.gate = threading.Event()
     writer = make_writer(store)
@@ -352,7 +363,7 @@ def test_close_with_a_stuck_write_returns_within_timeout():
 
 
 def test_record_never_blocks():
-    """SPEC §5: a slow database never delays signaling: record() returns at once."""
+    """docs/protocol.md, "Call log": a slow database never delays signaling: record() returns at once."""
     store = FakeStore()
     store.gate = threading.Event()
     writer = make_writer(store)
@@ -368,7 +379,8 @@ def test_record_never_blocks():
 
 
 def test_max_pending_drops_and_counts(caplog):
-    """SPEC §5: the queue is bounded; past max_pending new events are dropped, counted and warned about."""
+    """docs/operations.md, "Call log and journal": the queue is bounded; past max_pending new
+    events are dropped, counted and warned about."""
     store = FakeStore()
     writer = make_writer(store, max_pending=10)
     with caplog.at_level(logging.WARNING, logger="intaleq_signal.calllog"):
@@ -423,7 +435,7 @@ def test_sqlite_batch_is_all_or_nothing(sqlite_store):
 
 
 def test_sqlite_schema_columns(sqlite_store):
-    """SPEC §5: the call_logs columns of the seed schema."""
+    """docs/protocol.md, "Call log": the call_logs columns of the seed schema."""
     store, conn = sqlite_store
     columns = [row[1] for row in conn.execute("PRAGMA table_info(call_logs)")]
     assert columns == [
@@ -444,7 +456,8 @@ def test_sqlite_schema_columns(sqlite_store):
 
 
 def test_sqlite_every_event(sqlite_store):
-    """SPEC §5: created → active → ended rows with initiated_by and the event times in UTC."""
+    """docs/protocol.md, "Call log": created → active → ended rows with initiated_by and the
+    event times in UTC."""
     store, conn = sqlite_store
     store.apply(conn, SessionCreated("s1", "ride-1", "drv", "pas", T, "node-a"))
     assert only_row(store) | {"id": 0} == {
@@ -477,7 +490,8 @@ def test_sqlite_every_event(sqlite_store):
 
 
 def test_sqlite_replays_are_idempotent(sqlite_store):
-    """SPEC §5 / store.py: every apply is idempotent, since the writer resends after a broken connection."""
+    """docs/operations.md, "Call log and journal": every apply is idempotent, since the writer
+    resends after a broken connection."""
     store, conn = sqlite_store
     for event in lifecycle_events("s1", T):
         store.apply(conn, event)
@@ -488,7 +502,8 @@ def test_sqlite_replays_are_idempotent(sqlite_store):
 
 
 def test_sqlite_late_replays_do_not_rewind(sqlite_store):
-    """SPEC §5: replaying older events after the end changes nothing (no status going back)."""
+    """docs/operations.md, "Call log and journal": replaying older events after the end changes
+    nothing (no status going back)."""
     store, conn = sqlite_store
     events = lifecycle_events("s1", T)
     for event in events:
@@ -500,7 +515,8 @@ def test_sqlite_late_replays_do_not_rewind(sqlite_store):
 
 
 def test_sqlite_call_ended_never_overwritten(sqlite_store):
-    """SPEC §5: the first end reason and end time stay; a later CallEnded does not overwrite them."""
+    """docs/operations.md, "Call log and journal": the first end reason and end time stay; a
+    later CallEnded does not overwrite them."""
     store, conn = sqlite_store
     store.apply(conn, SessionCreated("s1", "r", "d", "p", T))
     store.apply(conn, CallEnded("s1", "expired", T + 60))
@@ -512,7 +528,7 @@ def test_sqlite_call_ended_never_overwritten(sqlite_store):
 
 
 def test_sqlite_initiated_by_set_once(sqlite_store):
-    """SPEC §4 rule 4: the first participant to send an offer is initiated_by."""
+    """docs/protocol.md, rule 4: the first participant to send an offer is initiated_by."""
     store, conn = sqlite_store
     store.apply(conn, SessionCreated("s1", "r", "d", "p", T))
     store.apply(conn, CallInitiated("s1", "p"))
@@ -521,7 +537,7 @@ def test_sqlite_initiated_by_set_once(sqlite_store):
 
 
 def test_sqlite_sessions_are_separate_rows(sqlite_store):
-    """SPEC §5: one row per session_id (unique)."""
+    """docs/protocol.md, "Call log": one row per session_id (unique)."""
     store, conn = sqlite_store
     for session_id in ("a", "b", "c"):
         store.apply(conn, SessionCreated(session_id, "ride", "d", "p", T))
@@ -543,12 +559,12 @@ def test_sqlite_sessions_are_separate_rows(sqlite_store):
     ],
 )
 def test_utc_text(at, text):
-    """SPEC §5: times are UTC, with milliseconds."""
+    """docs/protocol.md, "Call log": times are UTC, with milliseconds."""
     assert utc_text(at) == text
 
 
 def test_sqlite_unopenable_path_is_fatal(tmp_path):
-    """SPEC §5: an SQLite file that cannot be opened is not hot-retried."""
+    """docs/operations.md, "Call log and journal": an SQLite file that cannot be opened is not hot-retried."""
     store = SQLiteStore(str(tmp_path / "missing-dir" / "calls.sqlite3"))
     with pytest.raises(sqlite3.OperationalError) as info:
         store.connect()
@@ -559,7 +575,8 @@ def test_sqlite_unopenable_path_is_fatal(tmp_path):
 
 
 def test_writer_with_sqlite_store(tmp_path):
-    """SPEC §2/§5: in development the writer logs calls to the SQLite file, state `sqlite`."""
+    """docs/operations.md, "Call log and journal": in development the writer logs calls to the
+    SQLite file, state `sqlite`."""
     store = SQLiteStore(str(tmp_path / "calls.sqlite3"))
     writer = CallLogWriter(store, threads=1)
     writer.start()
@@ -575,7 +592,8 @@ def test_writer_with_sqlite_store(tmp_path):
 
 
 def test_event_refused_as_data_error_is_skipped_not_retried():
-    """SPEC §5: one event the database refuses for its data does not block the session queue behind it."""
+    """docs/operations.md, "Call log and journal": one event the database refuses for its data
+    does not block the session queue behind it."""
 
     class RefusingStore(FakeStore):
         def _apply(self, event: Any, into: list[Any]) -> None:

@@ -1,16 +1,16 @@
 """Property-based robustness tests (hypothesis) of every input boundary of the
-real daemon process (issue 7). What is fuzzed, and the oracle:
+real daemon process. What is fuzzed, and the oracle (docs/protocol.md):
 
 - WebSocket messages before authentication, one new socket per case, sent by a
   websockets client, or on a raw socket after the 101 (a ping between the
   fragments of a fragmented message) or pipelined right behind the upgrade
-  request: the answer is ``unauthorized`` with the reason SPEC §4 gives for
+  request: the answer is ``unauthorized`` with the reason rule 1 gives for
   that input, then close 4001; ``authenticated`` + ``session_joined`` for a
   well-formed ``authenticate`` of the real driver; close 1009 over
   ``MAX_MESSAGE_BYTES``.
 - WebSocket messages after authentication, many per socket (each followed by a
   ``heartbeat`` whose ``pong`` proves the socket is still open): ``error`` with
-  the code SPEC §4 rules 1 and 7 give, ``pong``, ``call_ended`` to both for
+  the code rules 1 and 7 give, ``pong``, ``call_ended`` to both for
   ``end_call``, the message arriving at the peer rebuilt from its defined
   fields only (rule 4), or close 1009. Any JSON value; objects with wrong types
   for every field of every type (nested candidate fields included); repeated
@@ -18,22 +18,22 @@ real daemon process (issue 7). What is fuzzed, and the oracle:
   escapes, NUL, RTL marks, emoji; binary frames; invalid UTF-8 in text frames
   (close 1007, RFC 6455 §8.1); sizes at and around ``MAX_MESSAGE_BYTES``
   (bytes, not characters), whole or fragmented.
-- ``POST /sessions`` bodies and headers against a model of SPEC §3 (API key,
+- ``POST /sessions`` bodies and headers against a model of "POST /sessions" (API key,
   then body 413/400 naming the field, then the live rides: 200 with a new or
   the same session, 409).
 - Raw HTTP requests (methods, targets, versions, headers, Content-Length and
   Transfer-Encoding variants, line endings, pipelining, delivery in pieces or
   byte by byte): exactly one well-formed HTTP/1.1 answer, JSON (``/metrics``:
-  text), status among those SPEC §3 / README "Anything else" give for it,
+  text), status among those "HTTP API" and "Anything else" give for it,
   then close. Truncated requests: a clean close, at once after a half-close,
   else within the daemon's 10 s open timeout.
 
-The focused properties at the end pin, each with its exact answer, the SPEC
-and RFC deviations this fuzzing found; their docstrings say what was wrong
+The focused properties at the end pin, each with its exact answer, the
+deviations from docs/protocol.md and the RFCs this fuzzing found; their docstrings say what was wrong
 and where.
 
-Every test starts its own daemon (``server_factory``: clean exit, no traceback
-in the log at teardown) and ends with a normal call that must still work.
+Every test starts its own daemon (the ``server`` fixture: clean exit, no
+traceback in the log at teardown) and ends with a normal call that must still work.
 Profiles: "ci" (default; derandomized) and "long" (``HYPOTHESIS_PROFILE=long``,
 ``make fuzz``: 20 times the cases). Each test prints how many cases it ran
 (``pytest -s``) and records it as the ``fuzz_examples`` property.
@@ -115,8 +115,8 @@ class Tally:
 
 # -- the daemon ----------------------------------------------------------------------
 
-MAX_MESSAGE = 4096  # MAX_MESSAGE_BYTES, the SPEC default
-MAX_BODY = 16 * 1024  # SPEC §3: larger is 413
+MAX_MESSAGE = 4096  # MAX_MESSAGE_BYTES, its default
+MAX_BODY = 16 * 1024  # docs/protocol.md, "POST /sessions": larger is 413
 OPEN_TIMEOUT = 10.0  # README "Anything else": a client without a whole request is dropped
 DAEMON = {
     "MAX_MESSAGE_BYTES": str(MAX_MESSAGE),
@@ -124,7 +124,7 @@ DAEMON = {
     "MAX_SESSIONS": "1000000000",
     "SESSION_DURATION": "1h",  # nothing expires while fuzzing
 }
-#: SPEC §3 and README "Anything else".
+#: docs/protocol.md, "HTTP API" and "Anything else".
 STATUSES = frozenset({200, 400, 401, 404, 405, 409, 411, 413, 414, 426, 429, 431, 503})
 KNOWN_TYPES = ("authenticate", "offer", "answer", "ice_candidate", "heartbeat", "end_call")
 REASONS = frozenset(
@@ -248,7 +248,7 @@ NUMBERS = [  # valid JSON numbers a client may send where an int or a string bel
     "1e999", "-1e999", "1e-999", "-0", "0.0", "1.0", "1e2", "1E+2", "65535", "65536", "-1", "4294967296",
     "18446744073709551616", "9" * 400, "-" + "9" * 1000, "0.1e1",
 ]  # fmt: skip
-NOT_NUMBERS = [  # not JSON (SPEC §4: invalid_json)
+NOT_NUMBERS = [  # not JSON (docs/protocol.md, rule 7: invalid_json)
     "NaN", "Infinity", "-Infinity", "01", "+1", ".5", "1.", "-", "0x10", "nan", "inf", "Infinity1", "1_000",
     "true1", "undefined", "'x'",
 ]  # fmt: skip
@@ -482,7 +482,7 @@ invalid_utf8 = st.tuples(st.text(max_size=20), st.sampled_from(INVALID_UTF8), st
 
 
 def messages(kinds: tuple[str, ...]) -> Any:
-    """Client messages: mostly objects of the SPEC's types with wrong, odd or
+    """Client messages: mostly objects of the protocol's types with wrong, odd or
     hostile fields, then any JSON value, raw text, binary frames, invalid UTF-8."""
     objects = st.builds(Message, source=message_objects(kinds), ascii=st.booleans(), cuts=cuts, edit=edits)
     values = st.builds(Message, source=st.one_of(json_values, hostile_values), ascii=st.booleans(), cuts=cuts)
@@ -534,7 +534,7 @@ split_utf8 = st.builds(
     cuts=st.lists(st.integers(0, 200), min_size=1, max_size=6).map(tuple),
 )
 
-# -- the model: what SPEC §4 says the server answers --------------------------------------
+# -- the model: what docs/protocol.md says the server answers-----------------------------------
 
 
 def relay(kind: str, obj: dict[str, Any]) -> set[tuple]:
@@ -561,14 +561,14 @@ def relay(kind: str, obj: dict[str, Any]) -> set[tuple]:
         index = given["sdpMLineIndex"]
         if index is not None and type(index) is not int:
             return invalid
-        # SPEC says "int"; WebRTC's unsigned short bound may refuse the rest
+        # "Client → server" says 0–65535; beyond, relayed or refused both pass
         lenient = index is not None and not 0 <= index <= 65535
         rebuilt["sdpMLineIndex"] = index
     return {("relay", canon({"type": kind, "candidate": rebuilt}))} | (invalid if lenient else set())
 
 
 def after_auth(data: bytes, text: bool) -> set[tuple]:
-    """Every outcome SPEC §4 allows for one frame on an authenticated socket."""
+    """Every outcome docs/protocol.md allows for one frame on an authenticated socket."""
     if len(data) > MAX_MESSAGE:
         return {("close", 1009)}
     if not text:
@@ -612,7 +612,7 @@ def _auth_fields(obj: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def before_auth(data: bytes, text: bool, ctx: dict[str, str]) -> set[tuple]:
-    """Every outcome SPEC §4 rule 1 / "Precise points" allow for a first frame."""
+    """Every outcome docs/protocol.md, rule 1 and "Precise points" allow for a first frame."""
     if len(data) > MAX_MESSAGE:
         return {("close", 1009)}
     if not text:
@@ -670,7 +670,7 @@ def open_ws(server: Any) -> Any:
 
 
 def server_message(text: Any, *types: str) -> dict[str, Any]:
-    """One server message, checked against the SPEC §4 server table."""
+    """One server message, checked against docs/protocol.md, "Server → client"."""
     assert isinstance(text, str), f"server sent a non-text frame: {text!r}"
     message = json.loads(text)
     shapes = {
@@ -901,7 +901,7 @@ class Lanes:
 
 
 def normal_call(server: Any) -> None:
-    """SPEC §4 end to end after the fuzzing: both join, every relayed type
+    """docs/protocol.md, "The flow of a call", after the fuzzing: both join, every relayed type
     arrives, heartbeats answer, ``end_call`` ends it; health still 200."""
     session = new_session(server, "normal-driver", "normal-passenger")
     session_id = session["session_id"]
@@ -941,8 +941,8 @@ def normal_call(server: Any) -> None:
 
 
 def test_ws_messages_before_authentication(server: Any, record_property: Any) -> None:
-    """SPEC §4 rule 1, "Precise points": any first message gets the SPEC's
-    ``unauthorized`` reason and close 4001 (or joins, for a real driver)."""
+    """docs/protocol.md, rule 1 and "Precise points": any first message gets the
+    documented ``unauthorized`` reason and close 4001 (or joins, for a real driver)."""
     session = new_session(server, "fuzz-driver", "fuzz-passenger")
     ctx = {"session_id": session["session_id"], "driver": "fuzz-driver", "nobody": "fuzz-nobody"}
     tally = Tally("ws before authentication")
@@ -956,7 +956,7 @@ def test_ws_messages_before_authentication(server: Any, record_property: Any) ->
         note(f"frame ({'text' if message.text else 'binary'}, {mode}): {data[:300]!r}")
         outcome = first_message(server, message, data, mode, ctx)
         tally.saw(outcome)
-        assert outcome in accepted, f"answer {outcome}, SPEC allows {accepted}"
+        assert outcome in accepted, f"answer {outcome}, docs/protocol.md allows {accepted}"
 
     first()
     normal_call(server)
@@ -964,9 +964,10 @@ def test_ws_messages_before_authentication(server: Any, record_property: Any) ->
 
 
 def test_ws_messages_after_authentication(server: Any, record_property: Any) -> None:
-    """SPEC §4 rules 4, 5, 7, 8: every message on an authenticated socket gets
-    the SPEC's answer, or is relayed rebuilt from its defined fields only, and
-    the socket stays open (heartbeat → pong) unless the SPEC closes it."""
+    """docs/protocol.md, rules 4, 5, 7 and 8: every message on an authenticated
+    socket gets the documented answer, or is relayed rebuilt from its defined
+    fields only, and the socket stays open (heartbeat → pong) unless the rules
+    close it."""
     lanes = Lanes(server)
     tally = Tally("ws after authentication")
 
@@ -980,7 +981,7 @@ def test_ws_messages_after_authentication(server: Any, record_property: Any) -> 
         note(f"frame ({kind}, {len(message.pieces(data))} pieces): {data[:300]!r}")
         outcome = lanes.get(frames=len(message.pieces(data)) + 3).exchange(message, data, accepted, ping)
         tally.saw(outcome)
-        assert outcome in accepted, f"answer {outcome}, SPEC allows {accepted}"
+        assert outcome in accepted, f"answer {outcome}, docs/protocol.md allows {accepted}"
 
     exchange()
     lanes.close()
@@ -990,7 +991,7 @@ def test_ws_messages_after_authentication(server: Any, record_property: Any) -> 
 
 
 def test_ws_frame_edges(server: Any, record_property: Any) -> None:
-    """SPEC §4: over ``MAX_MESSAGE_BYTES`` bytes (whole or fragmented) → close
+    """docs/protocol.md, "Connecting": over ``MAX_MESSAGE_BYTES`` bytes (whole or fragmented) → close
     1009, at or under → the normal answer; invalid UTF-8 in a text frame →
     close 1007 (RFC 6455 §8.1); UTF-8 split across fragments is fine. Before
     and after authentication."""
@@ -1019,7 +1020,7 @@ def test_ws_frame_edges(server: Any, record_property: Any) -> None:
             accepted = before_auth(data, message.text, ctx)
             outcome = first_message(server, message, data, mode, ctx)
         tally.saw(outcome)
-        assert outcome in accepted, f"answer {outcome}, SPEC allows {accepted}"
+        assert outcome in accepted, f"answer {outcome}, docs/protocol.md allows {accepted}"
 
     edge()
     lanes.close()
@@ -1077,7 +1078,7 @@ def parse_answers(data: bytes, head: bool = False) -> Answer:
 
 
 def check_answer(answer: Answer, path: bytes = b"") -> Any:
-    """SPEC §3: the status is one it defines; JSON (``/metrics``: text); errors
+    """docs/protocol.md, "HTTP API": the status is one it defines; JSON (``/metrics``: text); errors
     are ``{"error", "message"}``. The parsed body (None when there is none)."""
     assert answer.status in STATUSES, (answer.status, answer.body[:300])
     content_type = answer.header("content-type") or ""
@@ -1184,7 +1185,7 @@ deliveries = st.tuples(st.lists(st.integers(0, 2000), max_size=4), st.integers(0
 
 
 class Rides:
-    """The daemon's live rides as SPEC §3 describes them (nothing expires here)."""
+    """The daemon's live rides as docs/protocol.md, "POST /sessions" describes them (nothing expires here)."""
 
     def __init__(self) -> None:
         self.live: dict[str, tuple[str, str, str]] = {}
@@ -1204,7 +1205,7 @@ class Rides:
         names = ("ride_id", "driver_id", "passenger_id")
         values = [obj.get(name) for name in names]
         wrong = {n for n, v in zip(names, values, strict=True) if type(v) is not str or not 0 < len(v) <= 255}
-        # README narrows SPEC's "strings": printable, no lone surrogate
+        # "POST /sessions": printable strings, no lone surrogate
         odd = {n for n, v in zip(names, values, strict=True) if type(v) is str and not _printable(v)}
         if wrong:  # the daemon names the first field it refuses, for either reason
             return {(400, "invalid_request")} | lenient, wrong | odd
@@ -1232,7 +1233,7 @@ class Rides:
             assert type(document["expires_in"]) is int and 0 < document["expires_in"] <= 3600, document
             known = self.live.get(ride)
             outcome = (200, "new" if known is None else document["session_id"])
-            assert outcome in allowed, f"200 {document}, SPEC allows {allowed}"
+            assert outcome in allowed, f"200 {document}, docs/protocol.md allows {allowed}"
             self.live[ride] = (driver, passenger, document["session_id"])
             return
         assert (answer.status, document["error"]) in allowed, f"{answer.status} {document}, allowed {allowed}"
@@ -1298,9 +1299,9 @@ session_bodies = mostly(
 
 
 def test_post_sessions_bodies(server: Any, record_property: Any) -> None:
-    """SPEC §3 with the right key: any body gets 200 (new or the same session),
+    """docs/protocol.md, "POST /sessions", with the right key: any body gets 200 (new or the same session),
     409, 413 or 400 ``invalid_json`` / ``invalid_request`` naming the field,
-    exactly as the SPEC's checks and the live rides say."""
+    exactly as the documented checks and the live rides say."""
     rides = Rides()
     tally = Tally("POST /sessions bodies")
 
@@ -1375,7 +1376,7 @@ RIGHT_KEYS = {"right", "lowercase-name", "uppercase-name", "padded"}
 
 
 def test_post_sessions_headers(server: Any, record_property: Any) -> None:
-    """SPEC §3: only one ``X-API-Key`` equal to ``API_KEY`` (after optional
+    """docs/protocol.md, "POST /sessions": only one ``X-API-Key`` equal to ``API_KEY`` (after optional
     whitespace) opens ``POST /sessions``; the key is checked before the body;
     any other header (Content-Type, repeats, odd values) changes nothing;
     broken header syntax is 400."""
@@ -1535,7 +1536,7 @@ class Request:
         return self.target.split(b"?")[0]
 
     def expected(self) -> set[int]:
-        """The statuses SPEC §3 and README "Anything else" allow for it."""
+        """The statuses docs/protocol.md, "HTTP API" and "Anything else" allow for it."""
         fields = self.all_headers()
         line, *lines = self.head_lines()
         if len(b"\r\n".join([line, *lines])) > 16 * 1024:
@@ -1557,7 +1558,7 @@ class Request:
         if not METHOD.fullmatch(self.method):
             return {400, 404, 405} if TOKEN.fullmatch(self.method) else {400}
         route = self.route()
-        if self.bad_length():  # RFC 9112 §6.3: 400; on /sessions the SPEC checks method and key first
+        if self.bad_length():  # RFC 9112 §6.3: 400; on /sessions method and key are checked first
             return route | {400} if self.path == b"/sessions" else {400}
         return route
 
@@ -1653,7 +1654,7 @@ def requests(framings: list[str] = FRAMINGS, trailers: list[bytes] = TRAILERS) -
 
 
 def test_raw_http_requests(server: Any, record_property: Any) -> None:
-    """SPEC §3 / README "Anything else": any complete request, however it is
+    """docs/protocol.md, "HTTP API" and "Anything else": any complete request, however it is
     delivered, gets one well-formed HTTP/1.1 answer with a status those
     sections define for it (JSON, ``/metrics`` text), promptly, then close."""
     tally = Tally("raw HTTP requests")
@@ -1790,11 +1791,11 @@ def test_truncated_requests(server: Any, record_property: Any) -> None:
 
 # -- focused properties for the defects this fuzzing found -------------------------------------------------
 # Each docstring says what was wrong and where. The broad properties above
-# accept any SPEC answer the input allows; these pin the exact one.
+# accept any documented answer the input allows; these pin the exact one.
 
 
 def test_line_limits_answer_json(server: Any, record_property: Any) -> None:
-    """SPEC §3 "All HTTP answers are JSON", at the line limits. Found: a
+    """docs/protocol.md, "Anything else" (every answer is JSON), at the line limits. Found: a
     request or header line of 8191–8192 bytes passed wire.py's check
     (``len(line) > 8192``, CRLF not counted) but not websockets' parser (8192
     bytes CRLF included), whose own ``text/plain`` 414/431 went out as is."""
@@ -1828,7 +1829,7 @@ def test_line_limits_answer_json(server: Any, record_property: Any) -> None:
 
 def test_invalid_framing_is_400_on_every_path(server: Any, record_property: Any) -> None:
     """RFC 9112 §6.3 (an invalid Content-Length MUST get 400 and close) and
-    SPEC §3 "Malformed HTTP: 400" on every path but ``/sessions`` (where the
+    docs/protocol.md, "Anything else" (malformed HTTP: 400) on every path but ``/sessions`` (where the
     key comes first). Found: wire.py recorded the framing error but only
     ``/sessions`` read it (``GET /health`` → 200; a ``/ws`` upgrade → 101,
     then every frame silently dropped)."""
@@ -2030,7 +2031,7 @@ def test_bytes_behind_an_upgrade_header_are_answered(server: Any, record_propert
                 (b"GET", b"/health", 200),
                 (b"GET", b"/nope", 404),
                 (b"HEAD", b"/health", 200),
-                (b"GET", b"/ws", 426),  # SPEC §3: /ws without a (complete) WebSocket upgrade
+                (b"GET", b"/ws", 426),  # "Anything else": /ws without a (complete) WebSocket upgrade
             ]
         ),
         upgrade=st.sampled_from([b"websocket", b"h2c", b"foo"]),
@@ -2102,7 +2103,8 @@ def test_bytes_after_the_head_are_discarded(server: Any, record_property: Any) -
 
 
 def test_check_order_method_key_framing(server: Any, record_property: Any) -> None:
-    """SPEC §3 check order, as test_http pins it: on ``/sessions`` another
+    """docs/protocol.md, "POST /sessions" (the order of the checks), as test_http pins it: on
+    ``/sessions`` another
     method is 405 whatever its framing, and ``POST`` with a wrong key is 401
     before any body check (411/413/400); ``/ws`` takes its method first too.
     An invalid Content-Length on another method may be 400 (RFC 9112 §6.3)

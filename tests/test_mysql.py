@@ -1,4 +1,5 @@
-"""The MySQL call log against the real MariaDB/MySQL of this machine (SPEC §5).
+"""The MySQL call log against the real MariaDB/MySQL of this machine
+(docs/protocol.md, "Call log"; docs/operations.md, "Call log and journal").
 
 Each test gets a database with a random name, dropped afterwards. The outage
 tests put a TCP proxy the test controls between the daemon and the database.
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
-    """SPEC §5: the table is created at start from database.sql (one source of truth)."""
+    """docs/operations.md, "MySQL user and grants": the table is created at start from
+    database.sql (one source of truth)."""
     assert (ROOT / "database.sql").read_text(encoding="utf-8") == DDL
     server_factory(**db.server_env())
     wait_until(lambda: db.query("SHOW TABLES LIKE 'call_logs'"))
@@ -72,7 +74,7 @@ def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
 
 
 def test_every_end_reason_gives_its_row(server_factory, db) -> None:
-    """SPEC §5: created → active → ended rows with event times, for every end reason."""
+    """docs/protocol.md, "Call log": created → active → ended rows with event times, for every end reason."""
     server = server_factory(SESSION_DURATION="2s", RECONNECT_GRACE="300ms", **db.server_env())
     before = utcnow() - datetime.timedelta(seconds=1)
     sessions = {}
@@ -140,7 +142,8 @@ def test_every_end_reason_gives_its_row(server_factory, db) -> None:
 
 
 def test_hundreds_of_parallel_sessions(server_factory, db) -> None:
-    """SPEC §5: concurrent sessions and calls over DB_POOL_SIZE threads all land, each in order."""
+    """docs/operations.md, "Call log and journal": concurrent sessions and calls over
+    DB_POOL_SIZE threads all land, each in order."""
     server = server_factory(DB_POOL_SIZE="4", **db.server_env())
     with ThreadPoolExecutor(16) as pool:
         sessions = list(pool.map(lambda i: server.new_session(ride_id=f"par-{i}"), range(300)))
@@ -174,7 +177,8 @@ def test_hundreds_of_parallel_sessions(server_factory, db) -> None:
 
 
 def test_outage_mid_run_loses_nothing_and_does_not_touch_calls(server_factory, db, proxy) -> None:
-    """SPEC §5: MySQL cut for seconds during live calls: signaling unaffected, every record lands in order."""
+    """docs/operations.md, "Call log and journal": MySQL cut for seconds during live calls:
+    signaling unaffected, every record lands in order."""
     server = server_factory(**db.server_env(proxy.port))
     wait_until(lambda: health(server)["database"] == "ok")
     early = [server.new_session(ride_id=f"early-{i}") for i in range(5)]
@@ -226,7 +230,8 @@ def test_outage_mid_run_loses_nothing_and_does_not_touch_calls(server_factory, d
 
 
 def test_start_with_mysql_unreachable(server_factory, db, proxy) -> None:
-    """SPEC §5: the daemon starts and serves with the database down; records land when it comes."""
+    """docs/operations.md, "Call log and journal": the daemon starts and serves with the
+    database down; records land when it comes."""
     proxy.cut()
     server = server_factory(**db.server_env(proxy.port))
     assert health(server)["database"] == "unavailable"
@@ -254,7 +259,8 @@ def test_start_with_mysql_unreachable(server_factory, db, proxy) -> None:
 
 
 def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> None:
-    """SPEC §5: credentials errors are reported clearly, not retried in a hot loop; signaling works."""
+    """docs/operations.md, "Troubleshooting": credentials errors are reported clearly, not
+    retried in a hot loop; signaling works."""
     env = db.server_env()
     env["DB_USERNAME"] = "no_such_user_intaleq"
     env["DB_PASSWORD"] = "wrong"
@@ -270,7 +276,8 @@ def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> Non
 
 
 def test_sigkill_then_restart_closes_open_rows_as_server_restart(server_factory, db, tmp_path) -> None:
-    """SPEC §5 / issue 7: after a SIGKILL, ended calls keep their final row; rows left open end as
+    """docs/protocol.md, "End reasons" (server_restart): after a SIGKILL, ended calls keep
+    their final row; rows left open end as
     server_restart at the restart; new calls work."""
     env = {
         "SESSION_DURATION": "10m",

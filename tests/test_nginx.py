@@ -1,4 +1,4 @@
-"""The Nginx block of docs/operations.md in front of the real daemon (SPEC §3, §4, §6).
+"""The Nginx block of docs/operations.md in front of the real daemon.
 
 The ```nginx block is read from docs/operations.md, section "Nginx and TLS",
 at test time and changed only as far as a loopback test without TLS needs:
@@ -221,7 +221,7 @@ def nginx_factory(tmp_path: Path, server_factory: Any) -> Iterator[Any]:
 
 
 def test_readme_block_is_loopback_testable() -> None:
-    """Issue: the README's Nginx block keeps the map, the upgrade headers and X-Real-IP (SPEC §6)."""
+    """docs/operations.md, "Nginx and TLS": the block keeps the map, the upgrade headers and X-Real-IP."""
     config = loopback_config(readme_nginx_block(), 12345, 23456)
     assert "listen 127.0.0.1:12345;" in config
     assert "proxy_pass http://127.0.0.1:23456;" in config
@@ -231,7 +231,7 @@ def test_readme_block_is_loopback_testable() -> None:
 
 
 def test_post_sessions_through_nginx(server_factory, nginx_factory) -> None:
-    """SPEC §3: POST /sessions with the API key works through the README's Nginx block."""
+    """docs/protocol.md, "POST /sessions": with the API key it works through the documented Nginx block."""
     server = server_factory()
     nginx = nginx_factory(server)
     body = {"ride_id": "ride-nginx", "driver_id": "driver-1", "passenger_id": "passenger-1"}
@@ -248,7 +248,8 @@ def test_post_sessions_through_nginx(server_factory, nginx_factory) -> None:
 
 
 def test_full_call_through_nginx(server_factory, nginx_factory) -> None:
-    """SPEC §4/§6: a whole call (join, offer/answer/ICE relay, end_call, close 1000) through Nginx."""
+    """docs/operations.md, "Nginx and TLS": a whole call (join, offer/answer/ICE relay,
+    end_call, close 1000) through Nginx."""
     server = server_factory()
     nginx = nginx_factory(server)
     session = nginx.new_session("ride-nginx-call")
@@ -270,7 +271,7 @@ def test_full_call_through_nginx(server_factory, nginx_factory) -> None:
 
 
 def test_metrics_denied_by_nginx_but_served_on_loopback(server_factory, nginx_factory) -> None:
-    """SPEC §3 GET /metrics: Nginx denies it (403); a direct loopback client gets 200."""
+    """docs/protocol.md, "GET /metrics": Nginx denies it (403); a direct loopback client gets 200."""
     server = server_factory()
     nginx = nginx_factory(server)
     status, _, data = nginx.request("GET", "/metrics")
@@ -281,7 +282,8 @@ def test_metrics_denied_by_nginx_but_served_on_loopback(server_factory, nginx_fa
 
 
 def test_connection_limit_counts_nginx_x_real_ip(server_factory, nginx_factory) -> None:
-    """SPEC §4 first rule: behind Nginx the per-IP limit counts X-Real-IP, which Nginx overwrites."""
+    """docs/protocol.md, "Connecting": behind Nginx the per-IP limit counts X-Real-IP, which
+    Nginx overwrites."""
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     nginx = nginx_factory(server)
 

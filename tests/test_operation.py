@@ -1,5 +1,6 @@
-"""Production operation (SPEC §3 /metrics, §6): systemd notifications and
-unit hardening, Prometheus exposition, logging content and format."""
+"""Production operation (docs/operations.md, "systemd", "Logs", "Health and
+metrics"): systemd notifications and unit hardening, Prometheus exposition,
+logging content and format."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def run_call(server, ride_id: str) -> None:
 
 
 def test_ready_watchdog_and_stopping_notifications(server_factory, notify_socket) -> None:
-    """Issue 4 / SPEC §6: READY=1 once listening, WATCHDOG=1 from the loop, STOPPING=1 on SIGTERM."""
+    """docs/operations.md, "systemd": READY=1 once listening, WATCHDOG=1 from the loop,
+    STOPPING=1 on SIGTERM."""
     path, sock = notify_socket
     server = server_factory(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000")
     ready = datagrams(sock, "READY=1")
@@ -116,7 +118,7 @@ def test_notifier_abstract_socket_address() -> None:
 
 
 def test_unit_file_directives() -> None:
-    """SPEC §6: the unit has the settings the operation depends on."""
+    """docs/operations.md, "systemd": the unit has the settings the operation depends on."""
     unit = (ROOT / "intaleq-signal.service").read_text()
     directives = {line.strip() for line in unit.splitlines() if "=" in line and not line.startswith("#")}
     for required in (
@@ -189,7 +191,8 @@ def test_unit_file_verifies_without_warnings(tmp_path) -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 def test_unit_security_exposure_is_ok() -> None:
-    """Issue 4: systemd-analyze security rates the unit OK or better (exposure <= 2.0)."""
+    """docs/operations.md, "systemd": systemd-analyze security rates the unit OK or better
+    (exposure <= 2.0)."""
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", str(ROOT / "intaleq-signal.service")],
         capture_output=True,
@@ -203,7 +206,8 @@ def test_unit_security_exposure_is_ok() -> None:
 
 
 def test_metrics_parse_as_prometheus_text(server) -> None:
-    """SPEC §3: /metrics is valid exposition text with the listed counters, gauges and a histogram."""
+    """docs/protocol.md, "GET /metrics": valid exposition text with the listed counters, gauges
+    and a histogram."""
     run_call(server, "ride-metrics")
     server.post_session(key="wrong-key-for-metrics-" * 2)
     status, headers, body = server.request("GET", "/metrics")
@@ -243,7 +247,8 @@ def test_metrics_parse_as_prometheus_text(server) -> None:
 
 
 def test_info_logs_never_carry_key_sdp_or_candidates(server_factory) -> None:
-    """SPEC §6: a full call at info logs its events but never the API key, SDP bodies or candidates."""
+    """docs/operations.md, "Logs": a full call at info logs its events but never the API key,
+    SDP bodies or candidates."""
     server = server_factory(LOG_LEVEL="info")
     server.post_session(key="x" * 40)  # a wrong key is logged, never echoed
     run_call(server, "ride-log-leak")
@@ -272,14 +277,14 @@ def test_info_logs_never_carry_key_sdp_or_candidates(server_factory) -> None:
 
 
 def test_debug_logs_show_relayed_messages(server_factory) -> None:
-    """SPEC §6: SDP and candidates appear only at debug level."""
+    """docs/operations.md, "Logs": SDP and candidates appear only at debug level."""
     server = server_factory(LOG_LEVEL="debug")
     run_call(server, "ride-debug")
     assert "secret-offer-marker" in server.log
 
 
 def test_json_log_format_is_one_object_per_line(server_factory) -> None:
-    """SPEC §2/§6: LOG_FORMAT=json writes one JSON object per line."""
+    """docs/operations.md, "Logs": LOG_FORMAT=json writes one JSON object per line."""
     server = server_factory(LOG_FORMAT="json", LOG_LEVEL="info")
     run_call(server, "ride-json")
     assert server.stop() == 0
@@ -291,7 +296,7 @@ def test_json_log_format_is_one_object_per_line(server_factory) -> None:
 
 
 def test_refused_connection_logged_with_reason_and_ip(server) -> None:
-    """Issue 4: a refused connection is one line with its reason and the client IP."""
+    """docs/operations.md, "Logs": a refused connection is one line with its reason and the client IP."""
 
     async def scenario() -> None:
         async with server.ws(additional_headers={"X-Real-IP": "203.0.113.50"}) as ws:

@@ -1,20 +1,19 @@
-"""Issue 7, "timeouts everywhere": every network wait of the daemon has a bound.
-
-Each wait, its bound, and the test that holds the daemon to it:
+"""Every network wait of the daemon has a bound. Each wait, its bound, and
+the test that holds the daemon to it:
 
 - an HTTP request (head and body) that does not arrive: ``OPEN_TIMEOUT``
-  (10 s) for the whole request. Idle, half a head, half a body:
+  (10 s) for the whole request (docs/protocol.md, "Anything else"). Idle, half a head, half a body:
   ``test_http.py::test_idle_and_slow_clients_are_dropped``. The same
   trickled a byte at a time, which a per-read timeout would never stop:
   :func:`test_trickled_requests_are_dropped_within_open_timeout`.
-- the first WebSocket message: ``AUTH_TIMEOUT``. Silence:
+- the first WebSocket message: ``AUTH_TIMEOUT`` (docs/protocol.md, rule 1). Silence:
   ``test_protocol.py::test_auth_timeout_closes_silent_socket``; an
   ``authenticate`` trickled a byte at a time (every byte is "something
   received" for the heartbeat): here, with the requests above.
 - an authenticated peer that goes silent: ``HEARTBEAT_TIMEOUT``
-  (``test_protocol.py::test_heartbeat_*``).
+  (docs/protocol.md, rule 8; ``test_protocol.py::test_heartbeat_*``).
 - the closing handshake with a peer that never answers it: ``CLOSE_TIMEOUT``
-  (2 s): :func:`test_unanswered_closing_handshakes_are_bounded`.
+  (2 s; docs/protocol.md, rule 6): :func:`test_unanswered_closing_handshakes_are_bounded`.
 - writes to a peer that stopped reading: bounded by the 256 KiB of unsent
   output past which the peer is dropped
   (:func:`test_peer_that_stops_reading_is_dropped_not_buffered`), and the
@@ -27,10 +26,12 @@ Each wait, its bound, and the test that holds the daemon to it:
   connections during traffic (:func:`test_database_frozen_mid_traffic`).
   ``write_timeout`` (10 s) needs a full socket send buffer, which call-log
   statements of a few hundred bytes, each waiting for its answer, never
-  fill: the read timeout is the bound that matters.
+  fill: the read timeout is the bound that matters (docs/operations.md, "MySQL
+  user and grants").
 - shutdown: closing handshakes (``CLOSE_TIMEOUT`` + 1), unfinished HTTP
   requests (``CLOSE_TIMEOUT`` + 1) and the call-log flush (``FLUSH_TIMEOUT``,
-  5 s): :func:`test_sigterm_with_database_frozen_exits_in_bounded_time`, and
+  5 s; docs/operations.md, "Shutdown"):
+  :func:`test_sigterm_with_database_frozen_exits_in_bounded_time`, and
   ``test_http.py::test_sigterm_with_idle_http_client_exits_promptly``.
 
 The database tests put :class:`mysql_support.TCPProxy` between the daemon
@@ -136,7 +137,7 @@ async def trickle(port: int, first: bytes, rest: bytes, every: float = 0.5) -> t
 
 
 def test_trickled_requests_are_dropped_within_open_timeout(server) -> None:
-    """Issue 7: a request trickled a byte every 0.5 s, which would take 30 s or
+    """A request trickled a byte every 0.5 s, which would take 30 s or
     more to complete, is dropped OPEN_TIMEOUT after it connected — head, body
     or WebSocket upgrade: the bound is on the whole request, not on each read.
     An authenticate frame trickled the same way is refused at AUTH_TIMEOUT
@@ -186,7 +187,7 @@ def test_trickled_requests_are_dropped_within_open_timeout(server) -> None:
 
 
 def test_unanswered_closing_handshakes_are_bounded(server) -> None:
-    """Issue 7: a client that never answers the server's close frame (nor
+    """A client that never answers the server's close frame (nor
     closes its TCP connection) is dropped CLOSE_TIMEOUT after the close
     frame — at the end of a call (1000), after a refusal (4001) and after a
     replacement (4002) — and /health counts no connection afterwards."""
@@ -270,7 +271,7 @@ def test_client_keeping_its_socket_after_its_own_close_frame_is_dropped(server_f
 
 
 def test_peer_that_stops_reading_is_dropped_not_buffered(server_factory) -> None:
-    """Issue 7: relaying to a peer that stopped reading cannot pile up in the
+    """Relaying to a peer that stopped reading cannot pile up in the
     daemon: once more than 256 KiB is unsent beyond what the kernel holds,
     the peer is dropped like a lost network (participant_left, and with no
     grace the call ends)."""
@@ -309,7 +310,7 @@ def test_peer_that_stops_reading_is_dropped_not_buffered(server_factory) -> None
 
 
 def test_closing_a_peer_that_stopped_reading_is_bounded(server_factory) -> None:
-    """Issue 7: when a call ends while its peer has stopped reading with
+    """When a call ends while its peer has stopped reading with
     output still unsent (more than the transport's high-water mark, so
     writing is paused, but less than the 256 KiB that drops it), the
     closing handshake is still bounded by CLOSE_TIMEOUT: the connection is
@@ -366,7 +367,7 @@ async def timed(timings: list[float], awaitable: Any) -> Any:
 
 @needs_mysql
 def test_database_frozen_at_start(server_factory, db, proxy) -> None:
-    """Issue 7, database connect: a MySQL that accepts the TCP connection but
+    """Database connect: a MySQL that accepts the TCP connection but
     never sends its greeting delays start-up by at most the writer's 1 s
     wait; signaling works at once; the connect attempt gives up after the
     read timeout (reported); once the database answers, the records land."""
@@ -403,7 +404,7 @@ def test_database_frozen_at_start(server_factory, db, proxy) -> None:
 
 @needs_mysql
 def test_database_frozen_mid_traffic(server_factory, db, proxy) -> None:
-    """Issue 7, database read/write: MySQL stops answering on its open
+    """Database read/write: MySQL stops answering on its open
     connections (nothing is closed) during live calls. Sessions are created
     and messages relayed with no added latency; /health reports the database
     unavailable within the PyMySQL read timeout (10 s) and a backoff step;
@@ -486,7 +487,7 @@ def test_database_frozen_mid_traffic(server_factory, db, proxy) -> None:
 
 @needs_mysql
 def test_sigterm_with_database_frozen_exits_in_bounded_time(server_factory, db, proxy) -> None:
-    """Issue 7, shutdown: SIGTERM while MySQL has stopped answering, with a
+    """docs/operations.md, "Shutdown": SIGTERM while MySQL has stopped answering, with a
     call whose passenger never answers the closing handshake and a
     half-sent HTTP request: the process exits 0 within FLUSH_TIMEOUT plus
     the close timeouts, and logs how many call-log events it keeps in the
@@ -532,7 +533,7 @@ def test_sigterm_with_database_frozen_exits_in_bounded_time(server_factory, db, 
 
 @needs_mysql
 def test_sigterm_during_database_outage_exits_cleanly(server_factory, db, proxy, tmp_path) -> None:
-    """Issue 7, shutdown: SIGTERM while the database refuses connections and
+    """docs/operations.md, "Shutdown": SIGTERM while the database refuses connections and
     writes are pending. The writer threads retry until the flush deadline and
     are then abandoned; the process must still exit 0 (not die of a signal)
     within FLUSH_TIMEOUT and a little, logging the events it could not write.

@@ -1,7 +1,8 @@
 """The byte-level edge: HTTP heads and bodies before the handshake
 (intaleq_signal/front.py), messages and pings after it
 (intaleq_signal/wire.py). Raw sockets against the real daemon; the cases a
-newcomer's adversarial session found (SPEC §3, §4)."""
+newcomer's adversarial session found (docs/protocol.md, "HTTP API" and
+"WebSocket /ws")."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def post(body: bytes, *headers: str) -> bytes:
 
 
 def test_repeated_api_key_header_is_a_wrong_key(server) -> None:
-    """SPEC §3: X-API-Key sent twice (even once right) is 401 and counts toward the 429 lock."""
+    """docs/protocol.md, "POST /sessions": X-API-Key sent twice (even once right) is 401 and
+    counts toward the 429 lock."""
     body = session_body("ride-dup-key")
     answer = raw_answer(server, post(body, f"X-API-Key: {API_KEY}", f"X-API-Key: {API_KEY}"))
     assert_error(answer, 401, "unauthorized")
@@ -42,7 +44,8 @@ def test_repeated_api_key_header_is_a_wrong_key(server) -> None:
 
 
 def test_repeated_proxy_headers_are_not_believed(server) -> None:
-    """SPEC §4: a repeated X-Real-IP is ignored; repeated X-Forwarded-For headers form one list."""
+    """docs/protocol.md, "Connecting": a repeated X-Real-IP is ignored; repeated
+    X-Forwarded-For headers form one list."""
     head = upgrade_head(
         "X-Real-IP: 203.0.113.1",
         "X-Real-IP: 203.0.113.2",
@@ -60,7 +63,8 @@ def test_repeated_proxy_headers_are_not_believed(server) -> None:
 
 @pytest.mark.parametrize("trailer", [b"\r\n", b"GET /health HTTP/1.1\r\n\r\n", b"garbage"])
 def test_bytes_after_a_request_do_not_lose_the_answer(server, trailer) -> None:
-    """SPEC §3: one request per connection; whatever follows it is dropped, the answer is sent."""
+    """docs/protocol.md, "Anything else": one request per connection; whatever follows it is
+    dropped, the answer is sent."""
     status, _, body = raw_answer(
         server, post(session_body(f"ride-trailer-{len(trailer)}"), f"X-API-Key: {API_KEY}") + trailer
     )
@@ -71,7 +75,7 @@ def test_bytes_after_a_request_do_not_lose_the_answer(server, trailer) -> None:
 
 
 def test_bare_lf_line_endings_are_400_not_a_hang(server) -> None:
-    """SPEC §3: malformed HTTP (LF instead of CRLF) gets 400 and close, at once."""
+    """docs/protocol.md, "Anything else": malformed HTTP (LF instead of CRLF) gets 400 and close, at once."""
     assert_error(raw_answer(server, b"GET /health HTTP/1.1\nHost: x\n\n", timeout=3), 400)
 
 
@@ -103,7 +107,7 @@ def test_leading_empty_lines_are_ignored(server) -> None:
     ids=["long-header", "long-target", "many-headers", "head-over-16k"],
 )
 def test_oversized_heads_get_json_answers(server, request_bytes, status) -> None:
-    """SPEC §3: every HTTP answer is JSON, the library's size refusals included."""
+    """docs/protocol.md, "Anything else": every HTTP answer is JSON, the library's size refusals included."""
     assert_error(raw_answer(server, request_bytes), status)
 
 
@@ -125,7 +129,7 @@ def test_oversized_heads_get_json_answers(server, request_bytes, status) -> None
     ids=["no-key", "no-connection-upgrade", "bad-key"],
 )
 def test_bad_websocket_handshakes_get_json_answers(server, headers, status) -> None:
-    """SPEC §3: the library's handshake refusals are rewritten as JSON errors."""
+    """docs/protocol.md, "Anything else": the library's handshake refusals are rewritten as JSON errors."""
     answer = raw_answer(server, f"GET /ws HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
     assert_error(answer, status)
 
@@ -141,7 +145,8 @@ def test_websocket_upgrade_over_http_1_0_is_400(server) -> None:
 
 
 def test_content_length_edge_forms(server) -> None:
-    """SPEC §3: leading zeros are a valid Content-Length; identity coding is refused with 411."""
+    """docs/protocol.md, "POST /sessions": leading zeros are a valid Content-Length; identity
+    coding is refused with 411."""
     body = session_body("ride-zeros")
     request = post(body, f"X-API-Key: {API_KEY}").replace(
         f"Content-Length: {len(body)}".encode(), f"Content-Length: 000000000{len(body)}".encode()
@@ -154,14 +159,16 @@ def test_content_length_edge_forms(server) -> None:
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE"])
 def test_other_methods_without_length_are_405(server, method) -> None:
-    """SPEC §3: other methods on /sessions get 405 with Allow, whatever their framing."""
+    """docs/protocol.md, "POST /sessions": other methods on /sessions get 405 with Allow,
+    whatever their framing."""
     answer = raw_answer(server, f"{method} /sessions HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert_error(answer, 405)
     assert answer[1]["allow"] == "POST"
 
 
 def test_huge_number_in_body_is_invalid_request(server) -> None:
-    """SPEC §3: a 5000-digit number is valid JSON but not a string field: 400 invalid_request."""
+    """docs/protocol.md, "POST /sessions": a 5000-digit number is valid JSON but not a string
+    field: 400 invalid_request."""
     body = b'{"ride_id": ' + b"9" * 5000 + b', "driver_id": "d", "passenger_id": "p"}'
     answer = server.request("POST", "/sessions", body, {"X-API-Key": API_KEY})
     assert "ride_id" in assert_error(answer, 400, "invalid_request")["message"]
@@ -248,7 +255,8 @@ def test_frames_pipelined_behind_the_upgrade_are_handled(server) -> None:
 
 
 def test_unusable_sqlite_path_exits_78(tmp_path) -> None:
-    """SPEC §2: a call-log file that cannot be opened is a configuration error (exit 78, one line)."""
+    """docs/operations.md, "Configuration": a call-log file that cannot be opened is a
+    configuration error (exit 78, one line)."""
     result = run_daemon(daemon_env(tmp_path, SQLITE_PATH=str(tmp_path / "missing-dir" / "calls.sqlite3")))
     assert result.returncode == 78, result.stderr
     lines = result.stderr.strip().splitlines()
