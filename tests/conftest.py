@@ -10,7 +10,8 @@ and WebSocket clients to talk to it. One of each:
   traceback in its log. :func:`run_daemon` runs one to completion, for the
   start-up failures.
 - HTTP: :meth:`Endpoint.request` and friends, :func:`health`,
-  :func:`metric` (parsed as Prometheus text).
+  :func:`metric` (parsed as Prometheus text); by hand, :func:`connect_raw`,
+  :func:`read_until_closed`, :func:`parse_response`.
 - WebSocket, a library client (websockets): :func:`join`,
   :func:`connected_call`, :func:`recv_json` / :func:`send_json`,
   :func:`closed_with`; :class:`Clients` (the ``clients`` fixture) keeps
@@ -46,10 +47,26 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from mysql_support import MYSQL, Database, TCPProxy
 
 API_KEY = "test-api-key-0123456789abcdef-0123456789"
+#: The columns of the call log's table (database.sql), in order.
+CALL_LOG_COLUMNS = [
+    "id",
+    "session_id",
+    "ride_id",
+    "driver_id",
+    "passenger_id",
+    "status",
+    "initiated_by",
+    "end_reason",
+    "created_at",
+    "connected_at",
+    "ended_at",
+    "node_id",
+]
 ROOT = Path(__file__).resolve().parent.parent
 #: What the daemon reads from its environment: every variable
 #: ``intaleq_signal/config.py`` names, and what systemd hands a service.
@@ -394,6 +411,48 @@ def metric(server: Endpoint, name: str, **labels: str) -> float:
     raise AssertionError(f"{name} {labels or ''} not in /metrics:\n{body.decode()}")
 
 
+def connect_raw(server: Endpoint) -> socket.socket:
+    """A TCP connection to ``server`` for bytes by hand (TCP_NODELAY: each
+    write leaves at once)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """Read until the server closes: ``(data, closed)``; ``closed`` is False
+    when ``timeout`` passed with the connection still open."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return b"".join(chunks), False
+        except ConnectionResetError:
+            return b"".join(chunks), True
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+
+
+def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 response: ``(status, lower-cased headers, body)``."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, data
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 "), data
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body
+
+
 # -- WebSocket: a library client ----------------------------------------------------------
 
 
@@ -435,6 +494,15 @@ async def connected_call(
     assert await recv_json(p) == {"type": "participant_joined", "role": "driver"}
     assert await recv_json(d) == {"type": "participant_joined", "role": "passenger"}
     return d, p
+
+
+async def attempt(endpoint: Endpoint, headers: dict[str, str] | None = None) -> int:
+    """One WebSocket upgrade attempt: 101, or the HTTP status refusing it."""
+    try:
+        async with endpoint.ws(additional_headers=headers or {}):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
 
 
 async def closed_with(ws: ClientConnection, timeout: float = 5.0) -> int | None:

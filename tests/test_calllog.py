@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from conftest import CALL_LOG_COLUMNS
 from intaleq_signal.calllog import CallActive, CallEnded, CallInitiated, CallLogWriter, SessionCreated
 from intaleq_signal.calllog.sql import utc_text
 from intaleq_signal.calllog.sqlite import SQLiteStore
@@ -246,16 +247,23 @@ def test_state_unavailable_when_database_down_at_start():
     assert writer.close(0.1) == 0
 
 
-def test_backoff_is_exponential_and_capped():
-    """docs/operations.md, "Call log and journal": retries back off exponentially up to a cap
-    (no hot loop against a dead database)."""
-    store = FakeStore(fail_first=9)
+def retry_delays(store: FakeStore) -> list[float]:
+    """The waits of a writer retrying one event into ``store`` until it
+    lands (and closes with nothing left)."""
     delays: list[float] = []
     writer = make_writer(store, sleep=delays.append)
     writer.record(CallActive("s1", 0.0))
     writer.start()
     wait_for(lambda: store.applied)
     assert writer.close(5.0) == 0
+    return delays
+
+
+def test_backoff_is_exponential_and_capped():
+    """docs/operations.md, "Call log and journal": retries back off exponentially up to a cap
+    (no hot loop against a dead database)."""
+    store = FakeStore(fail_first=9)
+    delays = retry_delays(store)
     assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, BACKOFF_MAX, BACKOFF_MAX, BACKOFF_MAX])
     assert store.applied == [CallActive("s1", 0.0)]
 
@@ -264,13 +272,7 @@ def test_fatal_errors_back_off_long():
     """docs/operations.md, "Call log and journal": errors a retry cannot fix soon (credentials)
     are retried slowly."""
     store = FakeStore(fail_first=2, fatal=True)
-    delays: list[float] = []
-    writer = make_writer(store, sleep=delays.append)
-    writer.record(CallActive("s1", 0.0))
-    writer.start()
-    wait_for(lambda: store.applied)
-    assert writer.close(5.0) == 0
-    assert delays == [BACKOFF_FATAL, BACKOFF_FATAL]
+    assert retry_delays(store) == [BACKOFF_FATAL, BACKOFF_FATAL]
     assert len(store.applied) == 1
 
 
@@ -438,20 +440,7 @@ def test_sqlite_schema_columns(sqlite_store):
     """docs/protocol.md, "Call log": the call_logs columns of the seed schema."""
     store, conn = sqlite_store
     columns = [row[1] for row in conn.execute("PRAGMA table_info(call_logs)")]
-    assert columns == [
-        "id",
-        "session_id",
-        "ride_id",
-        "driver_id",
-        "passenger_id",
-        "status",
-        "initiated_by",
-        "end_reason",
-        "created_at",
-        "connected_at",
-        "ended_at",
-        "node_id",
-    ]
+    assert columns == CALL_LOG_COLUMNS
     store.prepare(conn)  # created when missing: preparing again is harmless
 
 

@@ -62,7 +62,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from conftest import API_KEY, RawWebSocket, client_frame, upgrade_head
+from conftest import API_KEY, RawWebSocket, client_frame, connect_raw, read_until_closed, upgrade_head
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
 
@@ -1097,30 +1097,11 @@ def check_answer(answer: Answer, path: bytes = b"") -> Any:
     return document
 
 
-def connect_raw(server: Any) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 def read_all(sock: socket.socket, timeout: float) -> tuple[bytes, bool, float]:
     """Read until the server closes: ``(data, closed, seconds)``."""
     started = time.monotonic()
-    chunks = []
-    while True:
-        left = started + timeout - time.monotonic()
-        if left <= 0:
-            return b"".join(chunks), False, time.monotonic() - started
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            return b"".join(chunks), True, time.monotonic() - started
-        chunks.append(chunk)
+    data, closed = read_until_closed(sock, timeout)
+    return data, closed, time.monotonic() - started
 
 
 def read_until(sock: socket.socket, enough: Any, timeout: float) -> bytes:

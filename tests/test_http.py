@@ -26,11 +26,15 @@ from websockets.exceptions import InvalidStatus
 
 from conftest import (
     API_KEY,
+    attempt,
     closed_with,
+    connect_raw,
     daemon_env,
     free_port,
     health,
     join,
+    parse_response,
+    read_until_closed,
     recv_json,
     ride,
     run_daemon,
@@ -72,40 +76,6 @@ def assert_error(
     return document
 
 
-def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
-    """One raw HTTP/1.1 response: ``(status, lower-cased headers, body)``."""
-    head, sep, body = data.partition(b"\r\n\r\n")
-    assert sep, data
-    lines = head.decode("latin-1").split("\r\n")
-    assert lines[0].startswith("HTTP/1.1 "), data
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ")[1]), headers, body
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
-    """Read until the server closes: ``(data, closed)``; ``closed`` is False
-    when ``timeout`` passed with the connection still open."""
-    deadline = time.monotonic() + timeout
-    chunks = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return b"".join(chunks), False
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            return b"".join(chunks), False
-        except ConnectionResetError:
-            return b"".join(chunks), True
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-
-
 def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
     deadline = time.monotonic() + timeout
     data = b""
@@ -115,12 +85,6 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> byte
         assert chunk, f"closed before {marker!r}: {data!r}"
         data += chunk
     return data
-
-
-def connect_raw(server: Any) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 def exchange(server: Any, *pieces: bytes, delay: float = 0.0, timeout: float = 5.0) -> tuple[bytes, bool]:
@@ -140,15 +104,6 @@ def post_head(length: int | None, *extra: str, key: str = API_KEY) -> bytes:
         lines.append(f"Content-Length: {length}")
     lines.extend(extra)
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def attempt(server: Any, headers: dict[str, str] | None = None) -> int:
-    """One WebSocket upgrade attempt: 101, or the HTTP status refusing it."""
-    try:
-        async with server.ws(additional_headers=headers or {}):
-            return 101
-    except InvalidStatus as exc:
-        return exc.response.status_code
 
 
 def attempts(server: Any, *headers: dict[str, str] | None) -> list[int]:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from conftest import (
+    CALL_LOG_COLUMNS,
     closed_with,
     connected_call,
     health,
@@ -43,20 +44,7 @@ def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
             db.name,
         )
     }
-    assert set(columns) == {
-        "id",
-        "session_id",
-        "ride_id",
-        "driver_id",
-        "passenger_id",
-        "status",
-        "initiated_by",
-        "end_reason",
-        "created_at",
-        "connected_at",
-        "ended_at",
-        "node_id",
-    }
+    assert set(columns) == set(CALL_LOG_COLUMNS)
     assert columns["session_id"]["CHARACTER_MAXIMUM_LENGTH"] == 36
     [table] = db.query(
         "SELECT ENGINE, TABLE_COLLATION FROM information_schema.TABLES"

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
 
-from conftest import API_KEY, Endpoint, connected_call, free_port, relay_and_end
+from conftest import API_KEY, Endpoint, attempt, connected_call, free_port, relay_and_end, wait_until
 
 #: Where the documented Nginx block lives (it used to be README.md).
 OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
@@ -287,26 +286,20 @@ def test_connection_limit_counts_nginx_x_real_ip(server_factory, nginx_factory) 
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     nginx = nginx_factory(server)
 
-    async def status_of(client: Any) -> int:
-        try:
-            async with client:
-                return 101
-        except InvalidStatus as exc:
-            return exc.response.status_code
-
     async def scenario() -> None:
         # Every test client is 127.0.0.1, so Nginx sends X-Real-IP: 127.0.0.1 for all of them.
-        for attempt in range(3):
-            assert await status_of(nginx.ws()) == 101, f"upgrade {attempt + 1} through Nginx refused"
-        assert await status_of(nginx.ws()) == 429
+        for n in range(3):
+            assert await attempt(nginx) == 101, f"upgrade {n + 1} through Nginx refused"
+        assert await attempt(nginx) == 429
         # Counted per X-Real-IP value, not per TCP peer: another client IP from the same
         # trusted peer (a direct connection to the daemon) still gets in.
-        assert await status_of(server.ws(additional_headers={"X-Real-IP": "203.0.113.9"})) == 101
+        assert await attempt(server, {"X-Real-IP": "203.0.113.9"}) == 101
         # Nginx replaces a client-supplied X-Real-IP with $remote_addr, so spoofing does not escape the limit.
-        assert await status_of(nginx.ws(additional_headers={"X-Real-IP": "198.51.100.1"})) == 429
+        assert await attempt(nginx, {"X-Real-IP": "198.51.100.1"}) == 429
 
     asyncio.run(scenario())
-    server.wait_for_log(REFUSED)
+    # both refusals were logged before their 429s went out; wait until both are read
+    wait_until(lambda: server.log.count(REFUSED) >= 2, timeout=5, explain=lambda: server.log)
     refused = [line for line in server.log.splitlines() if REFUSED in line]
     assert len(refused) == 2, refused
     assert all(line.endswith(REFUSED + "127.0.0.1") for line in refused), refused

@@ -11,10 +11,21 @@ import json
 import socket
 
 import pytest
-from test_http import assert_error, parse_response, read_until_closed, session_body
+from test_http import assert_error, session_body
 from websockets.asyncio.client import ClientConnection
 
-from conftest import API_KEY, client_frame, daemon_env, join, recv_json, run_daemon, send_json, upgrade_head
+from conftest import (
+    API_KEY,
+    client_frame,
+    daemon_env,
+    join,
+    parse_response,
+    read_until_closed,
+    recv_json,
+    run_daemon,
+    send_json,
+    upgrade_head,
+)
 
 pytestmark = pytest.mark.compat
 
