@@ -51,6 +51,7 @@ from websockets.exceptions import InvalidStatus
 
 from mysql_support import MYSQL, Database, TCPProxy
 
+ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-api-key-0123456789abcdef-0123456789"
 #: The columns of the call log's table (database.sql), in order.
 CALL_LOG_COLUMNS = [
@@ -67,16 +68,16 @@ CALL_LOG_COLUMNS = [
     "ended_at",
     "node_id",
 ]
-ROOT = Path(__file__).resolve().parent.parent
-#: What the daemon reads from its environment: every variable
-#: ``intaleq_signal/config.py`` names, and what systemd hands a service.
-#: :func:`daemon_env` passes none of them on from the environment of the
-#: tests, so that a shell's settings never leak into a test's daemon.
-DAEMON_VARIABLES = frozenset(
+#: The variables ``intaleq_signal/config.py`` reads (its quoted upper-case names).
+CONFIG_VARIABLES = frozenset(
     set(re.findall(r'"([A-Z][A-Z_]+)"', (ROOT / "intaleq_signal" / "config.py").read_text(encoding="utf-8")))
     - {"EX_CONFIG"}
-    | {"JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
 )
+#: What the daemon reads from its environment: those, and what systemd
+#: hands a service. :func:`daemon_env` passes none of them on from the
+#: environment of the tests, so that a shell's settings never leak into a
+#: test's daemon.
+DAEMON_VARIABLES = CONFIG_VARIABLES | {"JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -308,11 +309,12 @@ class ServerProcess(Endpoint):
                 for line in self.lines:
                     if text in line:
                         return line
-                log = "\n".join(self.lines)
                 if self._read_all:  # the process is gone, and so is its stderr
+                    log = "\n".join(self.lines)
                     raise AssertionError(f"server exited ({self.proc.wait(5)}):\n{log}")
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    log = "\n".join(self.lines)
                     raise AssertionError(f"{text!r} not logged within {timeout}s:\n{log}")
                 self._cond.wait(min(left, 0.5))
 
@@ -357,9 +359,8 @@ def server_factory(tmp_path: Any) -> Iterator[Any]:
         return server
 
     yield start
-    for server in started:
-        code = server.stop()
-        log = server.log
+    stopped = [(server.stop(), server.log) for server in started]  # all of them, whatever the first says
+    for code, log in stopped:
         assert code == 0, f"server exited with {code}:\n{log}"
         assert "Traceback" not in log, log
         assert "connection handler failed" not in log, log
