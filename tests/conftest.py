@@ -1,34 +1,89 @@
-"""Shared fixtures: the real daemon as a child process, real HTTP and real
-WebSocket clients.
+"""What the tests share: the real daemon as a child process, and real HTTP
+and WebSocket clients to talk to it. One of each:
 
-``server_factory(**env)`` starts ``python -m intaleq_signal`` on a free port
-with a SQLite call log in a temporary directory and the given environment
-overrides, waits for its "listening on" line and stops it (SIGTERM) at the
-end of the test, asserting a clean exit and no traceback in its log.
+- the daemon: the ``server_factory`` fixture (``server`` for the default
+  settings, or those of the test's ``@pytest.mark.daemon(NAME=value)``)
+  starts ``python -m intaleq_signal`` (:class:`ServerProcess`) on a free
+  port, with a SQLite call log in the test's temporary directory and
+  :func:`daemon_env`'s environment, waits for its "listening on" line and
+  stops it (SIGTERM) at the end of the test, asserting a clean exit and no
+  traceback in its log. :func:`run_daemon` runs one to completion, for the
+  start-up failures.
+- HTTP: :meth:`Endpoint.request` and friends, :func:`health`,
+  :func:`metric` (parsed as Prometheus text); by hand, :func:`connect_raw`,
+  :func:`read_until_closed`, :func:`parse_response`.
+- WebSocket, a library client (websockets): :func:`join`,
+  :func:`connected_call`, :func:`recv_json` / :func:`send_json`,
+  :func:`closed_with`; :class:`Clients` (the ``clients`` fixture) keeps
+  track of every socket a test opens, for ``async def`` tests run by
+  :func:`in_loop`.
+- WebSocket by hand: :class:`RawWebSocket`, :func:`client_frame`,
+  :func:`upgrade_head`, for what a library client will not do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
+import functools
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from mysql_support import MYSQL, Database, TCPProxy
 
+ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-api-key-0123456789abcdef-0123456789"
+#: The columns of the call log's table (database.sql), in order.
+CALL_LOG_COLUMNS = [
+    "id",
+    "session_id",
+    "ride_id",
+    "driver_id",
+    "passenger_id",
+    "status",
+    "initiated_by",
+    "end_reason",
+    "created_at",
+    "connected_at",
+    "ended_at",
+    "node_id",
+]
+#: The variables ``intaleq_signal/config.py`` reads (its quoted upper-case names).
+CONFIG_VARIABLES = frozenset(
+    set(re.findall(r'"([A-Z][A-Z_]+)"', (ROOT / "intaleq_signal" / "config.py").read_text(encoding="utf-8")))
+    - {"EX_CONFIG"}
+)
+#: What the daemon reads from its environment: those, and what systemd
+#: hands a service. :func:`daemon_env` passes none of them on from the
+#: environment of the tests, so that a shell's settings never leak into a
+#: test's daemon.
+DAEMON_VARIABLES = CONFIG_VARIABLES | {"JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "daemon(**env): the settings of the test's `server` daemon (environment variables)"
+    )
 
 
 def free_port() -> int:
@@ -37,76 +92,80 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServerProcess:
-    """A running daemon: its port, its log, and helpers to talk to it."""
+def ride() -> str:
+    """A new ride id."""
+    return f"ride-{uuid.uuid4().hex[:12]}"
 
-    def __init__(self, env: dict[str, str], tmp_path: Any, argv: list[str] | None = None) -> None:
-        self.port = free_port()
-        self.sqlite_path = str(tmp_path / f"calls-{self.port}.sqlite3")
-        self.env = {
-            **os.environ,
-            "SERVER_ADDR": f"127.0.0.1:{self.port}",
-            "API_KEY": API_KEY,
-            "ENVIRONMENT": "development",
-            "SQLITE_PATH": self.sqlite_path,
-            "JOURNAL_PATH": str(tmp_path / f"journal-{self.port}.sqlite3"),
-            "LOG_LEVEL": "debug",
-            "RATE_LIMIT_PER_MIN": "1000",
-            **env,
-        }
-        if "DB_USERNAME" not in env:
-            self.env.pop("DB_USERNAME", None)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            argv or [sys.executable, "-m", "intaleq_signal"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for_log("listening on", timeout=15)
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
+def utcnow() -> datetime.datetime:
+    """Now in UTC, naive, as the call log's columns are."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
-    @property
-    def log(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
 
-    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if text in line:
-                        return line
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.log_unlocked()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.log_unlocked()}")
-                self._cond.wait(left)
+def wait_until(predicate: Any, timeout: float = 15.0, step: float = 0.1, explain: Any = None) -> Any:
+    """Poll ``predicate`` until it returns something true (returned), or
+    fail after ``timeout`` seconds, with ``explain()`` in the message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f":\n{explain()}" if explain is not None else ""
+            raise AssertionError(f"condition not reached within {timeout}s{detail}")
+        time.sleep(step)
 
-    def log_unlocked(self) -> str:
-        return "\n".join(self.lines)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
+# -- the daemon -------------------------------------------------------------------------
 
-    # -- HTTP ---------------------------------------------------------------
+
+def daemon_env(tmp_path: Any, **overrides: str | None) -> dict[str, str]:
+    """The environment of a test's daemon: this process's environment
+    without any of :data:`DAEMON_VARIABLES`, then a free port, the test API
+    key, development mode with a SQLite call log and a journal in
+    ``tmp_path``, debug logs and a per-IP limit no test reaches by
+    accident; then ``overrides`` (``None`` removes a variable)."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if name not in DAEMON_VARIABLES}
+    env.update(
+        SERVER_ADDR=f"127.0.0.1:{port}",
+        API_KEY=API_KEY,
+        ENVIRONMENT="development",
+        SQLITE_PATH=str(tmp_path / f"calls-{port}.sqlite3"),
+        JOURNAL_PATH=str(tmp_path / f"journal-{port}.sqlite3"),
+        LOG_LEVEL="debug",
+        RATE_LIMIT_PER_MIN="1000",
+    )
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
+    return env
+
+
+def run_daemon(
+    env: dict[str, str], *args: str, stderr_path: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m intaleq_signal ARGS`` with exactly ``env`` to its end
+    (a start-up that fails): its exit status and what it wrote to stderr
+    (which is the file ``stderr_path`` when given, as journald's stream is)."""
+    command = [sys.executable, "-m", "intaleq_signal", *args]
+    if stderr_path is None:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    with open(stderr_path, "w", encoding="utf-8") as stderr:
+        done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, timeout=timeout)
+    return subprocess.CompletedProcess(
+        command, done.returncode, None, stderr_path.read_text(encoding="utf-8")
+    )
+
+
+class Endpoint:
+    """HTTP and WebSocket clients for what listens on 127.0.0.1:``port``:
+    the daemon, or Nginx in front of it (``log``: what it logged)."""
+
+    port: int
+    log: str
 
     def request(
         self,
@@ -121,12 +180,12 @@ class ServerProcess:
             body = json.dumps(body)
         if isinstance(body, str):
             body = body.encode()
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        data = response.read()
-        result = response.status, {k.lower(): v for k, v in response.getheaders()}, data
-        conn.close()
-        return result
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
 
     def post_session(
         self,
@@ -147,30 +206,131 @@ class ServerProcess:
     def new_session(
         self, ride_id: str | None = None, driver_id: str = "driver-1", passenger_id: str = "passenger-1"
     ) -> dict[str, Any]:
-        status, body = self.post_session(ride_id or f"ride-{time.monotonic_ns()}", driver_id, passenger_id)
-        assert status == 200, body
+        """A new session (200 asserted), for a new ride unless ``ride_id``."""
+        status, body = self.post_session(ride_id or ride(), driver_id, passenger_id)
+        assert status == 200, (status, body, self.log)
         return body
-
-    def raw(self, data: bytes, timeout: float = 5.0) -> bytes:
-        """Send raw bytes, return everything read until the server closes."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            sock.sendall(data)
-            chunks = []
-            while True:
-                try:
-                    chunk = sock.recv(65536)
-                except (TimeoutError, ConnectionResetError):
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
-
-    # -- WebSocket ----------------------------------------------------------
 
     def ws(self, **kwargs: Any) -> Any:
         """``async with server.ws() as ws`` — a real websockets client."""
         return connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=5, **kwargs)
+
+
+class ServerProcess(Endpoint):
+    """A running daemon: its port, its log, and helpers to talk to it.
+
+    Args:
+        env: overrides of :func:`daemon_env` (``SERVER_ADDR`` names the port).
+        tmp_path: where the call log and the journal go.
+        args: arguments after ``python -m intaleq_signal`` (or ``command``).
+        command: another program to run (a wrapper of the daemon).
+        stderr_path: a file for the daemon's stderr (journald's stream, in
+            the tests of its priorities) instead of a pipe; read as it grows.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str | None],
+        tmp_path: Any,
+        *args: str,
+        command: list[str] | None = None,
+        stderr_path: Path | None = None,
+    ) -> None:
+        self.env = daemon_env(tmp_path, **env)
+        self.port = int(self.env["SERVER_ADDR"].rpartition(":")[2])
+        self.sqlite_path = self.env.get("SQLITE_PATH")
+        self.stderr_path = stderr_path
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._read_all = False
+        if stderr_path is None:
+            stderr: Any = subprocess.PIPE
+        else:
+            stderr = open(stderr_path, "w", encoding="utf-8")  # noqa: SIM115 - the child's from here on
+        try:
+            self.proc = subprocess.Popen(
+                [*(command or [sys.executable, "-m", "intaleq_signal"]), *args],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                text=True,
+            )
+        finally:
+            if stderr_path is not None:
+                stderr.close()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            self.wait_for_log("listening on", timeout=15)
+        except AssertionError:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def _read(self) -> None:
+        try:
+            if self.stderr_path is None:
+                assert self.proc.stderr is not None
+                for line in self.proc.stderr:
+                    self._logged(line.rstrip("\n"))
+                return
+            with open(self.stderr_path, encoding="utf-8", errors="replace") as stream:
+                pending = ""
+                while True:
+                    exited = self.proc.poll() is not None
+                    *lines, pending = (pending + stream.read()).split("\n")
+                    for line in lines:
+                        self._logged(line)
+                    if exited:
+                        if pending:
+                            self._logged(pending)
+                        return
+                    time.sleep(0.02)
+        finally:
+            with self._cond:
+                self._read_all = True
+                self._cond.notify_all()
+
+    def _logged(self, line: str) -> None:
+        with self._cond:
+            self.lines.append(line)
+            self._cond.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        """The first line of the log containing ``text``, waiting for it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                if self._read_all:  # the process is gone, and so is its stderr
+                    log = "\n".join(self.lines)
+                    raise AssertionError(f"server exited ({self.proc.wait(5)}):\n{log}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log = "\n".join(self.lines)
+                    raise AssertionError(f"{text!r} not logged within {timeout}s:\n{log}")
+                self._cond.wait(min(left, 0.5))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Send ``sig`` if still running; the exit status, once all of the
+        log is read."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self._reader.join(5)
+        return code
 
     def call_logs(self) -> list[dict[str, Any]]:
         conn = sqlite3.connect(self.sqlite_path)
@@ -181,18 +341,120 @@ class ServerProcess:
             conn.close()
 
 
-def wait_until(predicate: Any, timeout: float = 15.0, step: float = 0.1, explain: Any = None) -> Any:
-    """Poll ``predicate`` until it returns something true (returned), or
-    fail after ``timeout`` seconds, with ``explain()`` in the message."""
+@pytest.fixture
+def server_factory(tmp_path: Any) -> Iterator[Any]:
+    """``server_factory(*args, stderr_path=None, **env)``: a started
+    :class:`ServerProcess`, stopped at the end of the test (exit 0, no
+    traceback in its log)."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, stderr_path: Path | None = None, **env: Any) -> ServerProcess:
+        server = ServerProcess(
+            {k: None if v is None else str(v) for k, v in env.items()},
+            tmp_path,
+            *args,
+            stderr_path=stderr_path,
+        )
+        started.append(server)
+        return server
+
+    yield start
+    stopped = [(server.stop(), server.log) for server in started]  # all of them, whatever the first says
+    for code, log in stopped:
+        assert code == 0, f"server exited with {code}:\n{log}"
+        assert "Traceback" not in log, log
+        assert "connection handler failed" not in log, log
+
+
+@pytest.fixture
+def server(server_factory: Any, request: pytest.FixtureRequest) -> ServerProcess:
+    """A daemon with the default settings (bar a lifted per-IP limit), or
+    with those of the test's ``@pytest.mark.daemon(NAME=value, ...)``."""
+    marker = request.node.get_closest_marker("daemon")
+    return server_factory(**(marker.kwargs if marker else {}))
+
+
+@pytest.fixture
+def db() -> Iterator[Database]:
+    """A MySQL database with a random name, dropped afterwards."""
+    database = Database()
+    yield database
+    database.drop()
+
+
+@pytest.fixture
+def proxy() -> Iterator[TCPProxy]:
+    """A TCP proxy to MySQL the test can cut, freeze and restore."""
+    tcp = TCPProxy((MYSQL["host"], MYSQL["port"]))
+    yield tcp
+    tcp.close()
+
+
+# -- HTTP -------------------------------------------------------------------------------
+
+
+def health(server: Endpoint) -> dict[str, Any]:
+    """``GET /health`` (200 asserted), as a document."""
+    status, _, body = server.request("GET", "/health")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def metric(server: Endpoint, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` with exactly ``labels`` in
+    ``GET /metrics``, read with Prometheus' own parser."""
+    status, _, body = server.request("GET", "/metrics")
+    assert status == 200, body
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"{name} {labels or ''} not in /metrics:\n{body.decode()}")
+
+
+def connect_raw(server: Endpoint) -> socket.socket:
+    """A TCP connection to ``server`` for bytes by hand (TCP_NODELAY: each
+    write leaves at once)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """Read until the server closes: ``(data, closed)``; ``closed`` is False
+    when ``timeout`` passed with the connection still open."""
     deadline = time.monotonic() + timeout
+    chunks = []
     while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = f":\n{explain()}" if explain is not None else ""
-            raise AssertionError(f"condition not reached within {timeout}s{detail}")
-        time.sleep(step)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return b"".join(chunks), False
+        except ConnectionResetError:
+            return b"".join(chunks), True
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+
+
+def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 response: ``(status, lower-cased headers, body)``."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, data
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 "), data
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+# -- WebSocket: a library client ----------------------------------------------------------
 
 
 async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
@@ -203,14 +465,45 @@ async def send_json(ws: ClientConnection, message: Any) -> None:
     await ws.send(json.dumps(message))
 
 
-async def join(server: ServerProcess, session: dict[str, Any], user_id: str) -> tuple[ClientConnection, list]:
-    """Open a socket, authenticate, return it with the messages up to
-    ``session_joined``."""
-    ws = await server.ws().__aenter__()
-    await send_json(ws, {"type": "authenticate", "session_id": session["session_id"], "user_id": user_id})
+def auth_msg(session: dict[str, Any], user_id: str, **extra: Any) -> dict[str, Any]:
+    """An ``authenticate`` message (with ``extra`` fields)."""
+    return {"type": "authenticate", "session_id": session["session_id"], "user_id": user_id, **extra}
+
+
+async def authenticate(ws: ClientConnection, session: dict[str, Any], user_id: str, **extra: Any) -> list:
+    """Send ``authenticate`` (with ``extra`` fields); the two messages that
+    answer it, asserted ``authenticated`` then ``session_joined``."""
+    await send_json(ws, auth_msg(session, user_id, **extra))
     first = [await recv_json(ws), await recv_json(ws)]
     assert [m["type"] for m in first] == ["authenticated", "session_joined"], first
-    return ws, first
+    return first
+
+
+async def join(server: Endpoint, session: dict[str, Any], user_id: str) -> tuple[ClientConnection, list]:
+    """Open a socket, authenticate, return it with the messages up to
+    ``session_joined``."""
+    ws = await server.ws()
+    return ws, await authenticate(ws, session, user_id)
+
+
+async def connected_call(
+    server: Endpoint, session: dict[str, Any], driver: str = "driver-1", passenger: str = "passenger-1"
+) -> tuple[ClientConnection, ClientConnection]:
+    """Both participants joined and told of each other: an active call."""
+    d, _ = await join(server, session, driver)
+    p, _ = await join(server, session, passenger)
+    assert await recv_json(p) == {"type": "participant_joined", "role": "driver"}
+    assert await recv_json(d) == {"type": "participant_joined", "role": "passenger"}
+    return d, p
+
+
+async def attempt(endpoint: Endpoint, headers: dict[str, str] | None = None) -> int:
+    """One WebSocket upgrade attempt: 101, or the HTTP status refusing it."""
+    try:
+        async with endpoint.ws(additional_headers=headers or {}):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
 
 
 async def closed_with(ws: ClientConnection, timeout: float = 5.0) -> int | None:
@@ -243,41 +536,277 @@ async def relay_and_end(driver: ClientConnection, passenger: ClientConnection) -
     assert await closed_with(passenger) == 1000
 
 
+class Clients:
+    """The WebSocket clients of one test on one daemon, real websockets
+    clients and hand-written ones, every one aborted by :meth:`close` (which
+    :func:`in_loop` calls), so that no test leaves a socket for the daemon
+    to wait on."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.opened: list[ClientConnection] = []
+        self.raws: list[RawWebSocket] = []
+
+    async def connect(self, **kwargs: Any) -> ClientConnection:
+        ws = await self.server.ws(**kwargs)
+        self.opened.append(ws)
+        return ws
+
+    async def join(
+        self, session: dict[str, Any], user_id: str, **extra: Any
+    ) -> tuple[ClientConnection, list[dict[str, Any]]]:
+        """A new socket, authenticated as ``user_id`` (with ``extra`` fields):
+        it, and its ``authenticated`` and ``session_joined``."""
+        ws = await self.connect()
+        return ws, await authenticate(ws, session, user_id, **extra)
+
+    async def meet(
+        self, session: dict[str, Any], user_id: str, peer: ClientConnection, *held: Any, **extra: Any
+    ) -> tuple[ClientConnection, list[dict[str, Any]]]:
+        """``user_id`` joins (as :meth:`join`) while ``peer`` is there: it is
+        told of the peer, then gets ``held`` (the messages held for it), and
+        the peer is told of it."""
+        ws, first = await self.join(session, user_id, **extra)
+        role = first[1]["role"]
+        other = "passenger" if role == "driver" else "driver"
+        assert [await recv_json(ws) for _ in range(1 + len(held))] == [
+            {"type": "participant_joined", "role": other},
+            *held,
+        ]
+        assert await recv_json(peer) == {"type": "participant_joined", "role": role}
+        return ws, first
+
+    async def pair(
+        self, session: dict[str, Any], driver: str = "driver-1", passenger: str = "passenger-1"
+    ) -> tuple[ClientConnection, ClientConnection]:
+        """Both participants connected, the call active, joins consumed."""
+        d, _ = await self.join(session, driver)
+        p, _ = await self.meet(session, passenger, d)
+        return d, p
+
+    def raw(self, *headers: str) -> RawWebSocket:
+        """A :class:`RawWebSocket` (upgrade request with ``headers``)."""
+        raw = RawWebSocket(self.server, *headers)
+        self.raws.append(raw)
+        return raw
+
+    async def close(self) -> None:
+        """Abort every socket opened so far."""
+        for ws in self.opened:
+            ws.transport.abort()
+        for raw in self.raws:
+            raw.close()
+        self.opened, self.raws = [], []
+        await asyncio.sleep(0)
+
+
+def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run ``async def test_...`` in a fresh event loop; the :class:`Clients`
+    it was given (the ``clients`` fixture) are closed in that loop at the end."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        async def main() -> None:
+            try:
+                await test(*args, **kwargs)
+            finally:
+                for value in (*args, *kwargs.values()):
+                    if isinstance(value, Clients):
+                        await value.close()
+
+        asyncio.run(main())
+
+    return run
+
+
 @pytest.fixture
-def server_factory(tmp_path: Any) -> Iterator[Any]:
-    started: list[ServerProcess] = []
-
-    def start(**env: str) -> ServerProcess:
-        server = ServerProcess({k: str(v) for k, v in env.items()}, tmp_path)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        code = server.stop()
-        log = server.log
-        assert code == 0, f"server exited with {code}:\n{log}"
-        assert "Traceback" not in log, log
-        assert "connection handler failed" not in log, log
+def clients(server: ServerProcess) -> Clients:
+    """The test's clients of its ``server`` (for tests run by :func:`in_loop`)."""
+    return Clients(server)
 
 
-@pytest.fixture
-def db() -> Iterator[Database]:
-    """A MySQL database with a random name, dropped afterwards."""
-    database = Database()
-    yield database
-    database.drop()
+# -- WebSocket by hand -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def proxy() -> Iterator[TCPProxy]:
-    """A TCP proxy to MySQL the test can cut, freeze and restore."""
-    tcp = TCPProxy((MYSQL["host"], MYSQL["port"]))
-    yield tcp
-    tcp.close()
+def upgrade_head(*headers: str) -> bytes:
+    """A WebSocket upgrade request for ``/ws`` (a new key), with ``headers``
+    added."""
+    lines = [
+        "GET /ws HTTP/1.1",
+        "Host: x",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
+        "Sec-WebSocket-Version: 13",
+        *headers,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-@pytest.fixture
-def server(server_factory: Any) -> ServerProcess:
-    """A daemon with the default settings (bar a lifted per-IP limit)."""
-    return server_factory()
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
+    """One client frame (RFC 6455 §5.2): ``fin=False`` for all but the last
+    fragment of a message; masked, as clients must (``masked=False`` is a
+    protocol error, RFC 6455 §5.1)."""
+    size = len(payload)
+    if size < 126:
+        length = bytes((size,))
+    elif size < 65536:
+        length = bytes((126,)) + size.to_bytes(2, "big")
+    else:
+        length = bytes((127,)) + size.to_bytes(8, "big")
+    first = bytes(((0x80 if fin else 0) | opcode,))
+    if not masked:
+        return first + length + payload
+    mask = os.urandom(4)
+    keys = (mask * (size // 4 + 1))[:size]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(keys, "big")).to_bytes(size, "big")
+    return first + bytes((0x80 | length[0],)) + length[1:] + mask + body
+
+
+class RawWebSocket:
+    """A WebSocket client written by hand on a blocking TCP socket, for what
+    a library client will not do: it sends whatever it is told (fragments,
+    control frames, unmasked or invalid frames, bytes pipelined right behind
+    the upgrade request), answers a ping only when told to, sends no close
+    frame of its own accord, and shows every frame the server sends. Its
+    frames leave at once (TCP_NODELAY, no Nagle delay behind an
+    unacknowledged earlier frame), so that what two clients send reaches
+    the daemon in the order they sent it.
+
+    Args:
+        server: the daemon (its ``port``).
+        headers: extra header lines of the upgrade request.
+        pipelined: bytes sent in the same write as the upgrade request.
+        rcvbuf: a small SO_RCVBUF, for a client that stops reading.
+        timeout: how long any read waits before TimeoutError.
+    """
+
+    def __init__(
+        self,
+        server: Endpoint,
+        *headers: str,
+        pipelined: bytes = b"",
+        rcvbuf: int | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.timeout = timeout
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", server.port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = self.sock.getsockname()[1]  # this end's, as /proc/net/tcp shows it
+        self.buffer = b""
+        self.send(upgrade_head(*headers) + pipelined)
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        self.head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        assert self.head.startswith(b"HTTP/1.1 101 "), f"not a 101 answer first: {self.head!r}"
+
+    # -- sending
+
+    def send(self, data: bytes) -> None:
+        """Bytes as they are (frames made with :func:`client_frame`)."""
+        self.sock.sendall(data)
+
+    def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> None:
+        self.send(client_frame(opcode, payload, fin=fin, masked=masked))
+
+    def send_json(self, message: Any) -> None:
+        self.send_frame(0x1, json.dumps(message).encode())
+
+    def send_close(self, code: int = 1000) -> None:
+        self.send_frame(0x8, struct.pack("!H", code))
+
+    def join(self, session: dict[str, Any], user_id: str) -> None:
+        """Authenticate; ``authenticated`` and ``session_joined`` read."""
+        self.send_json(auth_msg(session, user_id))
+        assert self.text()["type"] == "authenticated"
+        assert self.text()["type"] == "session_joined"
+
+    # -- receiving
+
+    def _fill(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            raise EOFError("the server closed the TCP connection")
+        self.buffer += data
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self._fill()
+        taken, self.buffer = self.buffer[:n], self.buffer[n:]
+        return taken
+
+    def frame(self, timeout: float | None = None) -> tuple[int, bytes]:
+        """The next frame from the server, ``(opcode, payload)``; EOFError
+        once the server closed (or reset) the TCP connection."""
+        self.sock.settimeout(timeout or self.timeout)
+        try:
+            first, second = self._take(2)
+            assert first & 0x80 and not second & 0x80, "server frames are whole and unmasked"
+            length = second & 0x7F
+            if length == 126:
+                (length,) = struct.unpack("!H", self._take(2))
+            elif length == 127:
+                (length,) = struct.unpack("!Q", self._take(8))
+            return first & 0x0F, self._take(length)
+        finally:
+            self.sock.settimeout(self.timeout)
+
+    def text(self, answer_pings: bool = False) -> dict[str, Any]:
+        """The next text message; the pings before it (nothing else may
+        come) are answered only if ``answer_pings``."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x1:
+                return json.loads(payload)
+            assert opcode == 0x9, (opcode, payload)
+            if answer_pings:
+                self.send_frame(0xA, payload)
+
+    def closing(self) -> tuple[list[dict[str, Any]], int]:
+        """The text messages up to the server's close frame, and its code;
+        the close frame is not answered."""
+        messages = []
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x8:
+                return messages, (struct.unpack("!H", payload[:2])[0] if payload else 1005)
+            if opcode == 0x1:
+                messages.append(json.loads(payload))
+
+    def poll(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for bytes from the server."""
+        self.sock.settimeout(timeout)
+        try:
+            self._fill()
+        except TimeoutError:
+            return False
+        finally:
+            self.sock.settimeout(self.timeout)
+        return True
+
+    def wait_eof(self, timeout: float = 15.0) -> float:
+        """Read until the server drops the TCP connection; the moment it did."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        return time.monotonic()
+
+    # -- ending
+
+    def reset(self) -> None:
+        """Drop the TCP connection with a RST (SO_LINGER 0), no close frame."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,4 +1,4 @@
-"""Soak driver (issue 7): N concurrent calls churning for M minutes against a
+"""Soak driver: N concurrent calls churning for M minutes against a
 real daemon, every ending path in rotation, while the daemon's memory, file
 descriptors and ``/health`` counts are sampled.
 
@@ -49,7 +49,6 @@ import math
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -64,7 +63,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, when run as a command
-from conftest import API_KEY, free_port  # noqa: E402
+import conftest  # noqa: E402
+from conftest import API_KEY, ServerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ AUTH_TIMEOUT = 1.0
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 1.5
 
-#: Short timers so that every ending of SPEC §4 happens within seconds. The
+#: Short timers so that every ending of docs/protocol.md ("End reasons") happens within seconds. The
 #: grace is 1 s rather than 500 ms: a return "within grace" must fit a
 #: reconnect on a loaded CI machine, and the disconnect paths only cost it
 #: once. The per-IP upgrade limit is lifted: every client is 127.0.0.1.
@@ -149,8 +149,9 @@ def candidates(side: str, generation: int = 0) -> list[dict[str, Any]]:
 # -- the daemon --------------------------------------------------------------------------
 
 
-class Daemon:
-    """``python -m intaleq_signal`` as a child process, its log in a file.
+class Daemon(ServerProcess):
+    """The daemon under soak (:data:`SOAK_ENV`), its log in a file beside
+    its call log, and what the soak samples of it.
 
     Args:
         workdir: where the SQLite call log and the daemon's log go.
@@ -158,41 +159,12 @@ class Daemon:
     """
 
     def __init__(self, workdir: Path, **env: str) -> None:
-        self.port = free_port()
-        self.sqlite_path = workdir / "soak-calls.sqlite3"
         self.log_path = workdir / "soak-daemon.log"
-        environment = {
-            **os.environ,
-            **SOAK_ENV,
-            "SERVER_ADDR": f"127.0.0.1:{self.port}",
-            "API_KEY": API_KEY,
-            "SQLITE_PATH": str(self.sqlite_path),
-            **env,
-        }
-        environment.pop("DB_USERNAME", None)  # development: the SQLite call log
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "intaleq_signal"],
-            env=environment,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-        deadline = time.monotonic() + 15
-        while "listening on" not in self.log:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"the daemon did not start:\n{self.log}")
-            time.sleep(0.05)
+        super().__init__({**SOAK_ENV, **env}, workdir, stderr_path=self.log_path)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def rss_kib(self) -> int:
         """Resident memory now (``VmRSS`` of /proc/PID/status), KiB."""
@@ -206,46 +178,12 @@ class Daemon:
         """Open file descriptors now (/proc/PID/fd)."""
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    async def health(self) -> dict[str, Any]:
-        status, body = await http_request(self.port, "GET", "/health")
-        if status != 200:
-            raise RuntimeError(f"/health answered {status}: {body!r}")
-        return json.loads(body)
-
-    async def metric(self, name: str) -> float:
-        """One unlabelled sample of ``/metrics``."""
-        _, body = await http_request(self.port, "GET", "/metrics")
-        for line in body.decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise RuntimeError(f"{name} not in /metrics")
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, then the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """SIGTERM, then the exit status (-9: killed after ``timeout``)."""
         try:
-            return self.proc.wait(timeout)
+            return super().stop(sig, timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
             return -9
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-    def call_logs(self) -> dict[str, dict[str, Any]]:
-        """The call log's rows by session_id."""
-        conn = sqlite3.connect(self.sqlite_path)
-        conn.row_factory = sqlite3.Row
-        try:
-            return {row["session_id"]: dict(row) for row in conn.execute("SELECT * FROM call_logs")}
-        finally:
-            conn.close()
 
 
 async def http_request(
@@ -275,7 +213,7 @@ async def http_request(
 
 
 class CallError(Exception):
-    """A call saw something other than what SPEC §4 says it must."""
+    """A call saw something other than what docs/protocol.md says it must."""
 
 
 def _joined(role: str) -> dict[str, str]:
@@ -448,7 +386,7 @@ class Call:
         await self.closes(d, 1000, notice, **kw)
         await self.closes(p, 1000, notice, **kw)
 
-    # -- the ending paths (SPEC §4 rules 1-8) --
+    # -- the ending paths (docs/protocol.md, "Rules" 1-8) --
 
     async def end_by_driver(self) -> str:
         d, p = await self.connected()
@@ -745,7 +683,7 @@ class Soak:
         self.phase = 0
 
     async def sample(self, note: str = "") -> Sample:
-        health = await self.daemon.health()
+        health = await asyncio.to_thread(conftest.health, self.daemon)
         sample = Sample(
             elapsed=time.monotonic() - self.started,
             phase=self.phase,
@@ -796,8 +734,8 @@ class Soak:
         deadline = time.monotonic() + timeout
         baseline = self.report.idle[0].fds if self.report.idle else None
         while time.monotonic() < deadline:
-            health = await self.daemon.health()
-            pending = await self.daemon.metric("intaleq_calllog_writes_pending")
+            health = await asyncio.to_thread(conftest.health, self.daemon)
+            pending = await asyncio.to_thread(conftest.metric, self.daemon, "intaleq_calllog_writes_pending")
             counts = (health["sessions"], health["active_calls"], health["connections"], pending)
             if counts == (0, 0, 0, 0) and (baseline is None or abs(self.daemon.fds() - baseline) <= FD_SLACK):
                 break
@@ -821,8 +759,8 @@ class Soak:
 def check_call_log(daemon: Daemon, report: SoakReport) -> list[str]:
     """Every session has its row, ended; every completed call's row has the
     end reason its scenario produced, the driver as initiator, and a
-    ``connected_at`` unless the session expired (SPEC §5)."""
-    rows = daemon.call_logs()
+    ``connected_at`` unless the session expired (docs/protocol.md, "Call log")."""
+    rows = {row["session_id"]: row for row in daemon.call_logs()}
     problems = []
     missing = report.created - set(rows)
     if missing:

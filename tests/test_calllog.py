@@ -1,6 +1,5 @@
-"""Unit tests of the call log (docs/design.md, "Call-log writer and
-journal"): the writer thread pool against an in-memory fake Store, and the
-SQLite store on a temporary file."""
+"""Unit tests of the call log (docs/operations.md, "Call log and journal"): the writer thread pool against an
+in-memory fake Store, and the SQLite store on a temporary file."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from conftest import CALL_LOG_COLUMNS
 from intaleq_signal.calllog import CallActive, CallEnded, CallInitiated, CallLogWriter, SessionCreated, sql
 from intaleq_signal.calllog.sql import utc_text
 from intaleq_signal.calllog.sqlite import SQLiteStore
@@ -144,7 +144,8 @@ def make_writer(store: FakeStore, **kwargs: Any) -> CallLogWriter:
 
 
 def test_writes_in_order_and_flushes_on_close():
-    """Writes for one session are applied in order; close() flushes and reports 0 left."""
+    """docs/operations.md, "Call log and journal": writes for one session are applied in order;
+    close() flushes and reports 0 left."""
     store = FakeStore()
     writer = make_writer(store)
     writer.start()
@@ -159,7 +160,8 @@ def test_writes_in_order_and_flushes_on_close():
 
 
 def test_failed_writes_are_retried_in_order():
-    """An unreachable database delays writes, which retry with backoff and land in order."""
+    """docs/operations.md, "Call log and journal": an unreachable database delays writes, which
+    retry with backoff and land in order."""
     store = FakeStore(fail_first=3)
     delays: list[float] = []
     writer = make_writer(store, sleep=delays.append)
@@ -215,7 +217,8 @@ def test_batches_are_bounded():
 
 
 def test_state_unavailable_then_back():
-    """/health: the database state goes `unavailable` while writes fail, then back to ok."""
+    """docs/protocol.md, "GET /health": the database state goes `unavailable` while writes
+    fail, then back to ok."""
     store = FakeStore(fail_first=2)
     writer = make_writer(store, sleep=no_sleep)
     writer.record(SessionCreated("s1", "r", "d", "p", 0.0))
@@ -228,7 +231,8 @@ def test_state_unavailable_then_back():
 
 
 def test_state_known_right_after_start():
-    """/health: the database state is reported from the start (ok when it connects)."""
+    """docs/protocol.md, "GET /health": the database state is reported from the start (ok when
+    it connects)."""
     store = FakeStore()
     writer = make_writer(store)
     writer.start()
@@ -239,7 +243,8 @@ def test_state_known_right_after_start():
 
 
 def test_state_unavailable_when_database_down_at_start():
-    """/health: a database that is down at start is reported unavailable, not waited for."""
+    """docs/protocol.md, "GET /health": a database that is down at start is reported
+    unavailable, not waited for."""
     store = FakeStore(connect_fail_first=10**9)
     writer = make_writer(store, sleep=no_sleep)
     started = time.monotonic()
@@ -249,34 +254,38 @@ def test_state_unavailable_when_database_down_at_start():
     assert writer.close(0.1) == 0
 
 
-def test_backoff_is_exponential_and_capped():
-    """Retries back off exponentially up to a cap (no hot loop against a dead database)."""
-    store = FakeStore(fail_first=9)
+def retry_delays(store: FakeStore) -> list[float]:
+    """The waits of a writer retrying one event into ``store`` until it
+    lands (and closes with nothing left)."""
     delays: list[float] = []
     writer = make_writer(store, sleep=delays.append)
     writer.record(CallActive("s1", 0.0))
     writer.start()
     wait_for(lambda: store.applied)
     assert writer.close(5.0) == 0
+    return delays
+
+
+def test_backoff_is_exponential_and_capped():
+    """docs/operations.md, "Call log and journal": retries back off exponentially up to a cap
+    (no hot loop against a dead database)."""
+    store = FakeStore(fail_first=9)
+    delays = retry_delays(store)
     assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, BACKOFF_MAX, BACKOFF_MAX, BACKOFF_MAX])
     assert store.applied == [CallActive("s1", 0.0)]
 
 
 def test_fatal_errors_back_off_long():
-    """Errors a retry cannot fix soon (credentials) are retried slowly."""
+    """docs/operations.md, "Call log and journal": errors a retry cannot fix soon (credentials)
+    are retried slowly."""
     store = FakeStore(fail_first=2, fatal=True)
-    delays: list[float] = []
-    writer = make_writer(store, sleep=delays.append)
-    writer.record(CallActive("s1", 0.0))
-    writer.start()
-    wait_for(lambda: store.applied)
-    assert writer.close(5.0) == 0
-    assert delays == [BACKOFF_FATAL, BACKOFF_FATAL]
+    assert retry_delays(store) == [BACKOFF_FATAL, BACKOFF_FATAL]
     assert len(store.applied) == 1
 
 
 def test_connect_failures_are_retried():
-    """A database that is down at start is retried until it comes up."""
+    """docs/operations.md, "Call log and journal": a database that is down at start is retried
+    until it comes up."""
     store = FakeStore(connect_fail_first=3)
     writer = make_writer(store, sleep=no_sleep)
     events = lifecycle_events("s1")
@@ -291,7 +300,8 @@ def test_connect_failures_are_retried():
 
 
 def test_many_sessions_keep_per_session_order_with_threads():
-    """With several writer threads and a flaky database, each session's writes stay in order."""
+    """docs/operations.md, "Call log and journal": with several writer threads and a flaky
+    database, each session's writes stay in order."""
     store = FakeStore(fail_every=7)
     writer = make_writer(store, threads=4, sleep=no_sleep)
     writer.start()
@@ -312,7 +322,7 @@ def test_many_sessions_keep_per_session_order_with_threads():
 
 
 def test_close_waits_for_slow_writes():
-    """Shutdown flushes the call-log writes that are queued."""
+    """docs/operations.md, "Shutdown": shutdown flushes the call-log writes that are queued."""
     store = FakeStore(apply_delay=0.001)
     writer = make_writer(store, threads=2)
     writer.start()
@@ -325,7 +335,8 @@ def test_close_waits_for_slow_writes():
 
 @pytest.mark.parametrize("sleep", [None, no_sleep], ids=["real-backoff", "no-sleep"])
 def test_close_with_dead_database_returns_unwritten_count(sleep):
-    """Shutdown gives up on an unreachable database within the timeout and reports what is lost."""
+    """docs/operations.md, "Shutdown": shutdown gives up on an unreachable database within the
+    timeout and reports what is lost."""
     store = FakeStore(always_fail=True)
     writer = make_writer(store, threads=2, sleep=sleep)
     writer.start()
@@ -342,7 +353,8 @@ def test_close_with_dead_database_returns_unwritten_count(sleep):
 
 
 def test_close_with_a_stuck_write_returns_within_timeout():
-    """A write hanging in the driver does not hold shutdown past the timeout."""
+    """docs/operations.md, "Shutdown": a write hanging in the driver does not hold shutdown
+    past the timeout."""
     store = FakeStore()
     store.gate = threading.Event()
     writer = make_writer(store)
@@ -360,7 +372,7 @@ def test_close_with_a_stuck_write_returns_within_timeout():
 
 
 def test_record_never_blocks():
-    """A slow database never delays signaling: record() returns at once."""
+    """docs/protocol.md, "Call log": a slow database never delays signaling: record() returns at once."""
     store = FakeStore()
     store.gate = threading.Event()
     writer = make_writer(store)
@@ -376,7 +388,8 @@ def test_record_never_blocks():
 
 
 def test_max_pending_drops_and_counts(caplog):
-    """The queue is bounded; past max_pending new events are dropped, counted and warned about."""
+    """docs/operations.md, "Call log and journal": the queue is bounded; past max_pending new
+    events are dropped, counted and warned about."""
     store = FakeStore()
     writer = make_writer(store, max_pending=10)
     with caplog.at_level(logging.WARNING, logger="intaleq_signal.calllog"):
@@ -431,23 +444,10 @@ def test_sqlite_batch_is_all_or_nothing(sqlite_store):
 
 
 def test_sqlite_schema_columns(sqlite_store):
-    """The call_logs columns, in table order (calllog/sql.py)."""
+    """docs/protocol.md, "Call log": the call_logs columns of the seed schema."""
     store, conn = sqlite_store
     columns = [row[1] for row in conn.execute("PRAGMA table_info(call_logs)")]
-    assert columns == [
-        "id",
-        "session_id",
-        "ride_id",
-        "driver_id",
-        "passenger_id",
-        "status",
-        "initiated_by",
-        "end_reason",
-        "created_at",
-        "connected_at",
-        "ended_at",
-        "node_id",
-    ]
+    assert columns == CALL_LOG_COLUMNS
     store.prepare(conn)  # created when missing: preparing again is harmless
 
 
@@ -500,7 +500,8 @@ def test_schema_command_rewrites_and_checks_the_file(tmp_path, monkeypatch, caps
 
 
 def test_sqlite_every_event(sqlite_store):
-    """Created → active → ended rows with initiated_by and the event times in UTC."""
+    """docs/protocol.md, "Call log": created → active → ended rows with initiated_by and the
+    event times in UTC."""
     store, conn = sqlite_store
     store.apply(conn, SessionCreated("s1", "ride-1", "drv", "pas", T, "node-a"))
     assert only_row(store) | {"id": 0} == {
@@ -533,7 +534,8 @@ def test_sqlite_every_event(sqlite_store):
 
 
 def test_sqlite_replays_are_idempotent(sqlite_store):
-    """store.py: every apply is idempotent, since the writer resends after a broken connection."""
+    """docs/operations.md, "Call log and journal": every apply is idempotent, since the writer
+    resends after a broken connection."""
     store, conn = sqlite_store
     for event in lifecycle_events("s1", T):
         store.apply(conn, event)
@@ -544,7 +546,8 @@ def test_sqlite_replays_are_idempotent(sqlite_store):
 
 
 def test_sqlite_late_replays_do_not_rewind(sqlite_store):
-    """Replaying older events after the end changes nothing (no status going back)."""
+    """docs/operations.md, "Call log and journal": replaying older events after the end changes
+    nothing (no status going back)."""
     store, conn = sqlite_store
     events = lifecycle_events("s1", T)
     for event in events:
@@ -556,7 +559,8 @@ def test_sqlite_late_replays_do_not_rewind(sqlite_store):
 
 
 def test_sqlite_call_ended_never_overwritten(sqlite_store):
-    """The first end reason and end time stay; a later CallEnded does not overwrite them."""
+    """docs/operations.md, "Call log and journal": the first end reason and end time stay; a
+    later CallEnded does not overwrite them."""
     store, conn = sqlite_store
     store.apply(conn, SessionCreated("s1", "r", "d", "p", T))
     store.apply(conn, CallEnded("s1", "expired", T + 60))
@@ -568,7 +572,7 @@ def test_sqlite_call_ended_never_overwritten(sqlite_store):
 
 
 def test_sqlite_initiated_by_set_once(sqlite_store):
-    """docs/protocol.md, "Call log": the first participant to send an offer is initiated_by."""
+    """docs/protocol.md, rule 4: the first participant to send an offer is initiated_by."""
     store, conn = sqlite_store
     store.apply(conn, SessionCreated("s1", "r", "d", "p", T))
     store.apply(conn, CallInitiated("s1", "p"))
@@ -577,7 +581,7 @@ def test_sqlite_initiated_by_set_once(sqlite_store):
 
 
 def test_sqlite_sessions_are_separate_rows(sqlite_store):
-    """One row per session_id (unique)."""
+    """docs/protocol.md, "Call log": one row per session_id (unique)."""
     store, conn = sqlite_store
     for session_id in ("a", "b", "c"):
         store.apply(conn, SessionCreated(session_id, "ride", "d", "p", T))
@@ -599,12 +603,12 @@ def test_sqlite_sessions_are_separate_rows(sqlite_store):
     ],
 )
 def test_utc_text(at, text):
-    """Times are UTC, with milliseconds."""
+    """docs/protocol.md, "Call log": times are UTC, with milliseconds."""
     assert utc_text(at) == text
 
 
 def test_sqlite_unopenable_path_is_fatal(tmp_path):
-    """An SQLite file that cannot be opened is not hot-retried."""
+    """docs/operations.md, "Call log and journal": an SQLite file that cannot be opened is not hot-retried."""
     store = SQLiteStore(str(tmp_path / "missing-dir" / "calls.sqlite3"))
     with pytest.raises(sqlite3.OperationalError) as info:
         store.connect()
@@ -615,7 +619,8 @@ def test_sqlite_unopenable_path_is_fatal(tmp_path):
 
 
 def test_writer_with_sqlite_store(tmp_path):
-    """In development the writer logs calls to the SQLite file, state `sqlite`."""
+    """docs/operations.md, "Call log and journal": in development the writer logs calls to the
+    SQLite file, state `sqlite`."""
     store = SQLiteStore(str(tmp_path / "calls.sqlite3"))
     writer = CallLogWriter(store, threads=1)
     writer.start()
@@ -631,7 +636,8 @@ def test_writer_with_sqlite_store(tmp_path):
 
 
 def test_event_refused_as_data_error_is_skipped_not_retried():
-    """One event the database refuses for its data does not block the session queue behind it."""
+    """docs/operations.md, "Call log and journal": one event the database refuses for its data
+    does not block the session queue behind it."""
 
     class RefusingStore(FakeStore):
         def _apply(self, event: Any, into: list[Any]) -> None:

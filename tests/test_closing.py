@@ -19,16 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from test_timeouts import RawWebSocket, metric, ride
 
-from conftest import wait_until
+from conftest import RawWebSocket, auth_msg, client_frame, metric, wait_until
 from intaleq_signal.sessions import HOLD_MAX_MESSAGES
 from intaleq_signal.signaling import CLOSE_TIMEOUT
 
@@ -43,15 +41,6 @@ SENT = [{"type": "offer", "sdp": "v=0\r\no=- 7 2 IN IP4 127.0.0.1\r\n"}] + [
     {"type": "ice_candidate", "candidate": {"candidate": f"{CANDIDATE_LINE} generation {n}", "sdpMid": "0"}}
     for n in range(HOLD_MAX_MESSAGES + 5)
 ]
-
-
-def raw_socket(server: Any) -> RawWebSocket:
-    """A hand-written client whose frames leave at once (no Nagle delay
-    behind an unacknowledged earlier frame), so that what two clients send
-    reaches the daemon in the order they sent it."""
-    raw = RawWebSocket(server.port)
-    raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return raw
 
 
 def daemon_side(server_port: int, client_port: int) -> tuple[str, int] | None:
@@ -85,43 +74,28 @@ def frozen(server: Any) -> Iterator[None]:
         server.proc.send_signal(signal.SIGCONT)
 
 
-def unmasked(payload: bytes) -> bytes:
-    """A client text frame without a mask: a protocol error (RFC 6455 §5.1)."""
-    return bytes((0x81, len(payload))) + payload
-
-
-def close_frame(raw: RawWebSocket) -> bytes:
-    return raw.frame_bytes(struct.pack("!H", 1000), opcode=0x8)
-
-
-def reset(raw: RawWebSocket) -> None:
-    """Drop the TCP connection with a RST (SO_LINGER 0), no close frame."""
-    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    raw.sock.close()
+#: A close frame (code 1000).
+CLOSE_FRAME = client_frame(0x8, struct.pack("!H", 1000))
 
 
 #: How the passenger's socket stops being open. The ``kept_open`` ways keep
 #: the TCP connection open afterwards (the daemon aborts it CLOSE_TIMEOUT
 #: later).
 WAYS: dict[str, Callable[[RawWebSocket], None]] = {
-    "close_frame_kept_open": lambda raw: raw.sock.sendall(close_frame(raw)),
-    "too_big_kept_open": lambda raw: raw.sock.sendall(
-        raw.frame_bytes(json.dumps({"type": "offer", "sdp": "a" * MAX_MESSAGE_BYTES}).encode())
-    ),
-    "invalid_utf8_kept_open": lambda raw: raw.sock.sendall(
-        raw.frame_bytes(b'{"type": "heartbeat", "x": "\xff"}')
-    ),
-    "protocol_error_kept_open": lambda raw: raw.sock.sendall(unmasked(b'{"type": "heartbeat"}')),
-    "tcp_reset": reset,
-    "tcp_closed_without_close_frame": lambda raw: raw.sock.close(),
+    "close_frame_kept_open": lambda raw: raw.send_close(1000),
+    "too_big_kept_open": lambda raw: raw.send_json({"type": "offer", "sdp": "a" * MAX_MESSAGE_BYTES}),
+    "invalid_utf8_kept_open": lambda raw: raw.send_frame(0x1, b'{"type": "heartbeat", "x": "\xff"}'),
+    "protocol_error_kept_open": lambda raw: raw.send_frame(0x1, b'{"type": "heartbeat"}', masked=False),
+    "tcp_reset": RawWebSocket.reset,
+    "tcp_closed_without_close_frame": RawWebSocket.close,
 }
 
 
 def pair(server: Any, session: dict[str, Any]) -> tuple[RawWebSocket, RawWebSocket]:
     """Both participants joined and told of each other: the call is active."""
-    driver = raw_socket(server)
+    driver = RawWebSocket(server)
     driver.join(session, "driver-1")
-    passenger = raw_socket(server)
+    passenger = RawWebSocket(server)
     passenger.join(session, "passenger-1")
     assert driver.text() == {"type": "participant_joined", "role": "passenger"}
     assert passenger.text() == {"type": "participant_joined", "role": "driver"}
@@ -155,7 +129,7 @@ def test_closing_socket_is_absent_at_once(server_factory, way: str) -> None:
     the 6 others gets peer_not_connected; the relayed counter counts what
     was written to a socket. Events/messages lost: 0 of 70."""
     server = server_factory(RECONNECT_GRACE="30s")
-    session = server.new_session(ride_id=ride())
+    session = server.new_session()
     driver, passenger = pair(server, session)
     offer = {"type": "offer", "sdp": "v=0\r\nfirst"}
     driver.send_json(offer)
@@ -179,7 +153,7 @@ def test_closing_socket_is_absent_at_once(server_factory, way: str) -> None:
     assert until_pong(driver) == []
     assert metric(server, RELAYED) == 2  # nothing written to the passenger yet
 
-    back = raw_socket(server)
+    back = RawWebSocket(server)
     back.join(session, "passenger-1")
     assert back.text() == {"type": "participant_joined", "role": "driver"}
     assert [back.text() for _ in SENT[:HOLD_MAX_MESSAGES]] == SENT[:HOLD_MAX_MESSAGES]
@@ -199,9 +173,9 @@ def test_authenticate_and_close_frame_in_one_chunk_keep_the_held_messages(server
     its next connection (the old daemon flushed the held messages to the
     closing socket, where they were dropped)."""
     server = server_factory(RECONNECT_GRACE="30s")
-    session = server.new_session(ride_id=ride())
+    session = server.new_session()
     driver, passenger = pair(server, session)
-    passenger.sock.sendall(close_frame(passenger))
+    passenger.send_close(1000)
     assert passenger.closing() == ([], 1000)
     assert driver.text() == {"type": "participant_left", "role": "passenger"}
     held = SENT[:3]
@@ -209,9 +183,8 @@ def test_authenticate_and_close_frame_in_one_chunk_keep_the_held_messages(server
         driver.send_json(message)
     assert until_pong(driver) == []  # held, not refused
 
-    closing = raw_socket(server)
-    authenticate = {"type": "authenticate", "session_id": session["session_id"], "user_id": "passenger-1"}
-    closing.sock.sendall(closing.frame_bytes(json.dumps(authenticate).encode()) + close_frame(closing))
+    closing = RawWebSocket(server)
+    closing.send(client_frame(0x1, json.dumps(auth_msg(session, "passenger-1")).encode()) + CLOSE_FRAME)
     # The daemon's close frame is written while that chunk is handled: by
     # the time the heartbeat below is read, its authenticate was handled.
     assert closing.closing() == ([], 1000)
@@ -219,7 +192,7 @@ def test_authenticate_and_close_frame_in_one_chunk_keep_the_held_messages(server
     assert until_pong(driver) == []  # neither participant_joined nor participant_left
     assert metric(server, RELAYED) == 0
 
-    back = raw_socket(server)
+    back = RawWebSocket(server)
     back.join(session, "passenger-1")
     assert [back.text() for _ in range(1 + len(held))] == [
         {"type": "participant_joined", "role": "driver"},
@@ -239,11 +212,10 @@ def test_closing_socket_replaces_nobody(server_factory) -> None:
     closed the live one with 4002 for a socket that was already closing,
     and the call lost the participant)."""
     server = server_factory(RECONNECT_GRACE="30s")
-    session = server.new_session(ride_id=ride())
+    session = server.new_session()
     driver, passenger = pair(server, session)
-    closing = raw_socket(server)
-    authenticate = {"type": "authenticate", "session_id": session["session_id"], "user_id": "passenger-1"}
-    closing.sock.sendall(closing.frame_bytes(json.dumps(authenticate).encode()) + close_frame(closing))
+    closing = RawWebSocket(server)
+    closing.send(client_frame(0x1, json.dumps(auth_msg(session, "passenger-1")).encode()) + CLOSE_FRAME)
     assert closing.closing() == ([], 1000)  # written while its chunk was handled
     closing.close()
     assert until_pong(passenger) == []  # not replaced

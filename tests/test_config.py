@@ -1,5 +1,5 @@
-"""Unit tests of intaleq_signal.config (SPEC §2): defaults, parsing and the
-one-line errors that name the variable."""
+"""Unit tests of intaleq_signal.config (docs/operations.md, "Configuration"):
+defaults, parsing and the one-line errors that name the variable."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "k" * 32
 BASE = {"API_KEY": KEY, "ENVIRONMENT": "development"}
 
-#: Every variable SPEC §2 names, plus SQLITE_PATH, cleared from os.environ
-#: before config_from_environment tests.
+#: Every variable of docs/operations.md, "Configuration", plus SQLITE_PATH,
+#: cleared from os.environ before config_from_environment tests.
 ALL_VARIABLES = (
     "SERVER_ADDR",
     "API_KEY",
@@ -68,7 +68,7 @@ def config_error(**overrides: str) -> str:
 
 
 def test_defaults():
-    """SPEC §2 table: the default of every variable."""
+    """docs/operations.md, "Configuration" (its table): the default of every variable."""
     config = build()
     assert (config.host, config.port) == ("127.0.0.1", 47880)
     assert config.api_key == KEY
@@ -92,13 +92,15 @@ def test_defaults():
 
 
 def test_environment_defaults_to_production():
-    """SPEC §2: ENVIRONMENT defaults to production (which then requires DB_USERNAME)."""
+    """docs/operations.md, "Configuration": ENVIRONMENT defaults to production (which then
+    requires DB_USERNAME)."""
     config = Config.from_env({"API_KEY": KEY, "DB_USERNAME": "calls"})
     assert config.environment == "production"
 
 
 def test_empty_values_mean_default():
-    """SPEC §2: an empty variable (as EnvironmentFile= writes it) takes the default."""
+    """docs/operations.md, "Configuration": an empty variable (as EnvironmentFile= writes it)
+    takes the default."""
     config = build(LOG_LEVEL="", HEARTBEAT_INTERVAL="", MAX_SESSIONS="", SERVER_ADDR="")
     assert config.log_level == "info"
     assert config.heartbeat_interval == 20.0
@@ -107,7 +109,7 @@ def test_empty_values_mean_default():
 
 
 def test_every_variable_is_read():
-    """SPEC §2 table: each variable sets its field."""
+    """docs/operations.md, "Configuration" (its table): each variable sets its field."""
     config = build(
         SERVER_ADDR="0.0.0.0:9000",
         LOG_LEVEL="debug",
@@ -160,7 +162,8 @@ def test_every_variable_is_read():
     ],
 )
 def test_parse_duration_forms(text, seconds):
-    """SPEC §2: durations accept 500ms, 20s, 5m, 1h or a bare number of seconds."""
+    """docs/operations.md, "Configuration": durations accept 500ms, 20s, 5m, 1h or a bare
+    number of seconds."""
     assert parse_duration("SESSION_DURATION", text) == pytest.approx(seconds)
 
 
@@ -168,7 +171,7 @@ def test_parse_duration_forms(text, seconds):
     "text", ["", "abc", "-1", "1d", "10 sec", "1e3", "ms", "5mm", "1,5", "inf", "nan", "1" * 400]
 )
 def test_parse_duration_invalid(text):
-    """SPEC §2: an unparsable duration is a ConfigError naming the variable."""
+    """docs/operations.md, "Configuration": an unparsable duration is a ConfigError naming the variable."""
     with pytest.raises(ConfigError, match="SESSION_DURATION"):
         parse_duration("SESSION_DURATION", text)
 
@@ -177,30 +180,33 @@ def test_parse_duration_invalid(text):
     "name", ["HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT", "SESSION_DURATION", "AUTH_TIMEOUT", "RECONNECT_GRACE"]
 )
 def test_unparsable_duration_variable_is_named(name):
-    """SPEC §2: bad duration → one line naming the variable."""
+    """docs/operations.md, "Configuration": bad duration → one line naming the variable."""
     assert name in config_error(**{name: "soon"})
 
 
 @pytest.mark.parametrize("name", ["HEARTBEAT_INTERVAL", "SESSION_DURATION", "AUTH_TIMEOUT"])
 def test_zero_duration_refused_where_it_makes_no_sense(name):
-    """SPEC §2: a zero ping interval, session duration or auth timeout is bad configuration."""
+    """docs/operations.md, "Configuration": a zero ping interval, session duration or auth
+    timeout is bad configuration."""
     assert name in config_error(**{name: "0s"})
 
 
 def test_zero_reconnect_grace_allowed():
-    """SPEC §2 RECONNECT_GRACE: 0 means a dropped active participant ends the call at once."""
+    """docs/operations.md, "Configuration", RECONNECT_GRACE: 0 means a dropped active
+    participant ends the call at once."""
     assert build(RECONNECT_GRACE="0").reconnect_grace == 0.0
 
 
 @pytest.mark.parametrize("interval, timeout", [("20s", "20s"), ("30s", "20s"), ("1m", "59s")])
 def test_heartbeat_timeout_must_exceed_interval(interval, timeout):
-    """SPEC §2: HEARTBEAT_TIMEOUT not greater than HEARTBEAT_INTERVAL stops the process."""
+    """docs/operations.md, "Configuration": HEARTBEAT_TIMEOUT not greater than
+    HEARTBEAT_INTERVAL stops the process."""
     message = config_error(HEARTBEAT_INTERVAL=interval, HEARTBEAT_TIMEOUT=timeout)
     assert "HEARTBEAT_TIMEOUT" in message
 
 
 def test_heartbeat_timeout_greater_by_a_millisecond_is_fine():
-    """SPEC §2: any timeout strictly greater than the interval is accepted."""
+    """docs/operations.md, "Configuration": any timeout strictly greater than the interval is accepted."""
     config = build(HEARTBEAT_INTERVAL="1s", HEARTBEAT_TIMEOUT="1001ms")
     assert config.heartbeat_timeout > config.heartbeat_interval
 
@@ -221,7 +227,7 @@ def test_heartbeat_timeout_greater_by_a_millisecond_is_fine():
     ],
 )
 def test_parse_server_addr_forms(text, expected):
-    """SPEC §2 SERVER_ADDR: host:port, IPv6 as [::1]:47880."""
+    """docs/operations.md, "Configuration", SERVER_ADDR: host:port, IPv6 as [::1]:47880."""
     assert parse_server_addr(text) == expected
 
 
@@ -247,18 +253,19 @@ def test_parse_server_addr_forms(text, expected):
     ],
 )
 def test_parse_server_addr_invalid(text):
-    """SPEC §2: an unparsable SERVER_ADDR is a ConfigError naming SERVER_ADDR."""
+    """docs/operations.md, "Configuration": an unparsable SERVER_ADDR is a ConfigError naming SERVER_ADDR."""
     with pytest.raises(ConfigError, match="SERVER_ADDR"):
         parse_server_addr(text)
 
 
 def test_bad_server_addr_through_from_env():
-    """SPEC §2: Config.from_env reports a bad SERVER_ADDR by name."""
+    """docs/operations.md, "Configuration": Config.from_env reports a bad SERVER_ADDR by name."""
     assert "SERVER_ADDR" in config_error(SERVER_ADDR="::1:47880")
 
 
 def test_server_addr_port_with_non_ascii_digit():
-    """SPEC §2: any bad port is a ConfigError (exit 78), never a bare ValueError traceback."""
+    """docs/operations.md, "Configuration": any bad port is a ConfigError (exit 78), never a
+    bare ValueError traceback."""
     with pytest.raises(ConfigError, match="SERVER_ADDR"):
         parse_server_addr("127.0.0.1:\u00b2")  # '²'.isdigit() is True but int('²') fails
 
@@ -267,14 +274,15 @@ def test_server_addr_port_with_non_ascii_digit():
 
 
 def test_api_key_required():
-    """SPEC §2: API_KEY is required."""
+    """docs/operations.md, "Configuration": API_KEY is required."""
     with pytest.raises(ConfigError, match="API_KEY"):
         Config.from_env({"ENVIRONMENT": "development"})
 
 
 @pytest.mark.parametrize("length", [1, 16, 31])
 def test_api_key_too_short(length):
-    """SPEC §2: API_KEY of fewer than 32 characters stops the process; the key itself is not printed."""
+    """docs/operations.md, "Configuration": API_KEY of fewer than 32 characters stops the
+    process; the key itself is not printed."""
     key = "s3cr3t-" + "x" * (length - 7) if length > 7 else "z" * length
     message = config_error(API_KEY=key)
     assert "API_KEY" in message
@@ -282,7 +290,7 @@ def test_api_key_too_short(length):
 
 
 def test_api_key_of_32_characters_accepted():
-    """SPEC §2: 32 characters is enough."""
+    """docs/operations.md, "Configuration": 32 characters is enough."""
     assert build(API_KEY="a" * 32).api_key == "a" * 32
 
 
@@ -320,7 +328,7 @@ def test_make_env_replaces_the_placeholder(tmp_path):
 
 @pytest.mark.parametrize("value", ["debug", "info", "warn", "error", "INFO", "warning"])
 def test_log_levels(value):
-    """SPEC §2 LOG_LEVEL: debug, info, warn, error."""
+    """docs/operations.md, "Configuration", LOG_LEVEL: debug, info, warn, error."""
     assert build(LOG_LEVEL=value).log_level in ("debug", "info", "warn", "error")
 
 
@@ -336,7 +344,8 @@ def test_log_levels(value):
     ],
 )
 def test_unknown_choice(name, value):
-    """SPEC §2: an unknown LOG_LEVEL / LOG_FORMAT / ENVIRONMENT names the variable."""
+    """docs/operations.md, "Configuration": an unknown LOG_LEVEL / LOG_FORMAT / ENVIRONMENT
+    names the variable."""
     assert name in config_error(**{name: value})
 
 
@@ -345,13 +354,14 @@ def test_unknown_choice(name, value):
 
 @pytest.mark.parametrize("env", [{"API_KEY": KEY}, {"API_KEY": KEY, "DB_USERNAME": ""}])
 def test_production_requires_db_username(env):
-    """SPEC §2: in production, missing DB_USERNAME is a configuration error."""
+    """docs/operations.md, "Configuration": in production, missing DB_USERNAME is a configuration error."""
     with pytest.raises(ConfigError, match="DB_USERNAME"):
         Config.from_env({**env, "ENVIRONMENT": "production"})
 
 
 def test_development_without_db_username_uses_sqlite():
-    """SPEC §2: development without DB_USERNAME runs with the embedded SQLite log."""
+    """docs/operations.md, "Configuration": development without DB_USERNAME runs with the
+    embedded SQLite log."""
     config = build()
     assert config.uses_mysql is False
     assert config.sqlite_path
@@ -359,7 +369,7 @@ def test_development_without_db_username_uses_sqlite():
 
 @pytest.mark.parametrize("environment", ["production", "development"])
 def test_db_username_means_mysql(environment):
-    """SPEC §2: DB_USERNAME set → the MySQL call log."""
+    """docs/operations.md, "Configuration": DB_USERNAME set → the MySQL call log."""
     config = build(ENVIRONMENT=environment, DB_USERNAME="signal")
     assert config.uses_mysql is True
     assert config.db_username == "signal"
@@ -386,7 +396,7 @@ def test_db_username_means_mysql(environment):
     ],
 )
 def test_bad_integer_names_variable(name, value):
-    """SPEC §2: a bad number names the variable."""
+    """docs/operations.md, "Configuration": a bad number names the variable."""
     assert name in config_error(**{name: value})
 
 
@@ -403,7 +413,8 @@ def test_db_pool_size_range():
 
 @pytest.mark.parametrize("name", ["MAX_MESSAGE_BYTES", "DB_PORT"])
 def test_integer_with_non_ascii_digit_is_a_config_error(name):
-    """SPEC §2: bad configuration exits 78 with a line naming the variable, not a ValueError traceback."""
+    """docs/operations.md, "Configuration": bad configuration exits 78 with a line naming the
+    variable, not a ValueError traceback."""
     with pytest.raises(ConfigError, match=name):
         build(**{name: "\u00b2"})  # '²'.isdigit() is True but int('²') raises ValueError
 
@@ -424,18 +435,19 @@ def test_integer_with_non_ascii_digit_is_a_config_error(name):
     ],
 )
 def test_trusted_proxies(text, expected):
-    """SPEC §2 TRUSTED_PROXIES: comma-separated addresses; an empty value trusts nobody."""
+    """docs/operations.md, "Configuration", TRUSTED_PROXIES: comma-separated addresses; an
+    empty value trusts nobody."""
     assert build(TRUSTED_PROXIES=text).trusted_proxies == frozenset(expected)
 
 
 @pytest.mark.parametrize("text", ["nginx", "10.0.0.1,10.0.0.300", "10.0.0.0/8", "localhost"])
 def test_trusted_proxies_bad_address(text):
-    """SPEC §2: a bad TRUSTED_PROXIES entry names the variable."""
+    """docs/operations.md, "Configuration": a bad TRUSTED_PROXIES entry names the variable."""
     assert "TRUSTED_PROXIES" in config_error(TRUSTED_PROXIES=text)
 
 
 def test_exit_status_is_ex_config():
-    """SPEC §2: bad configuration exits with status 78 (EX_CONFIG)."""
+    """docs/operations.md, "Configuration": bad configuration exits with status 78 (EX_CONFIG)."""
     assert EX_CONFIG == 78
 
 
@@ -443,7 +455,8 @@ def test_exit_status_is_ex_config():
 
 
 def test_load_env_file(tmp_path):
-    """SPEC §2 --env-file: KEY=VALUE lines, # comments, blank lines, optional quotes, export prefix."""
+    """docs/operations.md, "Configuration", --env-file: KEY=VALUE lines, # comments, blank
+    lines, optional quotes, export prefix."""
     path = tmp_path / ".env"
     path.write_text(
         "# a comment\n"
@@ -475,7 +488,8 @@ def test_load_env_file(tmp_path):
 
 
 def test_load_env_file_quoted_value_with_trailing_comment(tmp_path):
-    """SPEC §2: optional quotes and # comments combine: KEY="v" # note gives v without quotes."""
+    """docs/operations.md, "Configuration": optional quotes and # comments combine: KEY="v" #
+    note gives v without quotes."""
     path = tmp_path / ".env"
     path.write_text('API_KEY="abc def" # production key\n', encoding="utf-8")
     assert load_env_file(str(path)) == {"API_KEY": "abc def"}
@@ -483,7 +497,8 @@ def test_load_env_file_quoted_value_with_trailing_comment(tmp_path):
 
 @pytest.mark.parametrize("line", ["NOEQUALS", "=value", "1KEY=x", "BAD KEY=x", "KEY-NAME=x"])
 def test_load_env_file_bad_line(tmp_path, line):
-    """SPEC §2: a line that is not KEY=VALUE is a ConfigError giving the file and line number."""
+    """docs/operations.md, "Configuration": a line that is not KEY=VALUE is a ConfigError
+    giving the file and line number."""
     path = tmp_path / ".env"
     path.write_text(f"# header\nOK=1\n{line}\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
@@ -493,14 +508,14 @@ def test_load_env_file_bad_line(tmp_path, line):
 
 
 def test_load_env_file_missing(tmp_path):
-    """SPEC §2: an unreadable --env-file is a ConfigError naming the file."""
+    """docs/operations.md, "Configuration": an unreadable --env-file is a ConfigError naming the file."""
     path = tmp_path / "missing.env"
     with pytest.raises(ConfigError, match="--env-file"):
         load_env_file(str(path))
 
 
 def test_load_env_file_not_utf8(tmp_path):
-    """SPEC §2: an undecodable --env-file is a ConfigError, not a traceback."""
+    """docs/operations.md, "Configuration": an undecodable --env-file is a ConfigError, not a traceback."""
     path = tmp_path / ".env"
     path.write_bytes(b"KEY=\xff\xfe\n")
     with pytest.raises(ConfigError, match="--env-file"):
@@ -518,7 +533,7 @@ def clean_environ(monkeypatch):
 
 
 def test_real_environment_wins_over_env_file(tmp_path, clean_environ):
-    """SPEC §2: --env-file is loaded first; real environment variables win."""
+    """docs/operations.md, "Configuration": --env-file is loaded first; real environment variables win."""
     path = tmp_path / ".env"
     path.write_text(
         f"API_KEY={'f' * 40}\nENVIRONMENT=development\nLOG_LEVEL=debug\nMAX_SESSIONS=7\n", encoding="utf-8"
@@ -531,14 +546,15 @@ def test_real_environment_wins_over_env_file(tmp_path, clean_environ):
 
 
 def test_config_from_environment_without_file(clean_environ):
-    """SPEC §2: without --env-file the environment alone configures the server."""
+    """docs/operations.md, "Configuration": without --env-file the environment alone configures the server."""
     clean_environ.setenv("API_KEY", KEY)
     clean_environ.setenv("ENVIRONMENT", "development")
     assert config_from_environment(None).api_key == KEY
 
 
 def test_config_from_environment_missing_file(tmp_path, clean_environ):
-    """SPEC §2: a missing --env-file stops the process with a configuration error."""
+    """docs/operations.md, "Configuration": a missing --env-file stops the process with a
+    configuration error."""
     clean_environ.setenv("API_KEY", KEY)
     with pytest.raises(ConfigError):
         config_from_environment(str(tmp_path / "nope.env"))

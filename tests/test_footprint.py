@@ -1,4 +1,5 @@
-"""Guards against memory regressions per idle connection (issue 6): counted
+"""Guards against memory regressions per idle connection (docs/performance.md,
+"What was done"): counted
 with tracemalloc in the daemon, not timed, so the machine's load cannot make
 them flaky. Budgets are bytes per authenticated idle connection."""
 
@@ -32,7 +33,7 @@ class FootprintServer(ServerProcess):
     def __init__(self, env: dict[str, str], tmp_path) -> None:
         self.figures = tmp_path / "footprint.jsonl"
         env = {**env, "FOOTPRINT_FILE": str(self.figures)}
-        super().__init__(env, tmp_path, argv=[sys.executable, str(HERE / "footprint_server.py")])
+        super().__init__(env, tmp_path, command=[sys.executable, str(HERE / "footprint_server.py")])
 
     def measure(self) -> dict:
         count = len(self.figures.read_text().splitlines()) if self.figures.exists() else 0
@@ -48,7 +49,7 @@ class FootprintServer(ServerProcess):
 
 
 def test_memory_per_idle_authenticated_connection(tmp_path) -> None:
-    """Issue 6: per idle authenticated connection, our allocations < 1.125 KiB and all of it < 7 KiB."""
+    """Per idle authenticated connection, our allocations < 1.125 KiB and all of it < 7 KiB."""
     server = FootprintServer({"LOG_LEVEL": "info", "SESSION_DURATION": "10m"}, tmp_path)
     try:
         sessions = [server.new_session(ride_id=f"ride-fp-{i}") for i in range(CONNECTIONS // 2)]

@@ -1,16 +1,16 @@
 """Property-based robustness tests (hypothesis) of every input boundary of the
-real daemon process (issue 7). What is fuzzed, and the oracle:
+real daemon process. What is fuzzed, and the oracle (docs/protocol.md):
 
 - WebSocket messages before authentication, one new socket per case, sent by a
   websockets client, or on a raw socket after the 101 (a ping between the
   fragments of a fragmented message) or pipelined right behind the upgrade
-  request: the answer is ``unauthorized`` with the reason SPEC §4 gives for
+  request: the answer is ``unauthorized`` with the reason rule 1 gives for
   that input, then close 4001; ``authenticated`` + ``session_joined`` for a
   well-formed ``authenticate`` of the real driver; close 1009 over
   ``MAX_MESSAGE_BYTES``.
 - WebSocket messages after authentication, many per socket (each followed by a
   ``heartbeat`` whose ``pong`` proves the socket is still open): ``error`` with
-  the code SPEC §4 rules 1 and 7 give, ``pong``, ``call_ended`` to both for
+  the code rules 1 and 7 give, ``pong``, ``call_ended`` to both for
   ``end_call``, the message arriving at the peer rebuilt from its defined
   fields only (rule 4), or close 1009. Any JSON value; objects with wrong types
   for every field of every type (nested candidate fields included); repeated
@@ -18,22 +18,22 @@ real daemon process (issue 7). What is fuzzed, and the oracle:
   escapes, NUL, RTL marks, emoji; binary frames; invalid UTF-8 in text frames
   (close 1007, RFC 6455 §8.1); sizes at and around ``MAX_MESSAGE_BYTES``
   (bytes, not characters), whole or fragmented.
-- ``POST /sessions`` bodies and headers against a model of SPEC §3 (API key,
+- ``POST /sessions`` bodies and headers against a model of "POST /sessions" (API key,
   then body 413/400 naming the field, then the live rides: 200 with a new or
   the same session, 409).
 - Raw HTTP requests (methods, targets, versions, headers, Content-Length and
   Transfer-Encoding variants, line endings, pipelining, delivery in pieces or
   byte by byte): exactly one well-formed HTTP/1.1 answer, JSON (``/metrics``:
-  text), status among those SPEC §3 / README "Anything else" give for it,
+  text), status among those "HTTP API" and "Anything else" give for it,
   then close. Truncated requests: a clean close, at once after a half-close,
   else within the daemon's 10 s open timeout.
 
-The focused properties at the end pin, each with its exact answer, the SPEC
-and RFC deviations this fuzzing found; their docstrings say what was wrong
+The focused properties at the end pin, each with its exact answer, the
+deviations from docs/protocol.md and the RFCs this fuzzing found; their docstrings say what was wrong
 and where.
 
-Every test starts its own daemon (``server_factory``: clean exit, no traceback
-in the log at teardown) and ends with a normal call that must still work.
+Every test starts its own daemon (the ``server`` fixture: clean exit, no
+traceback in the log at teardown) and ends with a normal call that must still work.
 Profiles: "ci" (default; derandomized) and "long" (``HYPOTHESIS_PROFILE=long``,
 ``make fuzz``: 20 times the cases). Each test prints how many cases it ran
 (``pytest -s``) and records it as the ``fuzz_examples`` property.
@@ -59,11 +59,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
-from test_wire import upgrade_head
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from conftest import API_KEY
+from conftest import API_KEY, RawWebSocket, client_frame, connect_raw, read_until_closed, upgrade_head
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
 
@@ -116,8 +115,8 @@ class Tally:
 
 # -- the daemon ----------------------------------------------------------------------
 
-MAX_MESSAGE = 4096  # MAX_MESSAGE_BYTES, the SPEC default
-MAX_BODY = 16 * 1024  # SPEC §3: larger is 413
+MAX_MESSAGE = 4096  # MAX_MESSAGE_BYTES, its default
+MAX_BODY = 16 * 1024  # docs/protocol.md, "POST /sessions": larger is 413
 OPEN_TIMEOUT = 10.0  # README "Anything else": a client without a whole request is dropped
 DAEMON = {
     "MAX_MESSAGE_BYTES": str(MAX_MESSAGE),
@@ -125,7 +124,7 @@ DAEMON = {
     "MAX_SESSIONS": "1000000000",
     "SESSION_DURATION": "1h",  # nothing expires while fuzzing
 }
-#: SPEC §3 and README "Anything else".
+#: docs/protocol.md, "HTTP API" and "Anything else".
 STATUSES = frozenset({200, 400, 401, 404, 405, 409, 411, 413, 414, 426, 429, 431, 503})
 KNOWN_TYPES = ("authenticate", "offer", "answer", "ice_candidate", "heartbeat", "end_call")
 REASONS = frozenset(
@@ -144,7 +143,10 @@ def fresh_ip() -> str:
     return f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
 
 
-def start(server_factory: Any) -> Any:
+@pytest.fixture
+def server(server_factory: Any) -> Any:
+    """The daemon every property talks to (clean exit and no traceback in
+    its log asserted at teardown)."""
     return server_factory(**DAEMON)
 
 
@@ -246,7 +248,7 @@ NUMBERS = [  # valid JSON numbers a client may send where an int or a string bel
     "1e999", "-1e999", "1e-999", "-0", "0.0", "1.0", "1e2", "1E+2", "65535", "65536", "-1", "4294967296",
     "18446744073709551616", "9" * 400, "-" + "9" * 1000, "0.1e1",
 ]  # fmt: skip
-NOT_NUMBERS = [  # not JSON (SPEC §4: invalid_json)
+NOT_NUMBERS = [  # not JSON (docs/protocol.md, rule 7: invalid_json)
     "NaN", "Infinity", "-Infinity", "01", "+1", ".5", "1.", "-", "0x10", "nan", "inf", "Infinity1", "1_000",
     "true1", "undefined", "'x'",
 ]  # fmt: skip
@@ -480,7 +482,7 @@ invalid_utf8 = st.tuples(st.text(max_size=20), st.sampled_from(INVALID_UTF8), st
 
 
 def messages(kinds: tuple[str, ...]) -> Any:
-    """Client messages: mostly objects of the SPEC's types with wrong, odd or
+    """Client messages: mostly objects of the protocol's types with wrong, odd or
     hostile fields, then any JSON value, raw text, binary frames, invalid UTF-8."""
     objects = st.builds(Message, source=message_objects(kinds), ascii=st.booleans(), cuts=cuts, edit=edits)
     values = st.builds(Message, source=st.one_of(json_values, hostile_values), ascii=st.booleans(), cuts=cuts)
@@ -532,7 +534,7 @@ split_utf8 = st.builds(
     cuts=st.lists(st.integers(0, 200), min_size=1, max_size=6).map(tuple),
 )
 
-# -- the model: what SPEC §4 says the server answers --------------------------------------
+# -- the model: what docs/protocol.md says the server answers-----------------------------------
 
 
 def relay(kind: str, obj: dict[str, Any]) -> set[tuple]:
@@ -559,14 +561,14 @@ def relay(kind: str, obj: dict[str, Any]) -> set[tuple]:
         index = given["sdpMLineIndex"]
         if index is not None and type(index) is not int:
             return invalid
-        # SPEC says "int"; WebRTC's unsigned short bound may refuse the rest
+        # "Client → server" says 0–65535; beyond, relayed or refused both pass
         lenient = index is not None and not 0 <= index <= 65535
         rebuilt["sdpMLineIndex"] = index
     return {("relay", canon({"type": kind, "candidate": rebuilt}))} | (invalid if lenient else set())
 
 
 def after_auth(data: bytes, text: bool) -> set[tuple]:
-    """Every outcome SPEC §4 allows for one frame on an authenticated socket."""
+    """Every outcome docs/protocol.md allows for one frame on an authenticated socket."""
     if len(data) > MAX_MESSAGE:
         return {("close", 1009)}
     if not text:
@@ -610,7 +612,7 @@ def _auth_fields(obj: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def before_auth(data: bytes, text: bool, ctx: dict[str, str]) -> set[tuple]:
-    """Every outcome SPEC §4 rule 1 / "Precise points" allow for a first frame."""
+    """Every outcome docs/protocol.md, rule 1 and "Precise points" allow for a first frame."""
     if len(data) > MAX_MESSAGE:
         return {("close", 1009)}
     if not text:
@@ -668,7 +670,7 @@ def open_ws(server: Any) -> Any:
 
 
 def server_message(text: Any, *types: str) -> dict[str, Any]:
-    """One server message, checked against the SPEC §4 server table."""
+    """One server message, checked against docs/protocol.md, "Server → client"."""
     assert isinstance(text, str), f"server sent a non-text frame: {text!r}"
     message = json.loads(text)
     shapes = {
@@ -735,88 +737,27 @@ def new_session(server: Any, driver: str, passenger: str) -> dict[str, Any]:
     return body
 
 
-def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 §5.2)."""
-    mask = os.urandom(4)
-    size = len(payload)
-    if size < 126:
-        length = bytes((0x80 | size,))
-    elif size < 65536:
-        length = bytes((0x80 | 126,)) + size.to_bytes(2, "big")
-    else:
-        length = bytes((0x80 | 127,)) + size.to_bytes(8, "big")
-    keys = (mask * (size // 4 + 1))[:size]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keys, "big")).to_bytes(size, "big")
-    return bytes(((0x80 if fin else 0) | opcode,)) + length + mask + masked
-
-
-class RawWS:
-    """A WebSocket spoken byte by byte: frames ``pipelined`` right behind the
-    upgrade request in the same write (the daemon's early-frame path), or sent
-    ``after`` its 101 answer."""
-
-    def __init__(self, server: Any, pipelined: bytes = b"", after: bytes = b"") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        self.buffer = b""
-        self.sock.sendall(upgrade_head() + pipelined)
-        head = self._until(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), f"not a 101 answer first: {head!r}"
-        if after:
-            self.sock.sendall(after)
-
-    def _read(self) -> None:
-        try:
-            chunk = self.sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError("no answer within 5 s") from None
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            raise EOFError
-        self.buffer += chunk
-
-    def _until(self, marker: bytes) -> bytes:
-        while marker not in self.buffer:
-            self._read()
-        head, _, self.buffer = self.buffer.partition(marker)
-        return head
-
-    def _take(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            self._read()
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def frame(self) -> tuple[int, bytes]:
-        first, second = self._take(2)
-        assert first & 0x80 and not second & 0x80, "server frames are whole and unmasked"
-        size = second & 0x7F
-        if size == 126:
-            size = int.from_bytes(self._take(2), "big")
-        elif size == 127:
-            size = int.from_bytes(self._take(8), "big")
-        return first & 0x0F, self._take(size)
-
-    def conversation(self) -> tuple[list[dict[str, Any]], int | None]:
-        """Messages until the server closes (we close after ``session_joined``)."""
-        received: list[dict[str, Any]] = []
-        try:
-            while True:
-                opcode, payload = self.frame()
-                if opcode == 0x1:
-                    received.append(server_message(payload.decode()))
-                    if received[-1]["type"] == "session_joined":
-                        self.sock.sendall(client_frame(0x8, (1000).to_bytes(2, "big")))
-                elif opcode == 0x8:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                    self.sock.sendall(client_frame(0x8, payload[:2]))
-                    return received, code
-                else:
-                    assert opcode == 0xA, (opcode, payload)  # pongs to our pings
-        except (EOFError, BrokenPipeError):
-            return received, None
-        finally:
-            self.sock.close()
+def conversation(raw: RawWebSocket) -> tuple[list[dict[str, Any]], int | None]:
+    """The messages on ``raw`` until the server closes it (closed from our
+    side after ``session_joined``), and the close code."""
+    received: list[dict[str, Any]] = []
+    try:
+        while True:
+            opcode, payload = raw.frame()
+            if opcode == 0x1:
+                received.append(server_message(payload.decode()))
+                if received[-1]["type"] == "session_joined":
+                    raw.send_close(1000)
+            elif opcode == 0x8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                raw.send_frame(0x8, payload[:2])
+                return received, code
+            else:
+                assert opcode == 0xA, (opcode, payload)  # pongs to our pings
+    except (EOFError, BrokenPipeError):
+        return received, None
+    finally:
+        raw.close()
 
 
 def raw_frames(message: Message, data: bytes, ping: bool) -> bytes:
@@ -849,9 +790,12 @@ def classify_first(received: list[dict[str, Any]], code: int | None, ctx: dict[s
 
 def first_message(server: Any, message: Message, data: bytes, mode: str, ctx: dict[str, str]) -> tuple:
     if mode == "pipelined":
-        return classify_first(*RawWS(server, pipelined=raw_frames(message, data, True)).conversation(), ctx)
+        raw = RawWebSocket(server, pipelined=raw_frames(message, data, True), timeout=5)
+        return classify_first(*conversation(raw), ctx)
     if mode == "raw":
-        return classify_first(*RawWS(server, after=raw_frames(message, data, True)).conversation(), ctx)
+        raw = RawWebSocket(server, timeout=5)
+        raw.send(raw_frames(message, data, True))
+        return classify_first(*conversation(raw), ctx)
     received: list[dict[str, Any]] = []
     with open_ws(server) as ws:
         send_message(ws, data, message.text, message.pieces(data))
@@ -957,7 +901,7 @@ class Lanes:
 
 
 def normal_call(server: Any) -> None:
-    """SPEC §4 end to end after the fuzzing: both join, every relayed type
+    """docs/protocol.md, "The flow of a call", after the fuzzing: both join, every relayed type
     arrives, heartbeats answer, ``end_call`` ends it; health still 200."""
     session = new_session(server, "normal-driver", "normal-passenger")
     session_id = session["session_id"]
@@ -996,10 +940,9 @@ def normal_call(server: Any) -> None:
 # -- the WebSocket properties --------------------------------------------------------------
 
 
-def test_ws_messages_before_authentication(server_factory: Any, record_property: Any) -> None:
-    """SPEC §4 rule 1, "Precise points": any first message gets the SPEC's
-    ``unauthorized`` reason and close 4001 (or joins, for a real driver)."""
-    server = start(server_factory)
+def test_ws_messages_before_authentication(server: Any, record_property: Any) -> None:
+    """docs/protocol.md, rule 1 and "Precise points": any first message gets the
+    documented ``unauthorized`` reason and close 4001 (or joins, for a real driver)."""
     session = new_session(server, "fuzz-driver", "fuzz-passenger")
     ctx = {"session_id": session["session_id"], "driver": "fuzz-driver", "nobody": "fuzz-nobody"}
     tally = Tally("ws before authentication")
@@ -1013,18 +956,18 @@ def test_ws_messages_before_authentication(server_factory: Any, record_property:
         note(f"frame ({'text' if message.text else 'binary'}, {mode}): {data[:300]!r}")
         outcome = first_message(server, message, data, mode, ctx)
         tally.saw(outcome)
-        assert outcome in accepted, f"answer {outcome}, SPEC allows {accepted}"
+        assert outcome in accepted, f"answer {outcome}, docs/protocol.md allows {accepted}"
 
     first()
     normal_call(server)
     tally.report(record_property)
 
 
-def test_ws_messages_after_authentication(server_factory: Any, record_property: Any) -> None:
-    """SPEC §4 rules 4, 5, 7, 8: every message on an authenticated socket gets
-    the SPEC's answer, or is relayed rebuilt from its defined fields only, and
-    the socket stays open (heartbeat → pong) unless the SPEC closes it."""
-    server = start(server_factory)
+def test_ws_messages_after_authentication(server: Any, record_property: Any) -> None:
+    """docs/protocol.md, rules 4, 5, 7 and 8: every message on an authenticated
+    socket gets the documented answer, or is relayed rebuilt from its defined
+    fields only, and the socket stays open (heartbeat → pong) unless the rules
+    close it."""
     lanes = Lanes(server)
     tally = Tally("ws after authentication")
 
@@ -1038,7 +981,7 @@ def test_ws_messages_after_authentication(server_factory: Any, record_property: 
         note(f"frame ({kind}, {len(message.pieces(data))} pieces): {data[:300]!r}")
         outcome = lanes.get(frames=len(message.pieces(data)) + 3).exchange(message, data, accepted, ping)
         tally.saw(outcome)
-        assert outcome in accepted, f"answer {outcome}, SPEC allows {accepted}"
+        assert outcome in accepted, f"answer {outcome}, docs/protocol.md allows {accepted}"
 
     exchange()
     lanes.close()
@@ -1047,12 +990,11 @@ def test_ws_messages_after_authentication(server_factory: Any, record_property: 
     print(f"[fuzz] ws after authentication: {lanes.count} calls used")
 
 
-def test_ws_frame_edges(server_factory: Any, record_property: Any) -> None:
-    """SPEC §4: over ``MAX_MESSAGE_BYTES`` bytes (whole or fragmented) → close
+def test_ws_frame_edges(server: Any, record_property: Any) -> None:
+    """docs/protocol.md, "Connecting": over ``MAX_MESSAGE_BYTES`` bytes (whole or fragmented) → close
     1009, at or under → the normal answer; invalid UTF-8 in a text frame →
     close 1007 (RFC 6455 §8.1); UTF-8 split across fragments is fine. Before
     and after authentication."""
-    server = start(server_factory)
     session = new_session(server, "edge-driver", "edge-passenger")
     ctx = {"session_id": session["session_id"], "driver": "edge-driver", "nobody": "edge-nobody"}
     lanes = Lanes(server)
@@ -1078,7 +1020,7 @@ def test_ws_frame_edges(server_factory: Any, record_property: Any) -> None:
             accepted = before_auth(data, message.text, ctx)
             outcome = first_message(server, message, data, mode, ctx)
         tally.saw(outcome)
-        assert outcome in accepted, f"answer {outcome}, SPEC allows {accepted}"
+        assert outcome in accepted, f"answer {outcome}, docs/protocol.md allows {accepted}"
 
     edge()
     lanes.close()
@@ -1136,7 +1078,7 @@ def parse_answers(data: bytes, head: bool = False) -> Answer:
 
 
 def check_answer(answer: Answer, path: bytes = b"") -> Any:
-    """SPEC §3: the status is one it defines; JSON (``/metrics``: text); errors
+    """docs/protocol.md, "HTTP API": the status is one it defines; JSON (``/metrics``: text); errors
     are ``{"error", "message"}``. The parsed body (None when there is none)."""
     assert answer.status in STATUSES, (answer.status, answer.body[:300])
     content_type = answer.header("content-type") or ""
@@ -1155,30 +1097,11 @@ def check_answer(answer: Answer, path: bytes = b"") -> Any:
     return document
 
 
-def connect_raw(server: Any) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 def read_all(sock: socket.socket, timeout: float) -> tuple[bytes, bool, float]:
     """Read until the server closes: ``(data, closed, seconds)``."""
     started = time.monotonic()
-    chunks = []
-    while True:
-        left = started + timeout - time.monotonic()
-        if left <= 0:
-            return b"".join(chunks), False, time.monotonic() - started
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            return b"".join(chunks), True, time.monotonic() - started
-        chunks.append(chunk)
+    data, closed = read_until_closed(sock, timeout)
+    return data, closed, time.monotonic() - started
 
 
 def read_until(sock: socket.socket, enough: Any, timeout: float) -> bytes:
@@ -1243,7 +1166,7 @@ deliveries = st.tuples(st.lists(st.integers(0, 2000), max_size=4), st.integers(0
 
 
 class Rides:
-    """The daemon's live rides as SPEC §3 describes them (nothing expires here)."""
+    """The daemon's live rides as docs/protocol.md, "POST /sessions" describes them (nothing expires here)."""
 
     def __init__(self) -> None:
         self.live: dict[str, tuple[str, str, str]] = {}
@@ -1263,7 +1186,7 @@ class Rides:
         names = ("ride_id", "driver_id", "passenger_id")
         values = [obj.get(name) for name in names]
         wrong = {n for n, v in zip(names, values, strict=True) if type(v) is not str or not 0 < len(v) <= 255}
-        # README narrows SPEC's "strings": printable, no lone surrogate
+        # "POST /sessions": printable strings, no lone surrogate
         odd = {n for n, v in zip(names, values, strict=True) if type(v) is str and not _printable(v)}
         if wrong:  # the daemon names the first field it refuses, for either reason
             return {(400, "invalid_request")} | lenient, wrong | odd
@@ -1291,7 +1214,7 @@ class Rides:
             assert type(document["expires_in"]) is int and 0 < document["expires_in"] <= 3600, document
             known = self.live.get(ride)
             outcome = (200, "new" if known is None else document["session_id"])
-            assert outcome in allowed, f"200 {document}, SPEC allows {allowed}"
+            assert outcome in allowed, f"200 {document}, docs/protocol.md allows {allowed}"
             self.live[ride] = (driver, passenger, document["session_id"])
             return
         assert (answer.status, document["error"]) in allowed, f"{answer.status} {document}, allowed {allowed}"
@@ -1356,11 +1279,10 @@ session_bodies = mostly(
 )
 
 
-def test_post_sessions_bodies(server_factory: Any, record_property: Any) -> None:
-    """SPEC §3 with the right key: any body gets 200 (new or the same session),
+def test_post_sessions_bodies(server: Any, record_property: Any) -> None:
+    """docs/protocol.md, "POST /sessions", with the right key: any body gets 200 (new or the same session),
     409, 413 or 400 ``invalid_json`` / ``invalid_request`` naming the field,
-    exactly as the SPEC's checks and the live rides say."""
-    server = start(server_factory)
+    exactly as the documented checks and the live rides say."""
     rides = Rides()
     tally = Tally("POST /sessions bodies")
 
@@ -1434,12 +1356,11 @@ KEY_VARIANTS = {
 RIGHT_KEYS = {"right", "lowercase-name", "uppercase-name", "padded"}
 
 
-def test_post_sessions_headers(server_factory: Any, record_property: Any) -> None:
-    """SPEC §3: only one ``X-API-Key`` equal to ``API_KEY`` (after optional
+def test_post_sessions_headers(server: Any, record_property: Any) -> None:
+    """docs/protocol.md, "POST /sessions": only one ``X-API-Key`` equal to ``API_KEY`` (after optional
     whitespace) opens ``POST /sessions``; the key is checked before the body;
     any other header (Content-Type, repeats, odd values) changes nothing;
     broken header syntax is 400."""
-    server = start(server_factory)
     rides = Rides()
     tally = Tally("POST /sessions headers")
 
@@ -1596,7 +1517,7 @@ class Request:
         return self.target.split(b"?")[0]
 
     def expected(self) -> set[int]:
-        """The statuses SPEC §3 and README "Anything else" allow for it."""
+        """The statuses docs/protocol.md, "HTTP API" and "Anything else" allow for it."""
         fields = self.all_headers()
         line, *lines = self.head_lines()
         if len(b"\r\n".join([line, *lines])) > 16 * 1024:
@@ -1618,7 +1539,7 @@ class Request:
         if not METHOD.fullmatch(self.method):
             return {400, 404, 405} if TOKEN.fullmatch(self.method) else {400}
         route = self.route()
-        if self.bad_length():  # RFC 9112 §6.3: 400; on /sessions the SPEC checks method and key first
+        if self.bad_length():  # RFC 9112 §6.3: 400; on /sessions method and key are checked first
             return route | {400} if self.path == b"/sessions" else {400}
         return route
 
@@ -1713,11 +1634,10 @@ def requests(framings: list[str] = FRAMINGS, trailers: list[bytes] = TRAILERS) -
     )
 
 
-def test_raw_http_requests(server_factory: Any, record_property: Any) -> None:
-    """SPEC §3 / README "Anything else": any complete request, however it is
+def test_raw_http_requests(server: Any, record_property: Any) -> None:
+    """docs/protocol.md, "HTTP API" and "Anything else": any complete request, however it is
     delivered, gets one well-formed HTTP/1.1 answer with a status those
     sections define for it (JSON, ``/metrics`` text), promptly, then close."""
-    server = start(server_factory)
     tally = Tally("raw HTTP requests")
 
     @fuzz(500)
@@ -1812,11 +1732,10 @@ complete_requests = st.one_of(
 )
 
 
-def test_truncated_requests(server_factory: Any, record_property: Any) -> None:
+def test_truncated_requests(server: Any, record_property: Any) -> None:
     """README "Anything else": a request cut short gets a clean close (at most
     a well-formed answer): at once when the client half-closes, else within
     the 10 s open timeout; never a hang, never a traceback."""
-    server = start(server_factory)
     tally = Tally("truncated HTTP requests")
     watcher = CloseWatcher()
 
@@ -1853,15 +1772,14 @@ def test_truncated_requests(server_factory: Any, record_property: Any) -> None:
 
 # -- focused properties for the defects this fuzzing found -------------------------------------------------
 # Each docstring says what was wrong and where. The broad properties above
-# accept any SPEC answer the input allows; these pin the exact one.
+# accept any documented answer the input allows; these pin the exact one.
 
 
-def test_line_limits_answer_json(server_factory: Any, record_property: Any) -> None:
-    """SPEC §3 "All HTTP answers are JSON", at the line limits. Found: a
+def test_line_limits_answer_json(server: Any, record_property: Any) -> None:
+    """docs/protocol.md, "Anything else" (every answer is JSON), at the line limits. Found: a
     request or header line of 8191–8192 bytes passed wire.py's check
     (``len(line) > 8192``, CRLF not counted) but not websockets' parser (8192
     bytes CRLF included), whose own ``text/plain`` 414/431 went out as is."""
-    server = start(server_factory)
     tally = Tally("line limits")
 
     @fuzz(40)
@@ -1890,13 +1808,12 @@ def test_line_limits_answer_json(server_factory: Any, record_property: Any) -> N
     tally.report(record_property)
 
 
-def test_invalid_framing_is_400_on_every_path(server_factory: Any, record_property: Any) -> None:
+def test_invalid_framing_is_400_on_every_path(server: Any, record_property: Any) -> None:
     """RFC 9112 §6.3 (an invalid Content-Length MUST get 400 and close) and
-    SPEC §3 "Malformed HTTP: 400" on every path but ``/sessions`` (where the
+    docs/protocol.md, "Anything else" (malformed HTTP: 400) on every path but ``/sessions`` (where the
     key comes first). Found: wire.py recorded the framing error but only
     ``/sessions`` read it (``GET /health`` → 200; a ``/ws`` upgrade → 101,
     then every frame silently dropped)."""
-    server = start(server_factory)
     tally = Tally("invalid framing")
 
     @fuzz(40)
@@ -1925,12 +1842,11 @@ def test_invalid_framing_is_400_on_every_path(server_factory: Any, record_proper
     tally.report(record_property)
 
 
-def test_upgrade_with_body_framing_keeps_frames(server_factory: Any, record_property: Any) -> None:
+def test_upgrade_with_body_framing_keeps_frames(server: Any, record_property: Any) -> None:
     """A ``/ws`` upgrade carrying body framing is refused (400/411), or its
     frames are answered. Found: it was upgraded (101) and then wire.py
     dropped every frame (``_discard``); the client waited for
     ``AUTH_TIMEOUT``."""
-    server = start(server_factory)
     tally = Tally("upgrade with body framing")
 
     @fuzz(30)
@@ -1963,12 +1879,11 @@ def test_upgrade_with_body_framing_keeps_frames(server_factory: Any, record_prop
     tally.report(record_property)
 
 
-def test_bare_lf_is_400_at_once(server_factory: Any, record_property: Any) -> None:
+def test_bare_lf_is_400_at_once(server: Any, record_property: Any) -> None:
     """README "Anything else": bare LF line endings → 400 and close, at once.
     Found: wire.py only spotted ``\\n\\n``; a bare LF right before the final
     CRLF (``Host: x\\n\\r\\n``) waited for the 10 s open timeout and closed
     with no answer."""
-    server = start(server_factory)
     tally = Tally("bare LF")
 
     @fuzz(30, phases=(Phase.explicit, Phase.generate))  # a failing case costs a 1 s wait
@@ -1995,12 +1910,11 @@ def test_bare_lf_is_400_at_once(server_factory: Any, record_property: Any) -> No
     tally.report(record_property)
 
 
-def test_half_closed_request_is_answered(server_factory: Any, record_property: Any) -> None:
+def test_half_closed_request_is_answered(server: Any, record_property: Any) -> None:
     """A complete request followed by a half-close (``shutdown(SHUT_WR)``, as
     ``nc -N`` or a probe does; RFC 9112 allows it) is answered. Found: no
     answer, on both event loops: websockets' ``eof_received`` closed the
     transport before ``process_request``'s answer was written."""
-    server = start(server_factory)
     tally = Tally("half-close")
 
     @fuzz(30)
@@ -2026,11 +1940,10 @@ def test_half_closed_request_is_answered(server_factory: Any, record_property: A
     tally.report(record_property)
 
 
-def test_head_answers_have_no_body(server_factory: Any, record_property: Any) -> None:
+def test_head_answers_have_no_body(server: Any, record_property: Any) -> None:
     """RFC 9110 §9.3.2: an answer to HEAD has no content. Found: only ``HEAD
     /health`` was right; http_api.respond() (404, 405, 426, ...) wrote the
     JSON body, which a keep-alive client would read as the next response."""
-    server = start(server_factory)
     tally = Tally("HEAD bodies")
 
     @fuzz(30)
@@ -2045,7 +1958,7 @@ def test_head_answers_have_no_body(server_factory: Any, record_property: Any) ->
     tally.report(record_property)
 
 
-def test_pipelined_frames_are_read_after_101(server_factory: Any, record_property: Any) -> None:
+def test_pipelined_frames_are_read_after_101(server: Any, record_property: Any) -> None:
     """Frames pipelined right behind the upgrade request (accepted, see
     test_wire) are read after the 101 is written. Found: wire.py handed them
     to websockets' parser with the head, so they were parsed while the
@@ -2053,7 +1966,6 @@ def test_pipelined_frames_are_read_after_101(server_factory: Any, record_propert
     ``HTTP/1.1 101``, and a frame over ``MAX_MESSAGE_BYTES`` failed the
     connection in the CONNECTING state, closing TCP with neither the 101 nor
     close 1009 (and no log line)."""
-    server = start(server_factory)
     tally = Tally("pipelined frames")
 
     @fuzz(20)
@@ -2083,7 +1995,7 @@ def test_pipelined_frames_are_read_after_101(server_factory: Any, record_propert
     tally.report(record_property)
 
 
-def test_bytes_behind_an_upgrade_header_are_answered(server_factory: Any, record_property: Any) -> None:
+def test_bytes_behind_an_upgrade_header_are_answered(server: Any, record_property: Any) -> None:
     """Any request with an ``Upgrade`` header (``websocket``, ``h2c``, ...) and
     more bytes behind it in the same segment is answered. Found: no answer at
     all on both event loops, at times with ``ERROR websockets.server:
@@ -2091,7 +2003,6 @@ def test_bytes_behind_an_upgrade_header_are_answered(server_factory: Any, record
     in ``send_response``): wire.py passed ``self._head + pending`` to the
     library, which parsed the bytes as frames during the handshake, failed,
     sent EOF, and could not send the answer process_request chose."""
-    server = start(server_factory)
     tally = Tally("bytes behind an Upgrade header")
 
     @fuzz(30)
@@ -2101,7 +2012,7 @@ def test_bytes_behind_an_upgrade_header_are_answered(server_factory: Any, record
                 (b"GET", b"/health", 200),
                 (b"GET", b"/nope", 404),
                 (b"HEAD", b"/health", 200),
-                (b"GET", b"/ws", 426),  # SPEC §3: /ws without a (complete) WebSocket upgrade
+                (b"GET", b"/ws", 426),  # "Anything else": /ws without a (complete) WebSocket upgrade
             ]
         ),
         upgrade=st.sampled_from([b"websocket", b"h2c", b"foo"]),
@@ -2125,7 +2036,7 @@ def test_bytes_behind_an_upgrade_header_are_answered(server_factory: Any, record
     tally.report(record_property)
 
 
-def test_bytes_after_the_head_are_discarded(server_factory: Any, record_property: Any) -> None:
+def test_bytes_after_the_head_are_discarded(server: Any, record_property: Any) -> None:
     """Bytes arriving in later segments after the head was handed on (a
     refused body: 400 bad Content-Length, 411 chunked, 413 over 16 KiB; or
     more requests behind one) are dropped and the answer still goes out.
@@ -2137,7 +2048,6 @@ def test_bytes_after_the_head_are_discarded(server_factory: Any, record_property
     not self.eof_sent``: no answer (a 400 whose body came in 10-byte writes:
     17 times in 20) and an ``unexpected internal error`` traceback. The
     asyncio loop lost none."""
-    server = start(server_factory)
     tally = Tally("bytes after the head")
     key = b"X-API-Key: " + K + b"\r\n"
     cases = {
@@ -2173,8 +2083,9 @@ def test_bytes_after_the_head_are_discarded(server_factory: Any, record_property
     tally.report(record_property)
 
 
-def test_check_order_method_key_framing(server_factory: Any, record_property: Any) -> None:
-    """SPEC §3 check order, as test_http pins it: on ``/sessions`` another
+def test_check_order_method_key_framing(server: Any, record_property: Any) -> None:
+    """docs/protocol.md, "POST /sessions" (the order of the checks), as test_http pins it: on
+    ``/sessions`` another
     method is 405 whatever its framing, and ``POST`` with a wrong key is 401
     before any body check (411/413/400); ``/ws`` takes its method first too.
     An invalid Content-Length on another method may be 400 (RFC 9112 §6.3)
@@ -2183,7 +2094,6 @@ def test_check_order_method_key_framing(server_factory: Any, record_property: An
     wrong key with ``Content-Length: abc`` → 400 (test_http's
     test_api_key_is_checked_before_the_body fails too), ``POST /ws`` without
     Content-Length → 411, ``PUT /ws`` with a small body → 400."""
-    server = start(server_factory)
     tally = Tally("check order")
 
     @fuzz(40)

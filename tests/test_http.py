@@ -16,10 +16,7 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from typing import Any
@@ -27,30 +24,31 @@ from typing import Any
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from conftest import API_KEY, closed_with, free_port, join, recv_json, send_json
+from conftest import (
+    API_KEY,
+    attempt,
+    closed_with,
+    connect_raw,
+    daemon_env,
+    free_port,
+    health,
+    join,
+    parse_response,
+    read_until_closed,
+    recv_json,
+    ride,
+    run_daemon,
+    send_json,
+    upgrade_head,
+)
 from intaleq_signal.http_api import is_loopback_peer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 JSON_HEADERS = {"X-API-Key": API_KEY, "Content-Type": "application/json"}
-WS_UPGRADE = (
-    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-#: Every variable of SPEC §2 (plus the development SQLite path), stripped from
-#: the environment of the config-error subprocesses.
-CONFIG_VARS = (
-    "SERVER_ADDR API_KEY LOG_LEVEL LOG_FORMAT MAX_MESSAGE_BYTES HEARTBEAT_INTERVAL HEARTBEAT_TIMEOUT "
-    "SESSION_DURATION AUTH_TIMEOUT RECONNECT_GRACE RATE_LIMIT_PER_MIN TRUSTED_PROXIES MAX_SESSIONS "
-    "ENVIRONMENT DB_HOST DB_PORT DB_DATABASE DB_USERNAME DB_PASSWORD DB_POOL_SIZE SQLITE_PATH"
-).split()
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def ride() -> str:
-    return f"ride-{uuid.uuid4()}"
 
 
 def session_body(ride_id: str, driver_id: str = "driver-1", passenger_id: str = "passenger-1") -> bytes:
@@ -78,40 +76,6 @@ def assert_error(
     return document
 
 
-def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
-    """One raw HTTP/1.1 response: ``(status, lower-cased headers, body)``."""
-    head, sep, body = data.partition(b"\r\n\r\n")
-    assert sep, data
-    lines = head.decode("latin-1").split("\r\n")
-    assert lines[0].startswith("HTTP/1.1 "), data
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ")[1]), headers, body
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
-    """Read until the server closes: ``(data, closed)``; ``closed`` is False
-    when ``timeout`` passed with the connection still open."""
-    deadline = time.monotonic() + timeout
-    chunks = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return b"".join(chunks), False
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            return b"".join(chunks), False
-        except ConnectionResetError:
-            return b"".join(chunks), True
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-
-
 def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
     deadline = time.monotonic() + timeout
     data = b""
@@ -121,12 +85,6 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> byte
         assert chunk, f"closed before {marker!r}: {data!r}"
         data += chunk
     return data
-
-
-def connect_raw(server: Any) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 def exchange(server: Any, *pieces: bytes, delay: float = 0.0, timeout: float = 5.0) -> tuple[bytes, bool]:
@@ -148,95 +106,11 @@ def post_head(length: int | None, *extra: str, key: str = API_KEY) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-async def attempt(server: Any, headers: dict[str, str] | None = None) -> int:
-    """One WebSocket upgrade attempt: 101, or the HTTP status refusing it."""
-    try:
-        async with server.ws(additional_headers=headers or {}):
-            return 101
-    except InvalidStatus as exc:
-        return exc.response.status_code
-
-
 def attempts(server: Any, *headers: dict[str, str] | None) -> list[int]:
     async def run() -> list[int]:
         return [await attempt(server, h) for h in headers]
 
     return asyncio.run(run())
-
-
-def health(server: Any) -> dict[str, Any]:
-    status, headers, body = server.request("GET", "/health")
-    assert status == 200, body
-    return json.loads(body)
-
-
-def daemon_env(tmp_path: Any, **overrides: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
-    env.update(
-        API_KEY=API_KEY,
-        ENVIRONMENT="development",
-        SERVER_ADDR=f"127.0.0.1:{free_port()}",
-        SQLITE_PATH=str(tmp_path / "calls.sqlite3"),
-    )
-    for name, value in overrides.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-class Daemon:
-    """``python -m intaleq_signal ARGS`` with exactly ``env`` (no fixture defaults)."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "intaleq_signal", *args],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._listening = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if "listening on" in line:
-                self._listening.set()
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_listening(self, timeout: float = 15) -> str:
-        assert self._listening.wait(timeout), self.log
-        return next(line for line in self.lines if "listening on" in line)
-
-    def stop(self) -> int:
-        """SIGTERM if still running; the exit status (killed after 15 s)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._reader.join(5)
-        return code
-
-
-def sqlite3_rows(path: Any) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(str(path))
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(row) for row in conn.execute("SELECT * FROM call_logs ORDER BY id")]
-    finally:
-        conn.close()
 
 
 # -- POST /sessions: success, API key ------------------------------------------------
@@ -982,7 +856,7 @@ def test_while_stopping_sessions_and_health_are_503(server) -> None:
     with connect_raw(server) as lingering:
         # a WebSocket client that never answers the closing handshake keeps the
         # server in its stopping phase for the close timeout
-        lingering.sendall(WS_UPGRADE)
+        lingering.sendall(upgrade_head())
         assert read_until(lingering, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -1019,35 +893,25 @@ def test_sigint_ends_waiting_session_and_exits_0(server) -> None:
     assert "KeyboardInterrupt" not in server.log
 
 
-def test_sigterm_with_idle_http_client_exits_promptly(tmp_path) -> None:
+def test_sigterm_with_idle_http_client_exits_promptly(server_factory) -> None:
     """SPEC §6: SIGTERM exits 0 within a few seconds, call log flushed, even with an idle HTTP client open."""
-    port = free_port()
-    env = daemon_env(tmp_path, SERVER_ADDR=f"127.0.0.1:{port}", LOG_LEVEL="info")
-    daemon = Daemon([], env)
-    try:
-        daemon.wait_listening()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("POST", "/sessions", session_body(ride()), JSON_HEADERS)
-        response = conn.getresponse()
-        session = json.loads(response.read())
-        conn.close()
-        assert response.status == 200, session
-        address = ("127.0.0.1", port)
-        with socket.create_connection(address), socket.create_connection(address) as half:
-            half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-            time.sleep(0.2)
-            started = time.monotonic()
-            daemon.proc.send_signal(signal.SIGTERM)
-            try:
-                code = daemon.proc.wait(6)
-            except subprocess.TimeoutExpired:
-                code = None
-            elapsed = time.monotonic() - started
-    finally:
-        daemon.stop()
-    assert code == 0 and elapsed < 5, (code, elapsed, daemon.log)
-    assert "Traceback" not in daemon.log, daemon.log
-    rows = sqlite3_rows(tmp_path / "calls.sqlite3")
+    server = server_factory(LOG_LEVEL="info")
+    session = server.new_session()
+    address = ("127.0.0.1", server.port)
+    with socket.create_connection(address), socket.create_connection(address) as half:
+        half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.2)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            code = server.proc.wait(6)
+        except subprocess.TimeoutExpired:
+            code = None
+        elapsed = time.monotonic() - started
+    assert code == 0 and elapsed < 5, (code, elapsed, server.log)
+    assert server.stop() == 0
+    assert "Traceback" not in server.log, server.log
+    rows = server.call_logs()
     assert [(r["session_id"], r["end_reason"]) for r in rows] == [(session["session_id"], "server_shutdown")]
 
 
@@ -1078,10 +942,7 @@ def test_sigterm_with_idle_http_client_exits_promptly(tmp_path) -> None:
 )
 def test_config_error_exits_78_naming_the_variable(tmp_path, overrides: dict, variable: str) -> None:
     """SPEC §2: bad configuration → exit status 78 and one stderr line naming the variable."""
-    env = daemon_env(tmp_path, **overrides)
-    result = subprocess.run(
-        [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=15
-    )
+    result = run_daemon(daemon_env(tmp_path, **overrides))
     assert result.returncode == 78, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -1094,14 +955,7 @@ def test_config_error_exits_78_naming_the_variable(tmp_path, overrides: dict, va
 def test_unedited_env_example_exits_78_naming_api_key(tmp_path) -> None:
     """docs/operations.md: started with .env.example as it ships (its placeholder API_KEY),
     the daemon stops at once: exit 78, one line naming API_KEY, the value not echoed."""
-    env = daemon_env(tmp_path, API_KEY=None)
-    result = subprocess.run(
-        [sys.executable, "-m", "intaleq_signal", "--env-file", os.path.join(ROOT, ".env.example")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
+    result = run_daemon(daemon_env(tmp_path, API_KEY=None), "--env-file", os.path.join(ROOT, ".env.example"))
     assert result.returncode == 78, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -1114,19 +968,13 @@ def test_env_file_missing_or_malformed_exits_78(tmp_path) -> None:
     bad = tmp_path / "bad.env"
     bad.write_text("API_KEY\n")
     for path in (str(tmp_path / "missing.env"), str(bad)):
-        result = subprocess.run(
-            [sys.executable, "-m", "intaleq_signal", "--env-file", path],
-            env=daemon_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=15,
-        )
+        result = run_daemon(daemon_env(tmp_path), "--env-file", path)
         assert result.returncode == 78, result
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert path in result.stderr or "env-file" in result.stderr, result.stderr
 
 
-def test_env_file_is_loaded_and_real_environment_wins(tmp_path) -> None:
+def test_env_file_is_loaded_and_real_environment_wins(server_factory, tmp_path) -> None:
     """SPEC §2: --env-file loads KEY=VALUE (comments, quotes, export); real environment variables win."""
     file_key = "file-api-key-" + "k" * 32
     file_port, real_port = free_port(), free_port()
@@ -1141,22 +989,21 @@ def test_env_file_is_loaded_and_real_environment_wins(tmp_path) -> None:
         f"SQLITE_PATH='{tmp_path / 'from-file.sqlite3'}'\n"
         "SESSION_DURATION=42s\n"
     )
-    env = daemon_env(tmp_path, API_KEY=None, ENVIRONMENT=None, SQLITE_PATH=None)
-    env.update(SERVER_ADDR=f"127.0.0.1:{real_port}", LOG_LEVEL="info")
-    daemon = Daemon(["--env-file", str(env_file)], env)
-    try:
-        assert f"127.0.0.1:{real_port}" in daemon.wait_listening()
-        conn = http.client.HTTPConnection("127.0.0.1", real_port, timeout=5)
-        conn.request("POST", "/sessions", session_body(ride()), {"X-API-Key": file_key})
-        response = conn.getresponse()
-        document = json.loads(response.read())
-        conn.close()
-        assert response.status == 200, document
-        assert document["expires_in"] == 42
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", file_port), timeout=1).close()
-    finally:
-        code = daemon.stop()
-    assert code == 0, daemon.log
+    server = server_factory(
+        "--env-file",
+        str(env_file),
+        API_KEY=None,
+        ENVIRONMENT=None,
+        SQLITE_PATH=None,
+        SERVER_ADDR=f"127.0.0.1:{real_port}",
+        LOG_LEVEL="info",
+    )
+    assert f"127.0.0.1:{real_port}" in server.wait_for_log("listening on")
+    status, document = server.post_session(ride(), key=file_key)
+    assert status == 200, document
+    assert document["expires_in"] == 42
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", file_port), timeout=1).close()
+    assert server.stop() == 0, server.log
     assert (tmp_path / "from-file.sqlite3").exists()
-    assert file_key not in daemon.log
+    assert file_key not in server.log

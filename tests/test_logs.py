@@ -4,12 +4,10 @@ is a file standing in for journald's stream."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import API_KEY, free_port, wait_until
+from conftest import daemon_env, run_daemon
 from intaleq_signal.logs import stderr_is_journal, syslog_priority
 
 #: Logs one record per level, a two-line message and an exception with its
@@ -112,43 +110,18 @@ def test_no_priorities_when_stderr_is_not_the_journal(tmp_path, fmt: str, journa
     assert not any(line.startswith("<") for line in lines), lines
 
 
-def test_daemon_logs_with_priorities_on_the_journal(tmp_path) -> None:
+def test_daemon_logs_with_priorities_on_the_journal(server_factory, tmp_path) -> None:
     """sd-daemon(3): the daemon itself, stderr on the journal: "listening on" is <6>,
     a wrong API key <4>, so `journalctl -p warning` shows the latter only."""
     path = tmp_path / "daemon.log"
     path.touch()
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "DB_USERNAME")},
-        "SERVER_ADDR": f"127.0.0.1:{port}",
-        "API_KEY": API_KEY,
-        "ENVIRONMENT": "development",
-        "SQLITE_PATH": str(tmp_path / "calls.sqlite3"),
-        "LOG_LEVEL": "info",
-        "JOURNAL_STREAM": stream_id(path),
-    }
-    with open(path, "w", encoding="utf-8") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "intaleq_signal"], env=env, stderr=stderr)
-    try:
-
-        def logged(text: str) -> str | None:
-            assert proc.poll() is None, path.read_text(encoding="utf-8")
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return next((line for line in lines if text in line), None)
-
-        listening = wait_until(lambda: logged("listening on"), explain=path.read_text)
-        assert listening.startswith("<6>"), listening
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("POST", "/sessions", b"{}", {"X-API-Key": "w" * 40})
-        assert conn.getresponse().status == 401
-        conn.close()
-        assert wait_until(lambda: logged("wrong API key"), explain=path.read_text).startswith("<4>")
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        code = proc.wait(15)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert code == 0, lines
+    server = server_factory(stderr_path=path, LOG_LEVEL="info", JOURNAL_STREAM=stream_id(path))
+    listening = server.wait_for_log("listening on")
+    assert listening.startswith("<6>"), listening
+    assert server.request("POST", "/sessions", b"{}", {"X-API-Key": "w" * 40})[0] == 401
+    assert server.wait_for_log("wrong API key").startswith("<4>")
+    assert server.stop() == 0, server.log
+    lines = server.log.splitlines()
     assert lines and all(re.match(r"<[2-7]>\S", line) for line in lines), lines
 
 
@@ -189,17 +162,10 @@ def test_the_line_that_stops_the_process_is_an_error_on_the_journal(tmp_path) ->
     for journal in (True, False):
         path = tmp_path / f"stop-{journal}.log"
         path.touch()
-        env = {
-            **{k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "DB_USERNAME")},
-            "API_KEY": "short",
-            **({"JOURNAL_STREAM": stream_id(path)} if journal else {}),
-        }
-        with open(path, "w", encoding="utf-8") as stderr:
-            done = subprocess.run(
-                [sys.executable, "-m", "intaleq_signal"], env=env, stderr=stderr, timeout=30
-            )
+        journal_stream = {"JOURNAL_STREAM": stream_id(path)} if journal else {}
+        done = run_daemon(daemon_env(tmp_path, API_KEY="short", **journal_stream), stderr_path=path)
         assert done.returncode == 78
-        [line] = path.read_text(encoding="utf-8").splitlines()
+        [line] = done.stderr.splitlines()
         expected = (
             "<3>intaleq-signal: configuration error: API_KEY" if journal else "intaleq-signal: configuration"
         )

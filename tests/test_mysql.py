@@ -1,4 +1,5 @@
-"""The MySQL call log against the real MariaDB/MySQL of this machine (SPEC §5).
+"""The MySQL call log against the real MariaDB/MySQL of this machine
+(docs/protocol.md, "Call log"; docs/operations.md, "Call log and journal").
 
 Each test gets a database with a random name, dropped afterwards. The outage
 tests put a TCP proxy the test controls between the daemon and the database.
@@ -8,37 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import closed_with, join, recv_json, send_json, wait_until
+from conftest import (
+    CALL_LOG_COLUMNS,
+    closed_with,
+    connected_call,
+    health,
+    metric,
+    recv_json,
+    run_daemon,
+    send_json,
+    utcnow,
+    wait_until,
+)
 from intaleq_signal.calllog.mysql import DDL
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-
-
-def health(server) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5) as response:
-        return json.loads(response.read())
-
-
-async def connected_call(server, session):
-    driver, _ = await join(server, session, "driver-1")
-    passenger, _ = await join(server, session, "passenger-1")
-    await recv_json(passenger)  # participant_joined
-    await recv_json(driver)
-    return driver, passenger
-
-
 def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
-    """SPEC §5: the table is created at start from database.sql (one source of truth)."""
+    """docs/operations.md, "MySQL user and grants": the table is created at start from
+    database.sql (one source of truth)."""
     assert (ROOT / "database.sql").read_text(encoding="utf-8") == DDL
     server_factory(**db.server_env())
     wait_until(lambda: db.query("SHOW TABLES LIKE 'call_logs'"))
@@ -50,20 +44,7 @@ def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
             db.name,
         )
     }
-    assert set(columns) == {
-        "id",
-        "session_id",
-        "ride_id",
-        "driver_id",
-        "passenger_id",
-        "status",
-        "initiated_by",
-        "end_reason",
-        "created_at",
-        "connected_at",
-        "ended_at",
-        "node_id",
-    }
+    assert set(columns) == set(CALL_LOG_COLUMNS)
     assert columns["session_id"]["CHARACTER_MAXIMUM_LENGTH"] == 36
     [table] = db.query(
         "SELECT ENGINE, TABLE_COLLATION FROM information_schema.TABLES"
@@ -81,7 +62,7 @@ def test_ddl_is_database_sql_and_creates_the_table(server_factory, db) -> None:
 
 
 def test_every_end_reason_gives_its_row(server_factory, db) -> None:
-    """SPEC §5: created → active → ended rows with event times, for every end reason."""
+    """docs/protocol.md, "Call log": created → active → ended rows with event times, for every end reason."""
     server = server_factory(SESSION_DURATION="2s", RECONNECT_GRACE="300ms", **db.server_env())
     before = utcnow() - datetime.timedelta(seconds=1)
     sessions = {}
@@ -149,7 +130,8 @@ def test_every_end_reason_gives_its_row(server_factory, db) -> None:
 
 
 def test_hundreds_of_parallel_sessions(server_factory, db) -> None:
-    """SPEC §5: concurrent sessions and calls over DB_POOL_SIZE threads all land, each in order."""
+    """docs/operations.md, "Call log and journal": concurrent sessions and calls over
+    DB_POOL_SIZE threads all land, each in order."""
     server = server_factory(DB_POOL_SIZE="4", **db.server_env())
     with ThreadPoolExecutor(16) as pool:
         sessions = list(pool.map(lambda i: server.new_session(ride_id=f"par-{i}"), range(300)))
@@ -183,7 +165,8 @@ def test_hundreds_of_parallel_sessions(server_factory, db) -> None:
 
 
 def test_outage_mid_run_loses_nothing_and_does_not_touch_calls(server_factory, db, proxy) -> None:
-    """SPEC §5: MySQL cut for seconds during live calls: signaling unaffected, every record lands in order."""
+    """docs/operations.md, "Call log and journal": MySQL cut for seconds during live calls:
+    signaling unaffected, every record lands in order."""
     server = server_factory(**db.server_env(proxy.port))
     wait_until(lambda: health(server)["database"] == "ok")
     early = [server.new_session(ride_id=f"early-{i}") for i in range(5)]
@@ -235,7 +218,8 @@ def test_outage_mid_run_loses_nothing_and_does_not_touch_calls(server_factory, d
 
 
 def test_start_with_mysql_unreachable(server_factory, db, proxy) -> None:
-    """SPEC §5: the daemon starts and serves with the database down; records land when it comes."""
+    """docs/operations.md, "Call log and journal": the daemon starts and serves with the
+    database down; records land when it comes."""
     proxy.cut()
     server = server_factory(**db.server_env(proxy.port))
     assert health(server)["database"] == "unavailable"
@@ -263,7 +247,8 @@ def test_start_with_mysql_unreachable(server_factory, db, proxy) -> None:
 
 
 def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> None:
-    """SPEC §5: credentials errors are reported clearly, not retried in a hot loop; signaling works."""
+    """docs/operations.md, "Troubleshooting": credentials errors are reported clearly, not
+    retried in a hot loop; signaling works."""
     env = db.server_env()
     env["DB_USERNAME"] = "no_such_user_intaleq"
     env["DB_PASSWORD"] = "wrong"
@@ -273,20 +258,14 @@ def test_wrong_credentials_reported_without_hot_retry(server_factory, db) -> Non
     session = server.new_session(ride_id="bad-credentials")
     assert session["expires_in"] == 60
     time.sleep(2)
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
-        metrics = response.read().decode()
-    failed = next(
-        line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_failed_total ")
-    )
-    assert int(failed.split()[1]) <= 2 * int(env.get("DB_POOL_SIZE", "4")), server.log
-    pending = next(
-        line for line in metrics.splitlines() if line.startswith("intaleq_calllog_writes_pending ")
-    )
-    assert int(pending.split()[1]) == 2  # the restart clean-up and the session's row, both kept
+    failed = metric(server, "intaleq_calllog_writes_failed_total")
+    assert failed <= 2 * int(env.get("DB_POOL_SIZE", "4")), server.log
+    assert metric(server, "intaleq_calllog_writes_pending") == 2  # the restart clean-up and the session's row
 
 
 def test_sigkill_then_restart_closes_open_rows_as_server_restart(server_factory, db, tmp_path) -> None:
-    """SPEC §5 / issue 7: after a SIGKILL, ended calls keep their final row; rows left open end as
+    """docs/protocol.md, "End reasons" (server_restart): after a SIGKILL, ended calls keep
+    their final row; rows left open end as
     server_restart at the restart; new calls work."""
     env = {
         "SESSION_DURATION": "10m",
@@ -593,26 +572,13 @@ def test_table_of_the_first_edition_gets_node_id_at_start(server_factory, db) ->
     assert rows["new-ride"]["node_id"] == "node-m"
 
 
-def metric(server, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def test_unusable_or_shared_journal_exits_78_naming_it(server_factory, db, tmp_path) -> None:
     """A journal that cannot be opened, or that another instance holds,
     stops the start with one line naming JOURNAL_PATH (exit 78)."""
-    import subprocess
-    import sys
-
     first = server_factory(JOURNAL_PATH=str(tmp_path / "shared"), **db.server_env())
     for path, words in ((tmp_path / "no-such-dir" / "j", "cannot be used"), (tmp_path / "shared", "in use")):
         env = {**first.env, "SERVER_ADDR": "127.0.0.1:0", "JOURNAL_PATH": str(path)}
-        done = subprocess.run(
-            [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=30
-        )
+        done = run_daemon(env)
         assert done.returncode == 78, done.stderr
         assert done.stderr.count("\n") == 1 and "JOURNAL_PATH=" in done.stderr and words in done.stderr, (
             done.stderr

@@ -1,4 +1,4 @@
-"""The Nginx block of docs/operations.md in front of the real daemon (SPEC §3, §4, §6).
+"""The Nginx block of docs/operations.md in front of the real daemon.
 
 The ```nginx block is read from docs/operations.md, section "Nginx and TLS",
 at test time and changed only as far as a loopback test without TLS needs:
@@ -13,7 +13,6 @@ not skip, without one.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import re
@@ -27,10 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
 
-from conftest import API_KEY, join, recv_json, relay_and_end
+from conftest import API_KEY, Endpoint, attempt, connected_call, free_port, relay_and_end, wait_until
 
 #: Where the documented Nginx block lives (it used to be README.md).
 OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
@@ -135,14 +132,14 @@ def nginx_binary() -> str:
     return found
 
 
-class NginxProcess:
+class NginxProcess(Endpoint):
     """Nginx in the foreground with the README block, proxying to ``upstream_port``."""
 
     def __init__(self, upstream_port: int, prefix: Path) -> None:
         self.binary = nginx_binary()
         self.prefix = prefix
         prefix.mkdir()
-        self.port = _free_port()
+        self.port = free_port()
         self.error_log = prefix / "error.log"
         self.access_log = prefix / "access.log"
         self.conf = prefix / "nginx.conf"
@@ -201,39 +198,6 @@ class NginxProcess:
         self.proc.kill()
         return self.proc.wait(5)
 
-    def request(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            if isinstance(body, dict):
-                body = json.dumps(body).encode()
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        finally:
-            conn.close()
-
-    def new_session(self, ride_id: str) -> dict[str, Any]:
-        status, _, data = self.request(
-            "POST",
-            "/sessions",
-            {"ride_id": ride_id, "driver_id": "driver-1", "passenger_id": "passenger-1"},
-            {"X-API-Key": API_KEY, "Content-Type": "application/json"},
-        )
-        assert status == 200, (status, data, self.log)
-        return json.loads(data)
-
-    def ws(self, **kwargs: Any) -> Any:
-        """A websockets client to ``ws://<nginx>/ws`` (so ``conftest.join`` works through Nginx)."""
-        return connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=5, **kwargs)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def nginx_factory(tmp_path: Path, server_factory: Any) -> Iterator[Any]:
@@ -256,7 +220,7 @@ def nginx_factory(tmp_path: Path, server_factory: Any) -> Iterator[Any]:
 
 
 def test_readme_block_is_loopback_testable() -> None:
-    """Issue: the README's Nginx block keeps the map, the upgrade headers and X-Real-IP (SPEC §6)."""
+    """docs/operations.md, "Nginx and TLS": the block keeps the map, the upgrade headers and X-Real-IP."""
     config = loopback_config(readme_nginx_block(), 12345, 23456)
     assert "listen 127.0.0.1:12345;" in config
     assert "proxy_pass http://127.0.0.1:23456;" in config
@@ -266,7 +230,7 @@ def test_readme_block_is_loopback_testable() -> None:
 
 
 def test_post_sessions_through_nginx(server_factory, nginx_factory) -> None:
-    """SPEC §3: POST /sessions with the API key works through the README's Nginx block."""
+    """docs/protocol.md, "POST /sessions": with the API key it works through the documented Nginx block."""
     server = server_factory()
     nginx = nginx_factory(server)
     body = {"ride_id": "ride-nginx", "driver_id": "driver-1", "passenger_id": "passenger-1"}
@@ -283,17 +247,14 @@ def test_post_sessions_through_nginx(server_factory, nginx_factory) -> None:
 
 
 def test_full_call_through_nginx(server_factory, nginx_factory) -> None:
-    """SPEC §4/§6: a whole call (join, offer/answer/ICE relay, end_call, close 1000) through Nginx."""
+    """docs/operations.md, "Nginx and TLS": a whole call (join, offer/answer/ICE relay,
+    end_call, close 1000) through Nginx."""
     server = server_factory()
     nginx = nginx_factory(server)
     session = nginx.new_session("ride-nginx-call")
 
     async def scenario() -> None:
-        driver, _ = await join(nginx, session, "driver-1")
-        passenger, _ = await join(nginx, session, "passenger-1")
-        assert await recv_json(passenger) == {"type": "participant_joined", "role": "driver"}
-        assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
-
+        driver, passenger = await connected_call(nginx, session)
         await relay_and_end(driver, passenger)
 
     asyncio.run(scenario())
@@ -309,7 +270,7 @@ def test_full_call_through_nginx(server_factory, nginx_factory) -> None:
 
 
 def test_metrics_denied_by_nginx_but_served_on_loopback(server_factory, nginx_factory) -> None:
-    """SPEC §3 GET /metrics: Nginx denies it (403); a direct loopback client gets 200."""
+    """docs/protocol.md, "GET /metrics": Nginx denies it (403); a direct loopback client gets 200."""
     server = server_factory()
     nginx = nginx_factory(server)
     status, _, data = nginx.request("GET", "/metrics")
@@ -320,30 +281,25 @@ def test_metrics_denied_by_nginx_but_served_on_loopback(server_factory, nginx_fa
 
 
 def test_connection_limit_counts_nginx_x_real_ip(server_factory, nginx_factory) -> None:
-    """SPEC §4 first rule: behind Nginx the per-IP limit counts X-Real-IP, which Nginx overwrites."""
+    """docs/protocol.md, "Connecting": behind Nginx the per-IP limit counts X-Real-IP, which
+    Nginx overwrites."""
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     nginx = nginx_factory(server)
 
-    async def status_of(client: Any) -> int:
-        try:
-            async with client:
-                return 101
-        except InvalidStatus as exc:
-            return exc.response.status_code
-
     async def scenario() -> None:
         # Every test client is 127.0.0.1, so Nginx sends X-Real-IP: 127.0.0.1 for all of them.
-        for attempt in range(3):
-            assert await status_of(nginx.ws()) == 101, f"upgrade {attempt + 1} through Nginx refused"
-        assert await status_of(nginx.ws()) == 429
+        for n in range(3):
+            assert await attempt(nginx) == 101, f"upgrade {n + 1} through Nginx refused"
+        assert await attempt(nginx) == 429
         # Counted per X-Real-IP value, not per TCP peer: another client IP from the same
         # trusted peer (a direct connection to the daemon) still gets in.
-        assert await status_of(server.ws(additional_headers={"X-Real-IP": "203.0.113.9"})) == 101
+        assert await attempt(server, {"X-Real-IP": "203.0.113.9"}) == 101
         # Nginx replaces a client-supplied X-Real-IP with $remote_addr, so spoofing does not escape the limit.
-        assert await status_of(nginx.ws(additional_headers={"X-Real-IP": "198.51.100.1"})) == 429
+        assert await attempt(nginx, {"X-Real-IP": "198.51.100.1"}) == 429
 
     asyncio.run(scenario())
-    server.wait_for_log(REFUSED)
+    # both refusals were logged before their 429s went out; wait until both are read
+    wait_until(lambda: server.log.count(REFUSED) >= 2, timeout=5, explain=lambda: server.log)
     refused = [line for line in server.log.splitlines() if REFUSED in line]
     assert len(refused) == 2, refused
     assert all(line.endswith(REFUSED + "127.0.0.1") for line in refused), refused

@@ -1,5 +1,6 @@
-"""Production operation (SPEC §3 /metrics, §6): systemd notifications and
-unit hardening, Prometheus exposition, logging content and format."""
+"""Production operation (docs/operations.md, "systemd", "Logs", "Health and
+metrics"): systemd notifications and unit hardening, Prometheus exposition,
+logging content and format."""
 
 from __future__ import annotations
 
@@ -12,15 +13,13 @@ import shutil
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_KEY, closed_with, join, recv_json, send_json
+from conftest import API_KEY, closed_with, connected_call, recv_json, run_daemon, send_json
 from intaleq_signal.config import MAX_DB_POOL_SIZE, MAX_THREADS, OTHER_THREADS
 from intaleq_signal.systemd import Notifier
 
@@ -58,10 +57,7 @@ def run_call(server, ride_id: str) -> None:
     session = server.new_session(ride_id=ride_id)
 
     async def scenario() -> None:
-        driver, _ = await join(server, session, "driver-1")
-        passenger, _ = await join(server, session, "passenger-1")
-        await recv_json(passenger)
-        await recv_json(driver)
+        driver, passenger = await connected_call(server, session)
         await send_json(driver, {"type": "offer", "sdp": SDP_OFFER})
         assert (await recv_json(passenger))["sdp"] == SDP_OFFER
         await send_json(passenger, {"type": "answer", "sdp": SDP_ANSWER})
@@ -76,7 +72,8 @@ def run_call(server, ride_id: str) -> None:
 
 
 def test_ready_watchdog_and_stopping_notifications(server_factory, notify_socket) -> None:
-    """Issue 4 / SPEC §6: READY=1 once listening, WATCHDOG=1 from the loop, STOPPING=1 on SIGTERM."""
+    """docs/operations.md, "systemd": READY=1 once listening, WATCHDOG=1 from the loop,
+    STOPPING=1 on SIGTERM."""
     path, sock = notify_socket
     server = server_factory(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000")
     ready = datagrams(sock, "READY=1")
@@ -121,7 +118,7 @@ def test_notifier_abstract_socket_address() -> None:
 
 
 def test_unit_file_directives() -> None:
-    """SPEC §6: the unit has the settings the operation depends on."""
+    """docs/operations.md, "systemd": the unit has the settings the operation depends on."""
     unit = (ROOT / "intaleq-signal.service").read_text()
     directives = {line.strip() for line in unit.splitlines() if "=" in line and not line.startswith("#")}
     for required in (
@@ -194,7 +191,8 @@ def test_unit_file_verifies_without_warnings(tmp_path) -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 def test_unit_security_exposure_is_ok() -> None:
-    """Issue 4: systemd-analyze security rates the unit OK or better (exposure <= 2.0)."""
+    """docs/operations.md, "systemd": systemd-analyze security rates the unit OK or better
+    (exposure <= 2.0)."""
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", str(ROOT / "intaleq-signal.service")],
         capture_output=True,
@@ -208,13 +206,14 @@ def test_unit_security_exposure_is_ok() -> None:
 
 
 def test_metrics_parse_as_prometheus_text(server) -> None:
-    """SPEC §3: /metrics is valid exposition text with the listed counters, gauges and a histogram."""
+    """docs/protocol.md, "GET /metrics": valid exposition text with the listed counters, gauges
+    and a histogram."""
     run_call(server, "ride-metrics")
     server.post_session(key="wrong-key-for-metrics-" * 2)
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    families = {family.name: family for family in text_string_to_metric_families(text)}
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in families.values()
@@ -248,7 +247,8 @@ def test_metrics_parse_as_prometheus_text(server) -> None:
 
 
 def test_info_logs_never_carry_key_sdp_or_candidates(server_factory) -> None:
-    """SPEC §6: a full call at info logs its events but never the API key, SDP bodies or candidates."""
+    """docs/operations.md, "Logs": a full call at info logs its events but never the API key,
+    SDP bodies or candidates."""
     server = server_factory(LOG_LEVEL="info")
     server.post_session(key="x" * 40)  # a wrong key is logged, never echoed
     run_call(server, "ride-log-leak")
@@ -277,14 +277,14 @@ def test_info_logs_never_carry_key_sdp_or_candidates(server_factory) -> None:
 
 
 def test_debug_logs_show_relayed_messages(server_factory) -> None:
-    """SPEC §6: SDP and candidates appear only at debug level."""
+    """docs/operations.md, "Logs": SDP and candidates appear only at debug level."""
     server = server_factory(LOG_LEVEL="debug")
     run_call(server, "ride-debug")
     assert "secret-offer-marker" in server.log
 
 
 def test_json_log_format_is_one_object_per_line(server_factory) -> None:
-    """SPEC §2/§6: LOG_FORMAT=json writes one JSON object per line."""
+    """docs/operations.md, "Logs": LOG_FORMAT=json writes one JSON object per line."""
     server = server_factory(LOG_FORMAT="json", LOG_LEVEL="info")
     run_call(server, "ride-json")
     assert server.stop() == 0
@@ -296,7 +296,7 @@ def test_json_log_format_is_one_object_per_line(server_factory) -> None:
 
 
 def test_refused_connection_logged_with_reason_and_ip(server) -> None:
-    """Issue 4: a refused connection is one line with its reason and the client IP."""
+    """docs/operations.md, "Logs": a refused connection is one line with its reason and the client IP."""
 
     async def scenario() -> None:
         async with server.ws(additional_headers={"X-Real-IP": "203.0.113.50"}) as ws:
@@ -318,9 +318,7 @@ def test_port_in_use_is_one_line_and_writes_nothing(server, tmp_path) -> None:
         "LOG_LEVEL": "info",
         "JOURNAL_STREAM": "",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=30
-    )
+    done = run_daemon(env)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [

@@ -1,5 +1,6 @@
-"""Unit tests of client identity and rate limits (SPEC §3 API-key failures,
-§4 first rule and rule 7). The clock is passed in explicitly."""
+"""Unit tests of client identity and rate limits (the wrong API keys of
+docs/protocol.md, "POST /sessions"; "Connecting"; rule 7). The clock is
+passed in explicitly."""
 
 from __future__ import annotations
 
@@ -19,23 +20,23 @@ TRUSTED = frozenset({"127.0.0.1", "::1"})
     [{}, {"X-Real-IP": "203.0.113.9"}, {"X-Forwarded-For": "203.0.113.9"}],
 )
 def test_untrusted_peer_ignores_headers(headers):
-    """SPEC §4: the client IP is the TCP peer unless the peer is in TRUSTED_PROXIES."""
+    """docs/protocol.md, "Connecting": the client IP is the TCP peer unless the peer is in TRUSTED_PROXIES."""
     assert client_ip("198.51.100.7", headers, TRUSTED) == "198.51.100.7"
 
 
 def test_trust_nobody():
-    """SPEC §2/§4: an empty TRUSTED_PROXIES believes no header, even from loopback."""
+    """docs/protocol.md, "Connecting": an empty TRUSTED_PROXIES believes no header, even from loopback."""
     assert client_ip("127.0.0.1", {"X-Real-IP": "203.0.113.9"}, frozenset()) == "127.0.0.1"
 
 
 def test_trusted_peer_uses_x_real_ip():
-    """SPEC §4: from a trusted proxy, X-Real-IP is the client."""
+    """docs/protocol.md, "Connecting": from a trusted proxy, X-Real-IP is the client."""
     headers = {"X-Real-IP": "203.0.113.9", "X-Forwarded-For": "192.0.2.1, 192.0.2.2"}
     assert client_ip("127.0.0.1", headers, TRUSTED) == "203.0.113.9"
 
 
 def test_trusted_ipv6_peer_uses_x_real_ip():
-    """SPEC §4: IPv6 proxies and clients work the same."""
+    """docs/protocol.md, "Connecting": IPv6 proxies and clients work the same."""
     assert client_ip("::1", {"X-Real-IP": "2001:db8::7"}, TRUSTED) == "2001:db8::7"
 
 
@@ -49,19 +50,21 @@ def test_trusted_ipv6_peer_uses_x_real_ip():
     ],
 )
 def test_trusted_peer_falls_back_to_last_forwarded_for(forwarded, expected):
-    """SPEC §4: without X-Real-IP, the last address of X-Forwarded-For (the one the proxy added)."""
+    """docs/protocol.md, "Connecting": without X-Real-IP, the last address of X-Forwarded-For
+    (the one the proxy added)."""
     assert client_ip("127.0.0.1", {"X-Forwarded-For": forwarded}, TRUSTED) == expected
 
 
 def test_ipv4_mapped_loopback_peer_is_trusted():
-    """SPEC §4: a trusted proxy seen as an IPv4-mapped address (::ffff:127.0.0.1) is still trusted."""
+    """docs/protocol.md, "Connecting": a trusted proxy seen as an IPv4-mapped address
+    (::ffff:127.0.0.1) is still trusted."""
     # With SERVER_ADDR=[::]:port (dual-stack), Nginx on 127.0.0.1 shows up as ::ffff:127.0.0.1;
     # not trusting it puts every phone in one rate-limit bucket.
     assert client_ip("::ffff:127.0.0.1", {"X-Real-IP": "203.0.113.9"}, TRUSTED) == "203.0.113.9"
 
 
 def test_x_real_ip_whitespace_is_stripped():
-    """SPEC §4: a header value with surrounding spaces is still the address."""
+    """docs/protocol.md, "Connecting": a header value with surrounding spaces is still the address."""
     assert client_ip("127.0.0.1", {"X-Real-IP": " 203.0.113.9 "}, TRUSTED) == "203.0.113.9"
 
 
@@ -79,12 +82,14 @@ def test_x_real_ip_whitespace_is_stripped():
     ],
 )
 def test_invalid_header_values_ignored(headers, expected):
-    """SPEC §4: a header value that is not an IP address is ignored (the next source, then the peer)."""
+    """docs/protocol.md, "Connecting": a header value that is not an IP address is ignored (the
+    next source, then the peer)."""
     assert client_ip("127.0.0.1", headers, TRUSTED) == expected
 
 
 def test_header_names_case_insensitive_with_websockets_headers():
-    """SPEC §4: real requests carry websockets Headers; the header name's case does not matter."""
+    """docs/protocol.md, "Connecting": real requests carry websockets Headers; the header
+    name's case does not matter."""
     headers = Headers([("x-real-ip", "203.0.113.9")])
     assert client_ip("127.0.0.1", headers, TRUSTED) == "203.0.113.9"
     headers = Headers([("x-forwarded-for", "192.0.2.1, 203.0.113.10")])
@@ -95,7 +100,7 @@ def test_header_names_case_insensitive_with_websockets_headers():
 
 
 def test_sliding_window_limit():
-    """SPEC §4: at most RATE_LIMIT_PER_MIN attempts per IP in any minute."""
+    """docs/protocol.md, "Connecting": at most RATE_LIMIT_PER_MIN attempts per IP in any minute."""
     window = SlidingWindow(limit=3, window=60.0)
     assert [window.allow("ip", t) for t in (0.0, 1.0, 2.0)] == [True, True, True]
     assert window.allow("ip", 3.0) is False
@@ -106,7 +111,8 @@ def test_sliding_window_limit():
 
 
 def test_sliding_window_refusals_are_not_recorded():
-    """SPEC §4: a refused attempt does not push the window further (the minute passes anyway)."""
+    """docs/protocol.md, "Connecting": a refused attempt does not push the window further (the
+    minute passes anyway)."""
     window = SlidingWindow(limit=2, window=60.0)
     window.allow("ip", 0.0)
     window.allow("ip", 0.0)
@@ -116,7 +122,7 @@ def test_sliding_window_refusals_are_not_recorded():
 
 
 def test_sliding_window_keys_are_independent():
-    """SPEC §4: one abusive client does not lock out the others."""
+    """docs/protocol.md, "Connecting": one abusive client does not lock out the others."""
     window = SlidingWindow(limit=1, window=60.0)
     assert window.allow("a", 0.0)
     assert not window.allow("a", 1.0)
@@ -125,7 +131,8 @@ def test_sliding_window_keys_are_independent():
 
 
 def test_sliding_window_full_and_hit():
-    """SPEC §3: 10 wrong keys within a minute → 429 until the minute passes (hit records, full checks)."""
+    """docs/protocol.md, "POST /sessions": 10 wrong keys within a minute → 429 until the minute
+    passes (hit records, full checks)."""
     window = SlidingWindow(limit=10, window=60.0)
     for t in range(10):
         assert not window.full("ip", float(t))
@@ -137,7 +144,8 @@ def test_sliding_window_full_and_hit():
 
 
 def test_sliding_window_hits_beyond_limit_keep_the_latest():
-    """SPEC §3: failures keep counting past the limit, so a client that keeps failing stays blocked."""
+    """docs/protocol.md, "POST /sessions": failures keep counting past the limit, so a client
+    that keeps failing stays blocked."""
     window = SlidingWindow(limit=3, window=60.0)
     for t in range(10):
         window.hit("ip", float(t))  # events 0..9; only the last 3 matter
@@ -146,7 +154,8 @@ def test_sliding_window_hits_beyond_limit_keep_the_latest():
 
 
 def test_sliding_window_prune():
-    """SPEC §4: keys whose events all left the window are forgotten (bounded memory)."""
+    """docs/protocol.md, "Connecting": keys whose events all left the window are forgotten
+    (bounded memory)."""
     window = SlidingWindow(limit=5, window=60.0)
     window.allow("old", 0.0)
     window.allow("recent", 50.0)
@@ -165,7 +174,7 @@ def test_sliding_window_prune():
 
 
 def test_token_bucket_burst_of_100():
-    """SPEC §4 rule 7: bursts of 100 messages are allowed, the 101st is refused."""
+    """docs/protocol.md, rule 7: bursts of 100 messages are allowed, the 101st is refused."""
     bucket = TokenBucket(now=0.0)
     assert all(bucket.take(0.0) for _ in range(100))
     assert bucket.take(0.0) is False
@@ -173,7 +182,7 @@ def test_token_bucket_burst_of_100():
 
 
 def test_token_bucket_refills_at_50_per_second():
-    """SPEC §4 rule 7: 50 messages per second sustained."""
+    """docs/protocol.md, rule 7: 50 messages per second sustained."""
     bucket = TokenBucket(now=0.0)
     for _ in range(100):
         bucket.take(0.0)
@@ -185,7 +194,7 @@ def test_token_bucket_refills_at_50_per_second():
 
 
 def test_token_bucket_sustained_50_per_second_is_fine():
-    """SPEC §4 rule 7: a client steadily at 50 msg/s (after a burst of 90) is never refused."""
+    """docs/protocol.md, rule 7: a client steadily at 50 msg/s (after a burst of 90) is never refused."""
     bucket = TokenBucket(now=0.0)
     for _ in range(90):
         assert bucket.take(0.0)
@@ -193,13 +202,13 @@ def test_token_bucket_sustained_50_per_second_is_fine():
 
 
 def test_token_bucket_above_rate_is_eventually_refused():
-    """SPEC §4 rule 7: more than 50 msg/s sustained runs out (60/s: after ~10 s)."""
+    """docs/protocol.md, rule 7: more than 50 msg/s sustained runs out (60/s: after ~10 s)."""
     bucket = TokenBucket(now=0.0)
     refused_at = next(i / 60 for i in range(1, 6000) if not bucket.take(i / 60))
     assert 9.0 < refused_at < 11.0
 
 
 def test_token_bucket_caps_at_burst():
-    """SPEC §4 rule 7: a long idle period still allows only a burst of 100."""
+    """docs/protocol.md, rule 7: a long idle period still allows only a burst of 100."""
     bucket = TokenBucket(now=0.0)
     assert sum(bucket.take(3600.0) for _ in range(150)) == 100

@@ -13,17 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CONFIG_VARIABLES
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 DOCS = {path.name: path.read_text(encoding="utf-8") for path in sorted((ROOT / "docs").glob("*.md"))}
 #: Markdown texts a reader gets: the README and every page of docs/.
 TEXTS = {"README.md": README, **{f"docs/{name}": text for name, text in DOCS.items()}}
-
-
-def config_variables() -> set[str]:
-    """The variables ``intaleq_signal/config.py`` reads (its quoted upper-case names)."""
-    source = (ROOT / "intaleq_signal" / "config.py").read_text(encoding="utf-8")
-    return set(re.findall(r'"([A-Z][A-Z_]+)"', source)) - {"EX_CONFIG"}
 
 
 def section(text: str, heading: str) -> str:
@@ -62,7 +58,7 @@ def test_every_test_named_in_the_docs_exists() -> None:
             if name:
                 assert last_file is not None, f"{where}: {name}"
                 source = (ROOT / "tests" / last_file).read_text(encoding="utf-8")
-                assert re.search(rf"^def {name}\(", source, re.M), f"{where}: {last_file}::{name}"
+                assert re.search(rf"^(?:async )?def {name}\(", source, re.M), f"{where}: {last_file}::{name}"
                 count += 1
         named[where] = count
     threats = section(DOCS["design.md"], "## Threats and mitigations")
@@ -75,7 +71,7 @@ def test_configuration_reference_lists_every_variable() -> None:
     variable the daemon reads, and .env.example sets every one of them."""
     rows = "\n".join(table_rows(section(DOCS["operations.md"], "## Configuration")))
     example = (ROOT / ".env.example").read_text(encoding="utf-8")
-    for variable in config_variables():
+    for variable in CONFIG_VARIABLES:
         assert f"`{variable}`" in rows, f"docs/operations.md, Configuration: {variable}"
         assert re.search(rf"^{variable}=", example, re.M), f".env.example: {variable}"
 
@@ -85,7 +81,7 @@ def test_readme_configuration_table_names_real_variables() -> None:
     most important ones among them, and points to the full reference."""
     rows = table_rows(section(README, "## Configuration"))
     listed = {name for row in rows for name in re.findall(r"`([A-Z][A-Z_]+)`", row.split("|")[1])}
-    assert listed <= config_variables(), listed - config_variables()
+    assert listed <= CONFIG_VARIABLES, listed - CONFIG_VARIABLES
     assert {"SERVER_ADDR", "API_KEY", "ENVIRONMENT", "RATE_LIMIT_PER_MIN"} <= listed, listed
     assert "(docs/operations.md#configuration)" in README
 

@@ -1,5 +1,5 @@
-"""Unit tests of the session registry, the message hold queue (SPEC §3
-POST /sessions rules, §4 rule 4 and "Precise points") and the POST /sessions
+"""Unit tests of the session registry, the message hold queue (docs/protocol.md,
+"POST /sessions", rule 4 and "Precise points") and the POST /sessions
 body validation."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def registry(duration: float = 60.0, max_sessions: int = 100) -> Registry:
 
 
 def test_create_new_session():
-    """SPEC §3: POST /sessions creates a session with a UUID4 session_id for the ride."""
+    """docs/protocol.md, "POST /sessions": POST /sessions creates a session with a UUID4
+    session_id for the ride."""
     reg = registry()
     session, created = reg.create("ride-1", "drv", "pas", T0)
     assert created is True
@@ -36,14 +37,15 @@ def test_create_new_session():
 
 
 def test_session_ids_are_unique():
-    """SPEC §3: every new session gets its own UUID4."""
+    """docs/protocol.md, "POST /sessions": every new session gets its own UUID4."""
     reg = registry(max_sessions=1000)
     ids = {reg.create(f"ride-{i}", "d", "p", T0)[0].session_id for i in range(200)}
     assert len(ids) == 200
 
 
 def test_same_participants_get_the_same_session():
-    """SPEC §3: a POST for a ride with a live session and the same participants returns that session."""
+    """docs/protocol.md, "POST /sessions": a POST for a ride with a live session and the same
+    participants returns that session."""
     reg = registry()
     first, _ = reg.create("ride-1", "drv", "pas", T0)
     again, created = reg.create("ride-1", "drv", "pas", T0 + 10)
@@ -57,7 +59,8 @@ def test_same_participants_get_the_same_session():
     [("other", "pas"), ("drv", "other"), ("pas", "drv"), ("x", "y")],
 )
 def test_different_participants_conflict(driver, passenger):
-    """SPEC §3: a POST for a ride with a live session and other participants → 409 ride_conflict."""
+    """docs/protocol.md, "POST /sessions": a POST for a ride with a live session and other
+    participants → 409 ride_conflict."""
     reg = registry()
     reg.create("ride-1", "drv", "pas", T0)
     with pytest.raises(RideConflict):
@@ -66,7 +69,7 @@ def test_different_participants_conflict(driver, passenger):
 
 
 def test_capacity():
-    """SPEC §3: at MAX_SESSIONS live sessions, a new session → 503."""
+    """docs/protocol.md, "POST /sessions": at MAX_SESSIONS live sessions, a new session → 503."""
     reg = registry(max_sessions=2)
     reg.create("r1", "d", "p", T0)
     reg.create("r2", "d", "p", T0)
@@ -77,14 +80,16 @@ def test_capacity():
 
 
 def test_repost_allowed_at_capacity():
-    """SPEC §3: a re-POST that returns an existing session is not refused for capacity."""
+    """docs/protocol.md, "POST /sessions": a re-POST that returns an existing session is not
+    refused for capacity."""
     reg = registry(max_sessions=1)
     first, _ = reg.create("r1", "d", "p", T0)
     assert reg.create("r1", "d", "p", T0 + 1) == (first, False)
 
 
 def test_conflict_checked_before_capacity():
-    """SPEC §3 check order: ride conflict (409) before capacity (503)."""
+    """docs/protocol.md, "POST /sessions" (the order of the checks): ride conflict (409) before
+    capacity (503)."""
     reg = registry(max_sessions=1)
     reg.create("r1", "d", "p", T0)
     with pytest.raises(RideConflict):
@@ -92,7 +97,7 @@ def test_conflict_checked_before_capacity():
 
 
 def test_not_accepting_refuses_new_sessions():
-    """SPEC §3: while shutting down, POST /sessions → 503."""
+    """docs/protocol.md, "POST /sessions": while shutting down, POST /sessions → 503."""
     reg = registry()
     with pytest.raises(Capacity):
         reg.create("r1", "d", "p", T0, accepting=False)
@@ -101,7 +106,8 @@ def test_not_accepting_refuses_new_sessions():
 
 
 def test_end_frees_the_ride_and_capacity():
-    """SPEC §3: an ended session is not live, so the ride can get a new session (and capacity frees up)."""
+    """docs/protocol.md, "POST /sessions": an ended session is not live, so the ride can get a
+    new session (and capacity frees up)."""
     reg = registry(max_sessions=1)
     old, _ = reg.create("r1", "d", "p", T0)
     reg.end(old, EndReason.USER_TERMINATED, T0 + 5)
@@ -116,7 +122,8 @@ def test_end_frees_the_ride_and_capacity():
 
 
 def test_ended_session_is_remembered_until_forget():
-    """SPEC §4 precise points: an ended session stays findable by id (session_ended, not not_found)."""
+    """docs/protocol.md, "Precise points": an ended session stays findable by id
+    (session_ended, not not_found)."""
     reg = registry()
     session, _ = reg.create("r1", "d", "p", T0)
     reg.end(session, EndReason.EXPIRED, T0 + 60)
@@ -127,7 +134,7 @@ def test_ended_session_is_remembered_until_forget():
 
 
 def test_end_twice_raises():
-    """SPEC §4 rule 3: ending an ended session is a programming error."""
+    """docs/protocol.md, rule 3: ending an ended session is a programming error."""
     reg = registry()
     session, _ = reg.create("r1", "d", "p", T0)
     reg.end(session, EndReason.USER_TERMINATED, T0)
@@ -136,7 +143,7 @@ def test_end_twice_raises():
 
 
 def test_end_with_illegal_reason_changes_nothing():
-    """SPEC §4 rule 3: max_duration_reached is refused for a session that never became active."""
+    """docs/protocol.md, rule 3: max_duration_reached is refused for a session that never became active."""
     reg = registry()
     session, _ = reg.create("r1", "d", "p", T0)
     with pytest.raises(LifecycleError):
@@ -146,7 +153,8 @@ def test_end_with_illegal_reason_changes_nothing():
 
 
 def test_expired_session_is_not_live():
-    """SPEC §3: one live session per ride — a session past its deadline is not returned again."""
+    """docs/protocol.md, "POST /sessions": one live session per ride — a session past its
+    deadline is not returned again."""
     reg = registry(duration=60)
     old, _ = reg.create("r1", "d", "p", T0)
     assert reg.create("r1", "d", "p", T0 + 59.9) == (old, False)
@@ -161,7 +169,7 @@ def test_expired_session_is_not_live():
 
 
 def test_expired_session_with_other_participants_is_no_conflict():
-    """SPEC §3: 409 only against a session that is neither ended nor expired."""
+    """docs/protocol.md, "POST /sessions": 409 only against a session that is neither ended nor expired."""
     reg = registry(duration=60)
     reg.create("r1", "d", "p", T0)
     new, created = reg.create("r1", "d2", "p2", T0 + 60)
@@ -186,13 +194,15 @@ def test_expired_session_with_other_participants_is_no_conflict():
     ],
 )
 def test_expires_in_rounds_up(duration, elapsed, expected):
-    """SPEC §3: expires_in is whole seconds, rounded up, of the time left (never negative)."""
+    """docs/protocol.md, "POST /sessions": expires_in is whole seconds, rounded up, of the time
+    left (never negative)."""
     session, _ = registry(duration=duration).create("r1", "d", "p", T0)
     assert session.expires_in(T0 + elapsed) == expected
 
 
 def test_expires_in_of_repost_is_the_remaining_time():
-    """SPEC §3: a re-POST returns the same session with the remaining expires_in."""
+    """docs/protocol.md, "POST /sessions": a re-POST returns the same session with the
+    remaining expires_in."""
     reg = registry(duration=60)
     reg.create("r1", "d", "p", T0)
     session, _ = reg.create("r1", "d", "p", T0 + 20.5)
@@ -200,7 +210,8 @@ def test_expires_in_of_repost_is_the_remaining_time():
 
 
 def test_expires_in_follows_the_deadline():
-    """SPEC §3: for an active call, expires_in counts to call_timeout (the deadline moves at activation)."""
+    """docs/protocol.md, "POST /sessions": for an active call, expires_in counts to
+    call_timeout (the deadline moves at activation)."""
     session, _ = registry(duration=60).create("r1", "d", "p", T0)
     session.deadline = T0 + 30 + 60  # activated at T0 + 30 by the signaling layer
     assert session.expires_in(T0 + 45) == 45
@@ -210,7 +221,7 @@ def test_expires_in_follows_the_deadline():
 
 
 def test_seat_of_and_other():
-    """SPEC §4 rule 1: the role comes from the session's ids; anyone else is not in the session."""
+    """docs/protocol.md, rule 1: the role comes from the session's ids; anyone else is not in the session."""
     session, _ = registry().create("r1", "drv", "pas", T0)
     assert session.seat_of("drv") is session.driver
     assert session.seat_of("pas") is session.passenger
@@ -223,7 +234,7 @@ def test_seat_of_and_other():
 
 
 def test_hold_64_messages():
-    """SPEC §4 rule 4: up to 64 messages are held for an absent participant."""
+    """docs/protocol.md, rule 4: up to 64 messages are held for an absent participant."""
     seat = Seat("passenger", "p")
     assert HOLD_MAX_MESSAGES == 64
     assert all(seat.hold(f"m{i}") for i in range(64))
@@ -232,7 +243,7 @@ def test_hold_64_messages():
 
 
 def test_hold_16_kib():
-    """SPEC §4 rule 4: at most 16 KiB in all are held; a message that does not fit is refused."""
+    """docs/protocol.md, rule 4: at most 16 KiB in all are held; a message that does not fit is refused."""
     seat = Seat("passenger", "p")
     assert HOLD_MAX_BYTES == 16 * 1024
     assert seat.hold("a" * 16000)
@@ -243,21 +254,21 @@ def test_hold_16_kib():
 
 
 def test_hold_single_message_over_16_kib_refused():
-    """SPEC §4 rule 4: a single message larger than 16 KiB is never held."""
+    """docs/protocol.md, rule 4: a single message larger than 16 KiB is never held."""
     seat = Seat("driver", "d")
     assert seat.hold("x" * (16 * 1024 + 1)) is False
     assert seat.hold("x" * (16 * 1024)) is True
 
 
 def test_hold_bound_counts_utf8_bytes():
-    """SPEC §4 rule 4: the 16 KiB hold bound counts bytes on the wire, not characters."""
+    """docs/protocol.md, rule 4: the 16 KiB hold bound counts bytes on the wire, not characters."""
     # 9000 two-byte characters are 18 000 bytes as relayed (messages.encode uses ensure_ascii=False).
     seat = Seat("driver", "d")
     assert seat.hold("é" * 9000) is False
 
 
 def test_take_held_order_and_reset():
-    """SPEC §4 rule 4: held messages are delivered in order, then the queue starts empty again."""
+    """docs/protocol.md, rule 4: held messages are delivered in order, then the queue starts empty again."""
     seat = Seat("driver", "d")
     assert seat.take_held() == []
     for text in ("offer", "cand-1", "cand-2"):
@@ -272,7 +283,7 @@ def test_take_held_order_and_reset():
 
 
 def test_each_direction_has_its_own_bound():
-    """SPEC §4 precise points: each direction (seat) has its own hold bound."""
+    """docs/protocol.md, "Precise points": each direction (seat) has its own hold bound."""
     session, _ = registry().create("r1", "d", "p", T0)
     assert all(session.driver.hold("to-driver") for _ in range(64))
     assert session.driver.hold("to-driver") is False
@@ -306,14 +317,15 @@ def bad_request(data: bytes):
 
 
 def test_valid_body():
-    """SPEC §3: body with ride_id, driver_id, passenger_id non-empty strings."""
+    """docs/protocol.md, "POST /sessions": body with ride_id, driver_id, passenger_id non-empty strings."""
     assert validate_session_body(body()) == ("ride-1", "drv", "pas")
     assert validate_session_body(body(extra=1)) == ("ride-1", "drv", "pas")
 
 
 @pytest.mark.parametrize("value", ["r" * 255, "é" * 255, "\U0001f697" * 255])
 def test_body_255_code_points(value):
-    """SPEC §3, §4 precise points: at most 255 characters, counted in code points."""
+    """docs/protocol.md, "POST /sessions" and "Precise points": at most 255 characters, counted
+    in code points."""
     assert validate_session_body(body(ride_id=value))[0] == value
 
 
@@ -322,38 +334,40 @@ def test_body_255_code_points(value):
     [b"", b"not json", b"{", b'{"ride_id": NaN}', b"\xff\xfe{}", b'{"ride_id":"r",}'],
 )
 def test_body_not_json(data):
-    """SPEC §3: not JSON → 400 invalid_json."""
+    """docs/protocol.md, "POST /sessions": not JSON → 400 invalid_json."""
     assert bad_request(data).code == "invalid_json"
 
 
 @pytest.mark.parametrize("data", [b"[]", b"1", b'"x"', b"null"])
 def test_body_not_an_object(data):
-    """SPEC §3: anything but a JSON object → 400 invalid_request."""
+    """docs/protocol.md, "POST /sessions": anything but a JSON object → 400 invalid_request."""
     assert bad_request(data).code == "invalid_request"
 
 
 @pytest.mark.parametrize("field", ["ride_id", "driver_id", "passenger_id"])
 @pytest.mark.parametrize("value", [..., None, "", 5, ["x"], {"x": "y"}, True, "x" * 256])
 def test_body_bad_field_is_named(field, value):
-    """SPEC §3: a missing, empty, non-string or over-long field → 400 invalid_request naming the field."""
+    """docs/protocol.md, "POST /sessions": a missing, empty, non-string or over-long field →
+    400 invalid_request naming the field."""
     error = bad_request(body(**{field: value}))
     assert error.code == "invalid_request"
     assert field in error.message
 
 
 def test_body_same_driver_and_passenger():
-    """SPEC §3: driver and passenger must differ."""
+    """docs/protocol.md, "POST /sessions": driver and passenger must differ."""
     error = bad_request(body(driver_id="same", passenger_id="same"))
     assert error.code == "invalid_request"
     assert "passenger_id" in error.message
 
 
 def test_body_deeply_nested_is_invalid_json():
-    """SPEC §3: a pathological body is a 400, never a crash."""
+    """docs/protocol.md, "POST /sessions": a pathological body is a 400, never a crash."""
     assert bad_request(b"[" * 100_000).code == "invalid_json"
 
 
 def test_body_lone_surrogate_escape_refused():
-    """SPEC §3: an id that is not encodable as UTF-8 (lone surrogate escape) is a 400."""
+    """docs/protocol.md, "POST /sessions": an id that is not encodable as UTF-8 (lone surrogate
+    escape) is a 400."""
     # "\ud800" is valid JSON, but the call-log INSERT and the `authenticated` frame cannot encode it.
     bad_request(b'{"ride_id":"r","driver_id":"d\\ud800","passenger_id":"p"}')

@@ -1,5 +1,5 @@
-"""The soak of issue 7, short enough for CI: 20 concurrent calls churning for
-30 s (several hundred calls, every ending path of SPEC §4 in rotation)
+"""The soak, short enough for CI: 20 concurrent calls churning for 30 s
+(several hundred calls, every ending of docs/protocol.md, "End reasons", in rotation)
 against a real daemon, in 3 phases with an idle checkpoint after each.
 ``tests/soak.py`` is the driver and documents the criteria; the long run is
 ``.venv/bin/python tests/soak.py --calls 50 --minutes 10``.
@@ -17,7 +17,7 @@ SECONDS = 30.0  # of churn, 3 phases of 10 s; with the idle checkpoints the test
 
 
 def test_soak_short(tmp_path) -> None:
-    """Issue 7: no call error on any ending path; at every idle checkpoint
+    """No call error on any ending path; at every idle checkpoint
     /health shows no connection, session or call and the daemon's file
     descriptors are back to their count before the first call (±2); RSS
     grows by less than 2 MiB + 1 KiB per call from the end of warm-up (the

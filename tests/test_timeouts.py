@@ -1,20 +1,19 @@
-"""Issue 7, "timeouts everywhere": every network wait of the daemon has a bound.
-
-Each wait, its bound, and the test that holds the daemon to it:
+"""Every network wait of the daemon has a bound. Each wait, its bound, and
+the test that holds the daemon to it:
 
 - an HTTP request (head and body) that does not arrive: ``OPEN_TIMEOUT``
-  (10 s) for the whole request. Idle, half a head, half a body:
+  (10 s) for the whole request (docs/protocol.md, "Anything else"). Idle, half a head, half a body:
   ``test_http.py::test_idle_and_slow_clients_are_dropped``. The same
   trickled a byte at a time, which a per-read timeout would never stop:
   :func:`test_trickled_requests_are_dropped_within_open_timeout`.
-- the first WebSocket message: ``AUTH_TIMEOUT``. Silence:
+- the first WebSocket message: ``AUTH_TIMEOUT`` (docs/protocol.md, rule 1). Silence:
   ``test_protocol.py::test_auth_timeout_closes_silent_socket``; an
   ``authenticate`` trickled a byte at a time (every byte is "something
   received" for the heartbeat): here, with the requests above.
 - an authenticated peer that goes silent: ``HEARTBEAT_TIMEOUT``
-  (``test_protocol.py::test_heartbeat_*``).
+  (docs/protocol.md, rule 8; ``test_protocol.py::test_heartbeat_*``).
 - the closing handshake with a peer that never answers it: ``CLOSE_TIMEOUT``
-  (2 s): :func:`test_unanswered_closing_handshakes_are_bounded`.
+  (2 s; docs/protocol.md, rule 6): :func:`test_unanswered_closing_handshakes_are_bounded`.
 - writes to a peer that stopped reading: bounded by the 256 KiB of unsent
   output past which the peer is dropped
   (:func:`test_peer_that_stops_reading_is_dropped_not_buffered`), and the
@@ -27,10 +26,12 @@ Each wait, its bound, and the test that holds the daemon to it:
   connections during traffic (:func:`test_database_frozen_mid_traffic`).
   ``write_timeout`` (10 s) needs a full socket send buffer, which call-log
   statements of a few hundred bytes, each waiting for its answer, never
-  fill: the read timeout is the bound that matters.
+  fill: the read timeout is the bound that matters (docs/operations.md, "MySQL
+  user and grants").
 - shutdown: closing handshakes (``CLOSE_TIMEOUT`` + 1), unfinished HTTP
   requests (``CLOSE_TIMEOUT`` + 1) and the call-log flush (``FLUSH_TIMEOUT``,
-  5 s): :func:`test_sigterm_with_database_frozen_exits_in_bounded_time`, and
+  5 s; docs/operations.md, "Shutdown"):
+  :func:`test_sigterm_with_database_frozen_exits_in_bounded_time`, and
   ``test_http.py::test_sigterm_with_idle_http_client_exits_promptly``.
 
 The database tests put :class:`mysql_support.TCPProxy` between the daemon
@@ -40,22 +41,35 @@ and MariaDB, and freeze it: connections stay open, no byte moves.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import json
 import os
 import re
 import socket
 import ssl
-import struct
 import time
-import urllib.request
 import uuid
 from typing import Any
 
 import pytest
 
-from conftest import API_KEY, closed_with, join, recv_json, send_json, wait_until
+from conftest import (
+    API_KEY,
+    RawWebSocket,
+    auth_msg,
+    client_frame,
+    closed_with,
+    connected_call,
+    health,
+    join,
+    metric,
+    recv_json,
+    ride,
+    send_json,
+    upgrade_head,
+    utcnow,
+    wait_until,
+)
 from intaleq_signal.calllog.mysql import IO_TIMEOUT
 from intaleq_signal.server import CLOSE_TIMEOUT, FLUSH_TIMEOUT, OPEN_TIMEOUT
 from mysql_support import mysql_available
@@ -70,27 +84,6 @@ needs_mysql = pytest.mark.skipif(not mysql_available(), reason="no MySQL/MariaDB
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def ride() -> str:
-    return f"ride-{uuid.uuid4().hex[:12]}"
-
-
-def health(server: Any) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5) as response:
-        return json.loads(response.read())
-
-
-def metric(server: Any, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 def kernel_bytes(port_a: int, port_b: int) -> int:
@@ -109,115 +102,6 @@ def kernel_bytes(port_a: int, port_b: int) -> int:
                 tx, rx = fields[4].split(":")
                 total += int(tx, 16) + int(rx, 16)
     return total
-
-
-class RawWebSocket:
-    """A WebSocket client by hand on a blocking socket: it answers nothing
-    (no pong, no close frame) and reads only when told to.
-
-    Args:
-        port: the daemon's port.
-        rcvbuf: a small SO_RCVBUF for a client that stops reading.
-    """
-
-    def __init__(self, port: int, rcvbuf: int | None = None) -> None:
-        self.sock = socket.socket()
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", port))
-        self.port = self.sock.getsockname()[1]
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            self._fill()
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), head
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError
-        self.buffer += data
-
-    def _take(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            self._fill()
-        taken, self.buffer = self.buffer[:n], self.buffer[n:]
-        return taken
-
-    def frame_bytes(self, payload: bytes, opcode: int = 0x1) -> bytes:
-        mask = os.urandom(4)
-        length = len(payload)
-        if length < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-        else:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
-        return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-    def send_json(self, message: Any) -> None:
-        self.sock.sendall(self.frame_bytes(json.dumps(message).encode()))
-
-    def frame(self) -> tuple[int, bytes]:
-        first, second = self._take(2)
-        length = second & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", self._take(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", self._take(8))
-        return first & 0x0F, self._take(length)
-
-    def text(self) -> dict[str, Any]:
-        """The next text message (pings are read and not answered)."""
-        while True:
-            opcode, payload = self.frame()
-            if opcode == 0x1:
-                return json.loads(payload)
-            assert opcode == 0x9, (opcode, payload)
-
-    def closing(self) -> tuple[list[dict[str, Any]], int]:
-        """The text messages up to the server's close frame, and its code;
-        the close frame is not answered."""
-        messages = []
-        while True:
-            opcode, payload = self.frame()
-            if opcode == 0x8:
-                return messages, struct.unpack("!H", payload[:2])[0]
-            if opcode == 0x1:
-                messages.append(json.loads(payload))
-
-    def poll(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for bytes from the server."""
-        self.sock.settimeout(timeout)
-        try:
-            self._fill()
-        except TimeoutError:
-            return False
-        finally:
-            self.sock.settimeout(10)
-        return True
-
-    def wait_eof(self, timeout: float = 15.0) -> float:
-        """Read until the server drops the TCP connection; the moment it did."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except ConnectionResetError:
-            pass
-        return time.monotonic()
-
-    def join(self, session: dict[str, Any], user_id: str) -> None:
-        self.send_json({"type": "authenticate", "session_id": session["session_id"], "user_id": user_id})
-        assert self.text()["type"] == "authenticated"
-        assert self.text()["type"] == "session_joined"
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # -- HTTP and WebSocket ------------------------------------------------------------------
@@ -253,40 +137,31 @@ async def trickle(port: int, first: bytes, rest: bytes, every: float = 0.5) -> t
 
 
 def test_trickled_requests_are_dropped_within_open_timeout(server) -> None:
-    """Issue 7: a request trickled a byte every 0.5 s, which would take 30 s or
+    """A request trickled a byte every 0.5 s, which would take 30 s or
     more to complete, is dropped OPEN_TIMEOUT after it connected — head, body
     or WebSocket upgrade: the bound is on the whole request, not on each read.
     An authenticate frame trickled the same way is refused at AUTH_TIMEOUT
     (10 s, the default) even though every byte counts as traffic."""
-    session = server.new_session(ride_id=ride())
+    session = server.new_session()
     body = json.dumps({"ride_id": ride(), "driver_id": "d", "passenger_id": "p"}).encode()
-    padding = b"X-Padding: " + b"a" * 60 + b"\r\n"
+    padding = "X-Padding: " + "a" * 60
+    upgrade = upgrade_head(padding)
     requests = {
-        "head": (b"GET /health HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n" + padding + b"\r\n"),
+        "head": (b"GET /health HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n" + padding.encode() + b"\r\n\r\n"),
         "body": (
             b"POST /sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"X-API-Key: {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode(),
             body,
         ),
-        "upgrade": (
-            b"GET /ws HTTP/1.1\r\n",
-            b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            + padding
-            + b"\r\n",
-        ),
+        "upgrade": (upgrade[: upgrade.index(b"\r\n") + 2], upgrade[upgrade.index(b"\r\n") + 2 :]),
     }
 
     def trickled_authenticate() -> tuple[float, list[dict[str, Any]], int]:
-        raw = RawWebSocket(server.port)
+        raw = RawWebSocket(server)
         started = time.monotonic()
-        frame = raw.frame_bytes(
-            json.dumps(
-                {"type": "authenticate", "session_id": session["session_id"], "user_id": "driver-1"}
-            ).encode()
-        )
+        frame = client_frame(0x1, json.dumps(auth_msg(session, "driver-1")).encode())
         for byte in frame:  # ~70 s worth of bytes; the refusal comes first
-            raw.sock.sendall(bytes([byte]))
+            raw.send(bytes([byte]))
             if raw.poll(0.5):
                 break
         messages, code = raw.closing()
@@ -312,21 +187,21 @@ def test_trickled_requests_are_dropped_within_open_timeout(server) -> None:
 
 
 def test_unanswered_closing_handshakes_are_bounded(server) -> None:
-    """Issue 7: a client that never answers the server's close frame (nor
+    """A client that never answers the server's close frame (nor
     closes its TCP connection) is dropped CLOSE_TIMEOUT after the close
     frame — at the end of a call (1000), after a refusal (4001) and after a
     replacement (4002) — and /health counts no connection afterwards."""
-    call, other = server.new_session(ride_id=ride()), server.new_session(ride_id=ride(), driver_id="d-2")
+    call, other = server.new_session(), server.new_session(driver_id="d-2")
 
     async def scenario() -> list[tuple[str, float]]:
-        in_call = await asyncio.to_thread(RawWebSocket, server.port)
+        in_call = await asyncio.to_thread(RawWebSocket, server)
         await asyncio.to_thread(in_call.join, call, "passenger-1")
         driver, _ = await join(server, call, "driver-1")
         assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
         assert await asyncio.to_thread(in_call.text) == {"type": "participant_joined", "role": "driver"}
 
-        refused = await asyncio.to_thread(RawWebSocket, server.port)
-        replaced = await asyncio.to_thread(RawWebSocket, server.port)
+        refused = await asyncio.to_thread(RawWebSocket, server)
+        replaced = await asyncio.to_thread(RawWebSocket, server)
         await asyncio.to_thread(replaced.join, other, "d-2")
 
         def dropped(raw: RawWebSocket, expected: list[dict[str, Any]], code: int) -> float:
@@ -370,19 +245,18 @@ def test_client_keeping_its_socket_after_its_own_close_frame_is_dropped(server_f
     authenticated. Found by a newcomer's adversarial session: both were held
     until the client closed."""
     server = server_factory(RECONNECT_GRACE="30s")
-    session = server.new_session(ride_id=ride())
-    close_frame = struct.pack("!H", 1000)
+    session = server.new_session()
 
     async def scenario() -> None:
         driver, _ = await join(server, session, "driver-1")
-        passenger = await asyncio.to_thread(RawWebSocket, server.port)
+        passenger = await asyncio.to_thread(RawWebSocket, server)
         await asyncio.to_thread(passenger.join, session, "passenger-1")
         assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
-        anonymous = await asyncio.to_thread(RawWebSocket, server.port)
+        anonymous = await asyncio.to_thread(RawWebSocket, server)
         wait_until(lambda: health(server)["connections"] == 3, timeout=5)
         started = time.monotonic()
         for raw in (passenger, anonymous):
-            raw.sock.sendall(raw.frame_bytes(close_frame, opcode=0x8))
+            raw.send_close(1000)
         for raw in (passenger, anonymous):
             assert (await asyncio.to_thread(raw.closing))[1] == 1000  # the server's answer
         # the sockets stay open on the client side from here on
@@ -397,15 +271,15 @@ def test_client_keeping_its_socket_after_its_own_close_frame_is_dropped(server_f
 
 
 def test_peer_that_stops_reading_is_dropped_not_buffered(server_factory) -> None:
-    """Issue 7: relaying to a peer that stopped reading cannot pile up in the
+    """Relaying to a peer that stopped reading cannot pile up in the
     daemon: once more than 256 KiB is unsent beyond what the kernel holds,
     the peer is dropped like a lost network (participant_left, and with no
     grace the call ends)."""
     server = server_factory(MAX_MESSAGE_BYTES="1048576", RECONNECT_GRACE="0s")
-    session = server.new_session(ride_id=ride())
+    session = server.new_session()
 
     async def scenario() -> tuple[int, int]:
-        stalled = await asyncio.to_thread(RawWebSocket, server.port, 4096)
+        stalled = await asyncio.to_thread(RawWebSocket, server, rcvbuf=4096)
         await asyncio.to_thread(stalled.join, session, "passenger-1")
         driver, _ = await join(server, session, "driver-1")
         assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
@@ -436,16 +310,16 @@ def test_peer_that_stops_reading_is_dropped_not_buffered(server_factory) -> None
 
 
 def test_closing_a_peer_that_stopped_reading_is_bounded(server_factory) -> None:
-    """Issue 7: when a call ends while its peer has stopped reading with
+    """When a call ends while its peer has stopped reading with
     output still unsent (more than the transport's high-water mark, so
     writing is paused, but less than the 256 KiB that drops it), the
     closing handshake is still bounded by CLOSE_TIMEOUT: the connection is
     gone from /health soon after, not held until the peer reads again."""
     server = server_factory(MAX_MESSAGE_BYTES="1048576")
-    session = server.new_session(ride_id=ride())
+    session = server.new_session()
 
     async def scenario() -> int:
-        stalled = await asyncio.to_thread(RawWebSocket, server.port, 4096)
+        stalled = await asyncio.to_thread(RawWebSocket, server, rcvbuf=4096)
         await asyncio.to_thread(stalled.join, session, "passenger-1")
         driver, _ = await join(server, session, "driver-1")
         assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
@@ -484,14 +358,6 @@ def test_closing_a_peer_that_stopped_reading_is_bounded(server_factory) -> None:
 # -- the database ------------------------------------------------------------------------
 
 
-async def connected_call(server: Any, session: dict[str, Any]) -> tuple[Any, Any]:
-    driver, _ = await join(server, session, "driver-1")
-    passenger, _ = await join(server, session, "passenger-1")
-    assert await recv_json(passenger) == {"type": "participant_joined", "role": "driver"}
-    assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
-    return driver, passenger
-
-
 async def timed(timings: list[float], awaitable: Any) -> Any:
     started = time.monotonic()
     result = await awaitable
@@ -501,7 +367,7 @@ async def timed(timings: list[float], awaitable: Any) -> Any:
 
 @needs_mysql
 def test_database_frozen_at_start(server_factory, db, proxy) -> None:
-    """Issue 7, database connect: a MySQL that accepts the TCP connection but
+    """Database connect: a MySQL that accepts the TCP connection but
     never sends its greeting delays start-up by at most the writer's 1 s
     wait; signaling works at once; the connect attempt gives up after the
     read timeout (reported); once the database answers, the records land."""
@@ -510,7 +376,7 @@ def test_database_frozen_at_start(server_factory, db, proxy) -> None:
     server = server_factory(**db.server_env(proxy.port))
     assert time.monotonic() - spawned < 5.0
     assert health(server)["database"] == "unavailable"
-    session = server.new_session(ride_id=ride())
+    session = server.new_session()
     timings: list[float] = []
 
     async def scenario() -> None:
@@ -538,7 +404,7 @@ def test_database_frozen_at_start(server_factory, db, proxy) -> None:
 
 @needs_mysql
 def test_database_frozen_mid_traffic(server_factory, db, proxy) -> None:
-    """Issue 7, database read/write: MySQL stops answering on its open
+    """Database read/write: MySQL stops answering on its open
     connections (nothing is closed) during live calls. Sessions are created
     and messages relayed with no added latency; /health reports the database
     unavailable within the PyMySQL read timeout (10 s) and a backoff step;
@@ -621,7 +487,7 @@ def test_database_frozen_mid_traffic(server_factory, db, proxy) -> None:
 
 @needs_mysql
 def test_sigterm_with_database_frozen_exits_in_bounded_time(server_factory, db, proxy) -> None:
-    """Issue 7, shutdown: SIGTERM while MySQL has stopped answering, with a
+    """docs/operations.md, "Shutdown": SIGTERM while MySQL has stopped answering, with a
     call whose passenger never answers the closing handshake and a
     half-sent HTTP request: the process exits 0 within FLUSH_TIMEOUT plus
     the close timeouts, and logs how many call-log events it keeps in the
@@ -630,10 +496,10 @@ def test_sigterm_with_database_frozen_exits_in_bounded_time(server_factory, db, 
     wait_until(lambda: health(server)["database"] == "ok")
     wait_until(lambda: metric(server, "intaleq_calllog_writes_pending") == 0)
     proxy.freeze()
-    sessions = [server.new_session(ride_id=ride()) for _ in range(3)]  # 3 events
+    sessions = [server.new_session() for _ in range(3)]  # 3 events
 
     async def scenario() -> float:
-        passenger = await asyncio.to_thread(RawWebSocket, server.port)
+        passenger = await asyncio.to_thread(RawWebSocket, server)
         await asyncio.to_thread(passenger.join, sessions[0], "passenger-1")
         driver, _ = await join(server, sessions[0], "driver-1")  # the call is active: 1 event
         assert await recv_json(driver) == {"type": "participant_joined", "role": "passenger"}
@@ -667,7 +533,7 @@ def test_sigterm_with_database_frozen_exits_in_bounded_time(server_factory, db, 
 
 @needs_mysql
 def test_sigterm_during_database_outage_exits_cleanly(server_factory, db, proxy, tmp_path) -> None:
-    """Issue 7, shutdown: SIGTERM while the database refuses connections and
+    """docs/operations.md, "Shutdown": SIGTERM while the database refuses connections and
     writes are pending. The writer threads retry until the flush deadline and
     are then abandoned; the process must still exit 0 (not die of a signal)
     within FLUSH_TIMEOUT and a little, logging the events it could not write.
@@ -689,7 +555,7 @@ def test_sigterm_during_database_outage_exits_cleanly(server_factory, db, proxy,
     wait_until(lambda: metric(server, "intaleq_calllog_writes_pending") == 0)
     proxy.cut()
     for _ in range(40):  # 40 created + 40 ended at shutdown, spread over the 4 writer threads
-        server.new_session(ride_id=ride())
+        server.new_session()
     signalled = time.monotonic()
     code = server.stop(timeout=30)
     elapsed = time.monotonic() - signalled

@@ -1,4 +1,4 @@
-"""Real WebRTC calls through the real daemon (issue 5).
+"""Real WebRTC calls through the real daemon.
 
 Two libwebrtc endpoints (two pages of headless Chromium, driven with
 Playwright) run ``tests/webrtc/call.html``, a small client written the way the
@@ -358,7 +358,8 @@ def test_chromium_to_chromium_call(server_factory, tmp_path, request) -> None:
         report(request, figures)
 
         assert d["errors"] == [] and p["errors"] == [], (d["errors"], p["errors"])
-        # SPEC §7: the driver offers after participant_joined, the passenger answers.
+        # docs/protocol.md, "The flow of a call": the driver offers after participant_joined,
+        # the passenger answers.
         assert [m["type"] for m in d["sent"] if m["type"] in ("offer", "answer")] == ["offer"]
         assert [m["type"] for m in p["sent"] if m["type"] in ("offer", "answer")] == ["answer"]
         first_offer = next(m for m in d["sent"] if m["type"] == "offer")

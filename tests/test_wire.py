@@ -1,23 +1,31 @@
 """The byte-level edge: HTTP heads and bodies before the handshake
 (intaleq_signal/front.py), messages and pings after it
 (intaleq_signal/wire.py). Raw sockets against the real daemon; the cases a
-newcomer's adversarial session found (SPEC §3, §4)."""
+newcomer's adversarial session found (docs/protocol.md, "HTTP API" and
+"WebSocket /ws")."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
-from test_http import assert_error, daemon_env, parse_response, read_until_closed, session_body
+from test_http import assert_error, session_body
 from websockets.asyncio.client import ClientConnection
 
-from conftest import API_KEY, recv_json, send_json
+from conftest import (
+    API_KEY,
+    client_frame,
+    daemon_env,
+    join,
+    parse_response,
+    read_until_closed,
+    recv_json,
+    run_daemon,
+    send_json,
+    upgrade_head,
+)
 
 pytestmark = pytest.mark.compat
 
@@ -30,34 +38,14 @@ def raw_answer(server, data: bytes, timeout: float = 5.0) -> tuple[int, dict[str
     return parse_response(reply)
 
 
-def masked_text_frame(payload: bytes) -> bytes:
-    """One client text frame (RFC 6455 §5.2: clients mask)."""
-    mask = os.urandom(4)
-    size = len(payload)
-    length = bytes((0x80 | size,)) if size < 126 else bytes((0x80 | 126,)) + size.to_bytes(2, "big")
-    return b"\x81" + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def upgrade_head(*extra: str) -> bytes:
-    lines = [
-        "GET /ws HTTP/1.1",
-        "Host: x",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
-        "Sec-WebSocket-Version: 13",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 def post(body: bytes, *headers: str) -> bytes:
     lines = ["POST /sessions HTTP/1.1", "Host: x", *headers, f"Content-Length: {len(body)}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def test_repeated_api_key_header_is_a_wrong_key(server) -> None:
-    """SPEC §3: X-API-Key sent twice (even once right) is 401 and counts toward the 429 lock."""
+    """docs/protocol.md, "POST /sessions": X-API-Key sent twice (even once right) is 401 and
+    counts toward the 429 lock."""
     body = session_body("ride-dup-key")
     answer = raw_answer(server, post(body, f"X-API-Key: {API_KEY}", f"X-API-Key: {API_KEY}"))
     assert_error(answer, 401, "unauthorized")
@@ -67,7 +55,8 @@ def test_repeated_api_key_header_is_a_wrong_key(server) -> None:
 
 
 def test_repeated_proxy_headers_are_not_believed(server) -> None:
-    """SPEC §4: a repeated X-Real-IP is ignored; repeated X-Forwarded-For headers form one list."""
+    """docs/protocol.md, "Connecting": a repeated X-Real-IP is ignored; repeated
+    X-Forwarded-For headers form one list."""
     head = upgrade_head(
         "X-Real-IP: 203.0.113.1",
         "X-Real-IP: 203.0.113.2",
@@ -77,7 +66,7 @@ def test_repeated_proxy_headers_are_not_believed(server) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(head)
         assert sock.recv(4096).startswith(b"HTTP/1.1 101")
-        sock.sendall(masked_text_frame(b'{"type":"heartbeat"}'))  # not authenticate: refused
+        sock.sendall(client_frame(0x1, b'{"type":"heartbeat"}'))  # not authenticate: refused
         sock.recv(4096)
     line = server.wait_for_log("connection refused reason=not_authenticated")
     assert "ip=198.51.100.2" in line
@@ -85,7 +74,8 @@ def test_repeated_proxy_headers_are_not_believed(server) -> None:
 
 @pytest.mark.parametrize("trailer", [b"\r\n", b"GET /health HTTP/1.1\r\n\r\n", b"garbage"])
 def test_bytes_after_a_request_do_not_lose_the_answer(server, trailer) -> None:
-    """SPEC §3: one request per connection; whatever follows it is dropped, the answer is sent."""
+    """docs/protocol.md, "Anything else": one request per connection; whatever follows it is
+    dropped, the answer is sent."""
     status, _, body = raw_answer(
         server, post(session_body(f"ride-trailer-{len(trailer)}"), f"X-API-Key: {API_KEY}") + trailer
     )
@@ -96,7 +86,7 @@ def test_bytes_after_a_request_do_not_lose_the_answer(server, trailer) -> None:
 
 
 def test_bare_lf_line_endings_are_400_not_a_hang(server) -> None:
-    """SPEC §3: malformed HTTP (LF instead of CRLF) gets 400 and close, at once."""
+    """docs/protocol.md, "Anything else": malformed HTTP (LF instead of CRLF) gets 400 and close, at once."""
     assert_error(raw_answer(server, b"GET /health HTTP/1.1\nHost: x\n\n", timeout=3), 400)
 
 
@@ -128,7 +118,7 @@ def test_leading_empty_lines_are_ignored(server) -> None:
     ids=["long-header", "long-target", "many-headers", "head-over-16k"],
 )
 def test_oversized_heads_get_json_answers(server, request_bytes, status) -> None:
-    """SPEC §3: every HTTP answer is JSON, the library's size refusals included."""
+    """docs/protocol.md, "Anything else": every HTTP answer is JSON, the library's size refusals included."""
     assert_error(raw_answer(server, request_bytes), status)
 
 
@@ -150,7 +140,7 @@ def test_oversized_heads_get_json_answers(server, request_bytes, status) -> None
     ids=["no-key", "no-connection-upgrade", "bad-key"],
 )
 def test_bad_websocket_handshakes_get_json_answers(server, headers, status) -> None:
-    """SPEC §3: the library's handshake refusals are rewritten as JSON errors."""
+    """docs/protocol.md, "Anything else": the library's handshake refusals are rewritten as JSON errors."""
     answer = raw_answer(server, f"GET /ws HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
     assert_error(answer, status)
 
@@ -166,7 +156,8 @@ def test_websocket_upgrade_over_http_1_0_is_400(server) -> None:
 
 
 def test_content_length_edge_forms(server) -> None:
-    """SPEC §3: leading zeros are a valid Content-Length; identity coding is refused with 411."""
+    """docs/protocol.md, "POST /sessions": leading zeros are a valid Content-Length; identity
+    coding is refused with 411."""
     body = session_body("ride-zeros")
     request = post(body, f"X-API-Key: {API_KEY}").replace(
         f"Content-Length: {len(body)}".encode(), f"Content-Length: 000000000{len(body)}".encode()
@@ -179,14 +170,16 @@ def test_content_length_edge_forms(server) -> None:
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE"])
 def test_other_methods_without_length_are_405(server, method) -> None:
-    """SPEC §3: other methods on /sessions get 405 with Allow, whatever their framing."""
+    """docs/protocol.md, "POST /sessions": other methods on /sessions get 405 with Allow,
+    whatever their framing."""
     answer = raw_answer(server, f"{method} /sessions HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert_error(answer, 405)
     assert answer[1]["allow"] == "POST"
 
 
 def test_huge_number_in_body_is_invalid_request(server) -> None:
-    """SPEC §3: a 5000-digit number is valid JSON but not a string field: 400 invalid_request."""
+    """docs/protocol.md, "POST /sessions": a 5000-digit number is valid JSON but not a string
+    field: 400 invalid_request."""
     body = b'{"ride_id": ' + b"9" * 5000 + b', "driver_id": "d", "passenger_id": "p"}'
     answer = server.request("POST", "/sessions", body, {"X-API-Key": API_KEY})
     assert "ride_id" in assert_error(answer, 400, "invalid_request")["message"]
@@ -194,11 +187,7 @@ def test_huge_number_in_body_is_invalid_request(server) -> None:
 
 async def authenticated(server, ride_id: str) -> ClientConnection:
     """A websockets client authenticated as the driver of a new session."""
-    session = server.new_session(ride_id=ride_id)
-    ws = await server.ws().__aenter__()
-    await send_json(ws, {"type": "authenticate", "session_id": session["session_id"], "user_id": "driver-1"})
-    assert (await recv_json(ws))["type"] == "authenticated"
-    assert (await recv_json(ws))["type"] == "session_joined"
+    ws, _ = await join(server, server.new_session(ride_id=ride_id), "driver-1")
     return ws
 
 
@@ -267,7 +256,7 @@ def test_frames_pipelined_behind_the_upgrade_are_handled(server) -> None:
         {"type": "authenticate", "session_id": session["session_id"], "user_id": "driver-1"}
     ).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(upgrade_head() + masked_text_frame(payload))
+        sock.sendall(upgrade_head() + client_frame(0x1, payload))
         data = b""
         while b"authenticated" not in data:
             chunk = sock.recv(4096)
@@ -277,11 +266,9 @@ def test_frames_pipelined_behind_the_upgrade_are_handled(server) -> None:
 
 
 def test_unusable_sqlite_path_exits_78(tmp_path) -> None:
-    """SPEC §2: a call-log file that cannot be opened is a configuration error (exit 78, one line)."""
-    env = daemon_env(tmp_path, SQLITE_PATH=str(tmp_path / "missing-dir" / "calls.sqlite3"))
-    result = subprocess.run(
-        [sys.executable, "-m", "intaleq_signal"], env=env, capture_output=True, text=True, timeout=30
-    )
+    """docs/operations.md, "Configuration": a call-log file that cannot be opened is a
+    configuration error (exit 78, one line)."""
+    result = run_daemon(daemon_env(tmp_path, SQLITE_PATH=str(tmp_path / "missing-dir" / "calls.sqlite3")))
     assert result.returncode == 78, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "SQLITE_PATH" in lines[0], result.stderr
