@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Call-log benchmark (issue 3): POST /sessions throughput, call set-up CPU
+# Call-log benchmark: POST /sessions throughput, call set-up CPU
 # and event-loop lag with no store, the SQLite store and the MySQL store,
 # driven by ../shared/bench (one run.sh per store; compare within a run).
 #   make bench-calllog                 REPEAT=3 SCENARIOS="create_fresh connect"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6: how many idle authenticated connections the daemon holds inside
+# How many idle authenticated connections the daemon holds inside
 # the unit's memory limit. The daemon runs in a memory cgroup with the limit
 # of intaleq-signal.service (MemoryMax=128M: memory.max on cgroup v2,
 # memory.limit_in_bytes on v1, which is what systemd sets), and

@@ -1,6 +1,7 @@
-"""HTTP on the WebSocket port (SPEC §3), the per-IP connection limit (SPEC §4
-first rule), shutdown (SPEC §6) and process-level configuration errors
-(SPEC §2), all against the real daemon process.
+"""HTTP on the WebSocket port (docs/protocol.md, "HTTP API"), the per-IP
+connection limit (docs/protocol.md, "Connecting"), shutdown
+(docs/operations.md, "Shutdown") and process-level configuration errors
+(docs/operations.md, "Configuration"), all against the real daemon process.
 
 Raw-socket tests speak bytes on purpose: the request-body workaround in
 ``intaleq_signal.wire`` sits below websockets' HTTP parser, so framing corner
@@ -62,7 +63,7 @@ def post_raw_body(server: Any, body: bytes, headers: dict[str, str] | None = Non
 def assert_error(
     answer: tuple[int, dict[str, str], bytes], status: int | tuple[int, ...], code: str | None = None
 ) -> dict[str, Any]:
-    """An error answer of SPEC §3: the status, JSON, body ``{"error", "message"}``."""
+    """An error answer (docs/protocol.md, "HTTP API"): the status, JSON, body ``{"error", "message"}``."""
     got, headers, body = answer
     statuses = status if isinstance(status, tuple) else (status,)
     assert got in statuses, (got, body)
@@ -118,7 +119,8 @@ def attempts(server: Any, *headers: dict[str, str] | None) -> list[int]:
 
 @pytest.mark.compat
 def test_post_sessions_creates_session(server) -> None:
-    """SPEC §3: POST /sessions → 200 JSON {session_id: UUID4, ride_id, expires_in: SESSION_DURATION}."""
+    """docs/protocol.md, "HTTP API": POST /sessions → 200 JSON {session_id: UUID4, ride_id, expires_in:
+    SESSION_DURATION}."""
     ride_id = ride()
     status, headers, body = post_raw_body(server, session_body(ride_id))
     assert status == 200, body
@@ -135,7 +137,8 @@ def test_post_sessions_creates_session(server) -> None:
 
 
 def test_expires_in_rounds_up_to_whole_seconds(server_factory) -> None:
-    """SPEC §3: expires_in is SESSION_DURATION in whole seconds, rounded up (2500ms → 3)."""
+    """docs/protocol.md, "HTTP API": expires_in is SESSION_DURATION in whole seconds, rounded up (2500ms →
+    3)."""
     server = server_factory(SESSION_DURATION="2500ms")
     status, body = server.post_session(ride_id=ride())
     assert status == 200, body
@@ -144,7 +147,7 @@ def test_expires_in_rounds_up_to_whole_seconds(server_factory) -> None:
 
 @pytest.mark.compat
 def test_missing_or_wrong_api_key_is_401(server) -> None:
-    """SPEC §3: missing or wrong X-API-Key → 401 unauthorized {"error","message"}."""
+    """docs/protocol.md, "HTTP API": missing or wrong X-API-Key → 401 unauthorized {"error","message"}."""
     body = session_body(ride())
     base = {"Content-Type": "application/json"}
     assert_error(server.request("POST", "/sessions", body, base), 401, "unauthorized")
@@ -154,11 +157,12 @@ def test_missing_or_wrong_api_key_is_401(server) -> None:
     # the key goes in X-API-Key, not elsewhere
     answer = server.request("POST", "/sessions", body, {**base, "Authorization": f"Bearer {API_KEY}"})
     assert_error(answer, 401, "unauthorized")
-    assert API_KEY not in server.log  # SPEC §6: never the API key in the logs
+    assert API_KEY not in server.log  # docs/operations.md, "Logs": never the API key in the logs
 
 
 def test_wrong_api_keys_are_rate_limited_per_ip(server) -> None:
-    """SPEC §3: after 10 wrong keys from one IP within a minute → 429, even for the right key."""
+    """docs/protocol.md, "HTTP API": after 10 wrong keys from one IP within a minute → 429, even for the
+    right key."""
     body = session_body(ride())
     for attempt_number in range(10):
         answer = post_raw_body(server, body, {"X-API-Key": f"wrong-{attempt_number}"})
@@ -172,7 +176,8 @@ def test_wrong_api_keys_are_rate_limited_per_ip(server) -> None:
 
 
 def test_wrong_keys_behind_proxy_do_not_lock_out_others(server) -> None:
-    """SPEC §3/§4: key failures count per client IP (X-Real-IP behind a trusted proxy)."""
+    """docs/protocol.md, "POST /sessions" and "Connecting": key failures count per client IP (X-Real-IP
+    behind a trusted proxy)."""
     body = session_body(ride())
     for attempt_number in range(10):
         answer = post_raw_body(server, body, {"X-API-Key": f"w{attempt_number}", "X-Real-IP": "198.51.100.9"})
@@ -187,7 +192,8 @@ def test_wrong_keys_behind_proxy_do_not_lock_out_others(server) -> None:
 
 @pytest.mark.compat
 def test_invalid_fields_are_400_naming_the_field(server) -> None:
-    """SPEC §3: missing, empty, non-string or >255-char fields → 400 invalid_request naming the field."""
+    """docs/protocol.md, "HTTP API": missing, empty, non-string or >255-char fields → 400 invalid_request
+    naming the field."""
     good = {"ride_id": ride(), "driver_id": "driver-1", "passenger_id": "passenger-1"}
     for field in ("ride_id", "driver_id", "passenger_id"):
         variants: list[tuple[str, dict[str, Any]]] = [
@@ -209,7 +215,8 @@ def test_invalid_fields_are_400_naming_the_field(server) -> None:
 
 @pytest.mark.compat
 def test_field_length_counts_code_points(server) -> None:
-    """SPEC §3/§4 precise points: 255 characters (code points) are accepted, also multi-byte."""
+    """docs/protocol.md, "POST /sessions" and "Precise points": 255 characters (code points) are accepted,
+    also multi-byte."""
     for char in ("x", "é", "ع", "😀"):
         ride_id = char * 255
         status, headers, body = post_raw_body(
@@ -224,7 +231,8 @@ def test_field_length_counts_code_points(server) -> None:
 
 @pytest.mark.compat
 def test_driver_equal_to_passenger_is_400(server) -> None:
-    """SPEC §3: driver and passenger must differ → 400 invalid_request naming the field."""
+    """docs/protocol.md, "HTTP API": driver and passenger must differ → 400
+    invalid_request naming the field."""
     answer = post_raw_body(server, session_body(ride(), driver_id="same", passenger_id="same"))
     error = assert_error(answer, 400, "invalid_request")
     assert "driver_id" in error["message"] or "passenger_id" in error["message"]
@@ -232,7 +240,7 @@ def test_driver_equal_to_passenger_is_400(server) -> None:
 
 @pytest.mark.compat
 def test_not_json_is_400_invalid_json(server) -> None:
-    """SPEC §3: a body that is not JSON (or not UTF-8, or NaN) → 400 invalid_json."""
+    """docs/protocol.md, "HTTP API": a body that is not JSON (or not UTF-8, or NaN) → 400 invalid_json."""
     valid = session_body(ride())
     bodies = [
         b"",
@@ -253,14 +261,15 @@ def test_not_json_is_400_invalid_json(server) -> None:
 
 @pytest.mark.compat
 def test_json_that_is_not_an_object_is_400_invalid_request(server) -> None:
-    """SPEC §3: valid JSON that is not an object (array, string, number, null) → 400 invalid_request."""
+    """docs/protocol.md, "HTTP API": valid JSON that is not an object (array, string, number, null) → 400
+    invalid_request."""
     for body in (b"[]", b'["ride", "driver", "passenger"]', b'"ride"', b"42", b"null", b"true"):
         assert_error(post_raw_body(server, body), 400, "invalid_request")
 
 
 @pytest.mark.compat
 def test_body_over_16_kib_is_413(server) -> None:
-    """SPEC §3: a body larger than 16 KiB → 413; exactly 16 KiB is accepted."""
+    """docs/protocol.md, "HTTP API": a body larger than 16 KiB → 413; exactly 16 KiB is accepted."""
     body = session_body(ride())
     exact = body[:-1] + b" " * (16 * 1024 - len(body)) + b"}"
     assert len(exact) == 16 * 1024
@@ -282,7 +291,7 @@ def test_body_over_16_kib_is_413(server) -> None:
 
 @pytest.mark.compat
 def test_chunked_body_is_refused_without_hanging(server) -> None:
-    """SPEC §3: chunked bodies (Transfer-Encoding) → 411 or 400, never a hang."""
+    """docs/protocol.md, "HTTP API": chunked bodies (Transfer-Encoding) → 411 or 400, never a hang."""
     body = session_body(ride())
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     cases = [
@@ -301,7 +310,7 @@ def test_chunked_body_is_refused_without_hanging(server) -> None:
 
 @pytest.mark.compat
 def test_missing_content_length_is_411(server) -> None:
-    """SPEC §3: POST without Content-Length → 411, never a hang."""
+    """docs/protocol.md, "HTTP API": POST without Content-Length → 411, never a hang."""
     started = time.monotonic()
     data, closed = exchange(server, post_head(None))
     assert closed and time.monotonic() - started < 3, data
@@ -310,7 +319,8 @@ def test_missing_content_length_is_411(server) -> None:
 
 @pytest.mark.compat
 def test_http_1_0_requests_are_answered(server) -> None:
-    """SPEC §3: an HTTP/1.0 request (health checkers) gets an HTTP answer, not a silent close."""
+    """docs/protocol.md, "HTTP API": an HTTP/1.0 request (health checkers) gets an HTTP answer, not a silent
+    close."""
     data, closed = exchange(server, b"GET /health HTTP/1.0\r\n\r\n")
     assert closed, data
     status, _, body = parse_response(data.replace(b"HTTP/1.0 ", b"HTTP/1.1 ", 1))
@@ -323,7 +333,7 @@ def test_http_1_0_requests_are_answered(server) -> None:
 
 @pytest.mark.compat
 def test_invalid_content_length_is_400(server) -> None:
-    """SPEC §3: an invalid Content-Length → 400 and close."""
+    """docs/protocol.md, "HTTP API": an invalid Content-Length → 400 and close."""
     body = session_body(ride())
     for value in ("abc", "-1", "+5", "1e3", "0x10", "12 13", ""):
         data, closed = exchange(server, post_head(None, f"Content-Length: {value}") + body)
@@ -337,7 +347,8 @@ def test_invalid_content_length_is_400(server) -> None:
 
 @pytest.mark.compat
 def test_api_key_is_checked_before_the_body(server) -> None:
-    """SPEC §3 check order: a wrong key with a bad body → 401, not 400/411/413."""
+    """docs/protocol.md, "POST /sessions" (check order): a wrong key with a bad
+    body → 401, not 400/411/413."""
     wrong = {"X-API-Key": "wrong"}
     assert_error(post_raw_body(server, b"not json", wrong), 401, "unauthorized")
     assert_error(post_raw_body(server, b"[]", wrong), 401, "unauthorized")
@@ -357,7 +368,7 @@ def test_api_key_is_checked_before_the_body(server) -> None:
 
 @pytest.mark.compat
 def test_expect_100_continue(server) -> None:
-    """SPEC §3: `Expect: 100-continue` gets `100 Continue`, then the answer."""
+    """docs/protocol.md, "HTTP API": `Expect: 100-continue` gets `100 Continue`, then the answer."""
     ride_id = ride()
     body = session_body(ride_id)
     with connect_raw(server) as sock:
@@ -381,7 +392,8 @@ def test_expect_100_continue(server) -> None:
 
 @pytest.mark.compat
 def test_body_sent_in_several_tcp_pieces(server) -> None:
-    """SPEC §3: a request whose head and body arrive in several delayed TCP pieces is answered."""
+    """docs/protocol.md, "HTTP API": a request whose head and body arrive in several delayed TCP pieces is
+    answered."""
     ride_id = ride()
     body = session_body(ride_id)
     head = post_head(len(body))
@@ -398,7 +410,8 @@ def test_body_sent_in_several_tcp_pieces(server) -> None:
 
 
 def test_repost_returns_same_session_with_remaining_time(server_factory) -> None:
-    """SPEC §3: a re-POST for a live ride with the same participants returns it with the time left."""
+    """docs/protocol.md, "HTTP API": a re-POST for a live ride with the same participants returns it with the
+    time left."""
     server = server_factory(SESSION_DURATION="5s")
     ride_id = ride()
     first = server.new_session(ride_id=ride_id)
@@ -427,7 +440,7 @@ def test_repost_returns_same_session_with_remaining_time(server_factory) -> None
 
 
 def test_different_participants_are_409_ride_conflict(server) -> None:
-    """SPEC §3: a POST for a live ride with other participants → 409 ride_conflict."""
+    """docs/protocol.md, "HTTP API": a POST for a live ride with other participants → 409 ride_conflict."""
     ride_id = ride()
     server.new_session(ride_id=ride_id)
     for driver_id, passenger_id in (
@@ -441,7 +454,8 @@ def test_different_participants_are_409_ride_conflict(server) -> None:
 
 
 def test_new_session_after_end_or_expiry(server_factory) -> None:
-    """SPEC §3: once a ride's session ended (end_call) or expired, a POST creates a new session."""
+    """docs/protocol.md, "HTTP API": once a ride's session ended (end_call) or expired, a POST creates a new
+    session."""
     server = server_factory(SESSION_DURATION="1500ms")
     ended_ride, expired_ride = ride(), ride()
     ended = server.new_session(ride_id=ended_ride)
@@ -471,7 +485,8 @@ def test_new_session_after_end_or_expiry(server_factory) -> None:
 
 
 def test_max_sessions_is_503_but_repost_still_200(server_factory) -> None:
-    """SPEC §3: at MAX_SESSIONS → 503; a re-POST of an existing session is not refused; 409 before 503."""
+    """docs/protocol.md, "HTTP API": at MAX_SESSIONS → 503; a re-POST of an existing session is not refused;
+    409 before 503."""
     server = server_factory(MAX_SESSIONS="2")
     first_ride = ride()
     first = server.new_session(ride_id=first_ride)
@@ -497,7 +512,7 @@ def test_max_sessions_is_503_but_repost_still_200(server_factory) -> None:
 
 @pytest.mark.compat
 def test_other_methods_on_sessions_are_405_with_allow(server) -> None:
-    """SPEC §3: other methods on /sessions → 405 with an Allow header listing POST."""
+    """docs/protocol.md, "HTTP API": other methods on /sessions → 405 with an Allow header listing POST."""
     for method in ("GET", "PUT", "DELETE", "PATCH", "OPTIONS"):
         answer = server.request(method, "/sessions", None, {"X-API-Key": API_KEY})
         assert_error(answer, 405)
@@ -509,7 +524,8 @@ def test_other_methods_on_sessions_are_405_with_allow(server) -> None:
 
 @pytest.mark.compat
 def test_health_get_and_head(server) -> None:
-    """SPEC §3: GET /health → 200 {"status": "ok", uptime, sessions, calls, connections, database}; HEAD."""
+    """docs/protocol.md, "HTTP API": GET /health → 200 {"status": "ok", uptime, sessions, calls, connections,
+    database}; HEAD."""
     status, headers, body = server.request("GET", "/health")
     assert status == 200
     assert headers["content-type"].startswith("application/json")
@@ -530,7 +546,7 @@ def test_health_get_and_head(server) -> None:
 
 
 def test_health_counts_sessions_calls_and_connections(server) -> None:
-    """SPEC §3: /health reports live sessions, active calls and open connections."""
+    """docs/protocol.md, "HTTP API": /health reports live sessions, active calls and open connections."""
     session = server.new_session(ride_id=ride())
     server.new_session(ride_id=ride())
     assert health(server)["sessions"] == 2
@@ -558,7 +574,8 @@ def test_health_counts_sessions_calls_and_connections(server) -> None:
 
 @pytest.mark.compat
 def test_metrics_for_loopback_only(server) -> None:
-    """SPEC §3: GET /metrics → Prometheus text to direct loopback clients; proxied requests → 404."""
+    """docs/protocol.md, "HTTP API": GET /metrics → Prometheus text to direct loopback clients; proxied
+    requests → 404."""
     server.new_session(ride_id=ride())
     status, headers, body = server.request("GET", "/metrics")
     assert status == 200, body
@@ -667,7 +684,7 @@ def test_is_loopback_peer(address: str, loopback: bool) -> None:
 
 @pytest.mark.compat
 def test_other_paths_and_ws_without_upgrade(server) -> None:
-    """SPEC §3: /ws without upgrade → 426; POST /ws → 405; unknown path → 404."""
+    """docs/protocol.md, "HTTP API": /ws without upgrade → 426; POST /ws → 405; unknown path → 404."""
     assert_error(server.request("GET", "/ws"), 426)
     assert_error(server.request("GET", "/ws", None, {"Connection": "Upgrade"}), 426)
     assert_error(server.request("POST", "/ws", b"", {"X-API-Key": API_KEY}), 405)
@@ -709,7 +726,7 @@ def test_other_paths_and_ws_without_upgrade(server) -> None:
     ],
 )
 def test_malformed_http_is_400_and_close(server, request_bytes: bytes) -> None:
-    """SPEC §3: malformed HTTP → 400 and the connection is closed."""
+    """docs/protocol.md, "HTTP API": malformed HTTP → 400 and the connection is closed."""
     data, closed = exchange(server, request_bytes)
     assert closed, data
     assert data.startswith(b"HTTP/1.1 400 "), data
@@ -719,7 +736,8 @@ def test_malformed_http_is_400_and_close(server, request_bytes: bytes) -> None:
 
 @pytest.mark.compat
 def test_refused_and_aborted_connections_log_one_line(server) -> None:
-    """SPEC §6: a malformed request or a connection closed before its request logs no traceback."""
+    """docs/operations.md, "Shutdown": a malformed request or a connection closed before its request logs no
+    traceback."""
     exchange(server, b"GARBAGE\r\n\r\n")
     socket.create_connection(("127.0.0.1", server.port), timeout=5).close()  # TCP probe
     with connect_raw(server) as sock:
@@ -731,7 +749,8 @@ def test_refused_and_aborted_connections_log_one_line(server) -> None:
 
 
 def test_idle_and_slow_clients_are_dropped(server) -> None:
-    """SPEC §3: idle clients, half a head or half a body are dropped after a bounded time."""
+    """docs/protocol.md, "HTTP API": idle clients, half a head or half a body are dropped after a bounded
+    time."""
     body = session_body(ride())
     partials = [
         b"",  # connects and says nothing
@@ -754,12 +773,13 @@ def test_idle_and_slow_clients_are_dropped(server) -> None:
     assert health(server)["status"] == "ok"
 
 
-# -- per-IP WebSocket connection limit (SPEC §4) ---------------------------------------
+# -- per-IP WebSocket connection limit (docs/protocol.md, "Connecting") --------------------------------------
 
 
 @pytest.mark.compat
 def test_ws_connection_limit_per_ip(server_factory) -> None:
-    """SPEC §4: upgrade attempts above RATE_LIMIT_PER_MIN per client IP → HTTP 429 before the upgrade."""
+    """docs/protocol.md, "Connecting": upgrade attempts above RATE_LIMIT_PER_MIN per client IP → HTTP 429
+    before the upgrade."""
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     assert attempts(server, None, None, None, None, None) == [101, 101, 101, 429, 429]
 
@@ -782,7 +802,8 @@ def test_ws_connection_limit_per_ip(server_factory) -> None:
 
 
 def test_ws_limit_uses_x_real_ip_from_trusted_proxy(server_factory) -> None:
-    """SPEC §4: behind a trusted proxy the client IP is X-Real-IP, so clients are counted apart."""
+    """docs/protocol.md, "Connecting": behind a trusted proxy the client IP is X-Real-IP, so clients are
+    counted apart."""
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     phone = {"X-Real-IP": "203.0.113.7"}
     other = {"X-Real-IP": "203.0.113.8"}
@@ -796,7 +817,8 @@ def test_ws_limit_uses_x_real_ip_from_trusted_proxy(server_factory) -> None:
 
 
 def test_ws_limit_uses_last_x_forwarded_for_address(server_factory) -> None:
-    """SPEC §4: without X-Real-IP the client IP is the last address of X-Forwarded-For."""
+    """docs/protocol.md, "Connecting": without X-Real-IP the client IP is the last address of X-Forwarded-
+    For."""
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     forwarded = {"X-Forwarded-For": "198.51.100.1, 203.0.113.9"}
     assert attempts(server, forwarded, forwarded, forwarded, forwarded) == [101, 101, 101, 429]
@@ -808,7 +830,8 @@ def test_ws_limit_uses_last_x_forwarded_for_address(server_factory) -> None:
 
 
 def test_ws_limit_ignores_headers_from_untrusted_peers(server_factory) -> None:
-    """SPEC §4: with TRUSTED_PROXIES empty, X-Real-IP / X-Forwarded-For are ignored (TCP peer counts)."""
+    """docs/protocol.md, "Connecting": with TRUSTED_PROXIES empty, X-Real-IP / X-Forwarded-For are ignored
+    (TCP peer counts)."""
     server = server_factory(RATE_LIMIT_PER_MIN="3", TRUSTED_PROXIES="")
     results = attempts(
         server,
@@ -821,11 +844,12 @@ def test_ws_limit_ignores_headers_from_untrusted_peers(server_factory) -> None:
     assert results == [101, 101, 101, 429, 429]
 
 
-# -- shutdown (SPEC §6) -------------------------------------------------------------
+# -- shutdown (docs/operations.md, "Shutdown") -------------------------------------------------------------
 
 
 def test_sigterm_ends_active_call_with_server_shutdown(server) -> None:
-    """SPEC §6: SIGTERM ends live calls with call_ended server_shutdown, close 1001, exit 0, logged."""
+    """docs/operations.md, "Shutdown": SIGTERM ends live calls with call_ended server_shutdown, close 1001,
+    exit 0, logged."""
     session = server.new_session(ride_id=ride())
 
     async def scenario() -> float:
@@ -852,7 +876,8 @@ def test_sigterm_ends_active_call_with_server_shutdown(server) -> None:
 
 
 def test_while_stopping_sessions_and_health_are_503(server) -> None:
-    """SPEC §6/§3: while stopping, POST /sessions and new upgrades → 503, /health → 503 shutting_down."""
+    """docs/operations.md, "Shutdown"; docs/protocol.md, "HTTP API": while stopping, POST /sessions and new
+    upgrades → 503, /health → 503 shutting_down."""
     with connect_raw(server) as lingering:
         # a WebSocket client that never answers the closing handshake keeps the
         # server in its stopping phase for the close timeout
@@ -874,7 +899,8 @@ def test_while_stopping_sessions_and_health_are_503(server) -> None:
 
 
 def test_sigint_ends_waiting_session_and_exits_0(server) -> None:
-    """SPEC §6: SIGINT stops like SIGTERM: joined and unauthenticated sockets get close 1001, exit 0."""
+    """docs/operations.md, "Shutdown": SIGINT stops like SIGTERM: joined and unauthenticated sockets get
+    close 1001, exit 0."""
     session = server.new_session(ride_id=ride())
 
     async def scenario() -> None:
@@ -894,7 +920,8 @@ def test_sigint_ends_waiting_session_and_exits_0(server) -> None:
 
 
 def test_sigterm_with_idle_http_client_exits_promptly(server_factory) -> None:
-    """SPEC §6: SIGTERM exits 0 within a few seconds, call log flushed, even with an idle HTTP client open."""
+    """docs/operations.md, "Shutdown": SIGTERM exits 0 within a few seconds, call log flushed, even with an
+    idle HTTP client open."""
     server = server_factory(LOG_LEVEL="info")
     session = server.new_session()
     address = ("127.0.0.1", server.port)
@@ -915,7 +942,7 @@ def test_sigterm_with_idle_http_client_exits_promptly(server_factory) -> None:
     assert [(r["session_id"], r["end_reason"]) for r in rows] == [(session["session_id"], "server_shutdown")]
 
 
-# -- configuration at the process level (SPEC §2) -----------------------------------
+# -- configuration at the process level (docs/operations.md, "Configuration") --------------------------------
 
 
 @pytest.mark.parametrize(
@@ -941,7 +968,8 @@ def test_sigterm_with_idle_http_client_exits_promptly(server_factory) -> None:
     ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value,
 )
 def test_config_error_exits_78_naming_the_variable(tmp_path, overrides: dict, variable: str) -> None:
-    """SPEC §2: bad configuration → exit status 78 and one stderr line naming the variable."""
+    """docs/operations.md, "Configuration": bad configuration → exit status 78 and one stderr line naming the
+    variable."""
     result = run_daemon(daemon_env(tmp_path, **overrides))
     assert result.returncode == 78, result
     lines = result.stderr.strip().splitlines()
@@ -964,7 +992,8 @@ def test_unedited_env_example_exits_78_naming_api_key(tmp_path) -> None:
 
 
 def test_env_file_missing_or_malformed_exits_78(tmp_path) -> None:
-    """SPEC §2: an unreadable or malformed --env-file is a configuration error (78, one line)."""
+    """docs/operations.md, "Configuration": an unreadable or malformed --env-file is a configuration error
+    (78, one line)."""
     bad = tmp_path / "bad.env"
     bad.write_text("API_KEY\n")
     for path in (str(tmp_path / "missing.env"), str(bad)):
@@ -975,7 +1004,8 @@ def test_env_file_missing_or_malformed_exits_78(tmp_path) -> None:
 
 
 def test_env_file_is_loaded_and_real_environment_wins(server_factory, tmp_path) -> None:
-    """SPEC §2: --env-file loads KEY=VALUE (comments, quotes, export); real environment variables win."""
+    """docs/operations.md, "Configuration": --env-file loads KEY=VALUE (comments, quotes, export); real
+    environment variables win."""
     file_key = "file-api-key-" + "k" * 32
     file_port, real_port = free_port(), free_port()
     env_file = tmp_path / "signal.env"

@@ -1,4 +1,5 @@
-"""Unit tests of the WebSocket message shapes (SPEC §4 tables, rules 4 and 7)."""
+"""Unit tests of the WebSocket message shapes (docs/protocol.md: "Client → server", "Server → client", rules
+4 and 7)."""
 
 from __future__ import annotations
 
@@ -51,14 +52,15 @@ def refused(text: str) -> MessageError:
     ids=lambda o: o["type"],
 )
 def test_decode_valid(obj):
-    """SPEC §4 client → server table: every message type decodes to (type, object)."""
+    """docs/protocol.md, "Client → server": every message type decodes to (type, object)."""
     kind, parsed = decode(json.dumps(obj))
     assert kind == obj["type"]
     assert parsed == obj
 
 
 def test_decode_ignores_extra_fields():
-    """SPEC §4: unknown fields do not make a known message invalid (they are just never echoed)."""
+    """docs/protocol.md, "Client → server": unknown fields do not make a known message invalid (they are just
+    never echoed)."""
     assert decode('{"type":"heartbeat","extra":[1,2,{"x":null}]}')[0] == "heartbeat"
 
 
@@ -80,7 +82,7 @@ def test_decode_ignores_extra_fields():
     ],
 )
 def test_decode_invalid_json(text):
-    """SPEC §4 rule 7: invalid JSON (NaN and Infinity included) → invalid_json."""
+    """docs/protocol.md, rule 7: invalid JSON (NaN and Infinity included) → invalid_json."""
     with pytest.raises(MessageError) as info:
         decode(text)
     assert info.value.code == "invalid_json"
@@ -88,7 +90,7 @@ def test_decode_invalid_json(text):
 
 @pytest.mark.parametrize("text", ["[]", "[1]", "1", "1.5", '"heartbeat"', "null", "true"])
 def test_decode_not_an_object(text):
-    """SPEC §4 rule 7: not an object → invalid_message."""
+    """docs/protocol.md, rule 7: not an object → invalid_message."""
     with pytest.raises(MessageError) as info:
         decode(text)
     assert info.value.code == "invalid_message"
@@ -107,7 +109,7 @@ def test_decode_not_an_object(text):
     ],
 )
 def test_decode_missing_or_non_string_type(text):
-    """SPEC §4 rule 7: missing or non-string type → invalid_message."""
+    """docs/protocol.md, rule 7: missing or non-string type → invalid_message."""
     with pytest.raises(MessageError) as info:
         decode(text)
     assert info.value.code == "invalid_message"
@@ -115,7 +117,7 @@ def test_decode_missing_or_non_string_type(text):
 
 @pytest.mark.parametrize("kind", ["", "Offer", "OFFER", "ping", "call_ended", "pong", "offer "])
 def test_decode_unknown_type(kind):
-    """SPEC §4 rule 7: unknown type → unknown_type."""
+    """docs/protocol.md, rule 7: unknown type → unknown_type."""
     with pytest.raises(MessageError) as info:
         decode(json.dumps({"type": kind}))
     assert info.value.code == "unknown_type"
@@ -133,7 +135,8 @@ def test_decode_unknown_type(kind):
     ids=["open-arrays", "closed-arrays", "open-objects", "inside-offer", "inside-heartbeat"],
 )
 def test_decode_deep_nesting_only_raises_message_error(text):
-    """SPEC §4 rule 7: a deeply nested frame is a bad message, never a crash (no RecursionError escapes)."""
+    """docs/protocol.md, rule 7: a deeply nested frame is a bad message, never a crash (no RecursionError
+    escapes)."""
     with pytest.raises(MessageError) as info:
         decode(text)
     assert info.value.code in ("invalid_json", "invalid_message")
@@ -145,7 +148,8 @@ JSON_ALPHABET = '{}[]":, \\0123456789.-+eEtrueflsnulNaIiy\ud7ff\t\n'
 @settings(max_examples=150)
 @given(st.text(alphabet=JSON_ALPHABET, max_size=60) | st.text(max_size=200))
 def test_decode_arbitrary_text_only_raises_message_error(text):
-    """SPEC §4 rule 7: any text frame either decodes or is a MessageError with a SPEC error code."""
+    """docs/protocol.md, rule 7: any text frame either decodes or is a MessageError with a documented error
+    code."""
     try:
         kind, obj = decode(text)
     except MessageError as exc:
@@ -159,7 +163,8 @@ def test_decode_arbitrary_text_only_raises_message_error(text):
 
 @pytest.mark.parametrize("kind", ["offer", "answer"])
 def test_relay_sdp_drops_unknown_fields(kind):
-    """SPEC §4 rule 4: offer/answer are rebuilt from `sdp` only; other client fields are not echoed."""
+    """docs/protocol.md, rule 4: offer/answer are rebuilt from `sdp` only; other client fields are not
+    echoed."""
     out = relay({"type": kind, "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n", "from": "x", "session_id": "s"})
     assert out == {"type": kind, "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n"}
 
@@ -167,7 +172,8 @@ def test_relay_sdp_drops_unknown_fields(kind):
 @pytest.mark.parametrize("sdp", [None, "", 0, ["v=0"], {"sdp": "v=0"}, True])
 @pytest.mark.parametrize("kind", ["offer", "answer"])
 def test_relay_sdp_must_be_non_empty_string(kind, sdp):
-    """SPEC §4 client table: `sdp` is a non-empty string, else invalid_message naming the field."""
+    """docs/protocol.md, "Client → server": `sdp` is a non-empty string, else invalid_message naming the
+    field."""
     error = refused(json.dumps({"type": kind, "sdp": sdp}))
     assert error.code == "invalid_message"
     assert "sdp" in error.message
@@ -175,12 +181,13 @@ def test_relay_sdp_must_be_non_empty_string(kind, sdp):
 
 @pytest.mark.parametrize("kind", ["offer", "answer"])
 def test_relay_sdp_missing(kind):
-    """SPEC §4 client table: an offer/answer without `sdp` is invalid_message."""
+    """docs/protocol.md, "Client → server": an offer/answer without `sdp` is invalid_message."""
     assert refused(json.dumps({"type": kind})).code == "invalid_message"
 
 
 def test_relay_candidate_drops_unknown_fields():
-    """SPEC §4 rule 4: a candidate is rebuilt from candidate/sdpMid/sdpMLineIndex/usernameFragment only."""
+    """docs/protocol.md, rule 4: a candidate is rebuilt from candidate/sdpMid/sdpMLineIndex/usernameFragment
+    only."""
     out = relay(
         {
             "type": "ice_candidate",
@@ -207,13 +214,14 @@ def test_relay_candidate_drops_unknown_fields():
     ],
 )
 def test_relay_candidate_keeps_optional_fields_only_when_present(candidate):
-    """SPEC §4 precise points: sdpMid/sdpMLineIndex/usernameFragment relayed as given, missing as missing."""
+    """docs/protocol.md, "Precise points": sdpMid/sdpMLineIndex/usernameFragment relayed as given, missing as
+    missing."""
     out = relay({"type": "ice_candidate", "candidate": {**candidate, "junk": 1}})
     assert out == {"type": "ice_candidate", "candidate": candidate}
 
 
 def test_relay_candidate_null():
-    """SPEC §4 client table: `candidate: null` (gathering complete) is relayed as given."""
+    """docs/protocol.md, "Client → server": `candidate: null` (gathering complete) is relayed as given."""
     assert relay({"type": "ice_candidate", "candidate": None, "junk": 1}) == {
         "type": "ice_candidate",
         "candidate": None,
@@ -243,19 +251,19 @@ def test_relay_candidate_null():
     ],
 )
 def test_relay_candidate_rejects_bad_fields(candidate, field):
-    """SPEC §4 client table: wrong field types → invalid_message naming the field."""
+    """docs/protocol.md, "Client → server": wrong field types → invalid_message naming the field."""
     error = refused(json.dumps({"type": "ice_candidate", "candidate": candidate}))
     assert error.code == "invalid_message"
     assert f"'{field}'" in error.message
 
 
 def test_relay_candidate_missing():
-    """SPEC §4 client table: ice_candidate without `candidate` is invalid_message."""
+    """docs/protocol.md, "Client → server": ice_candidate without `candidate` is invalid_message."""
     assert refused('{"type":"ice_candidate"}').code == "invalid_message"
 
 
 def test_relay_output_is_compact_json_and_keeps_unicode():
-    """SPEC §4 rule 4: the rebuilt message is one JSON object carrying the same sdp text."""
+    """docs/protocol.md, rule 4: the rebuilt message is one JSON object carrying the same sdp text."""
     sdp = "v=0\r\ns=مكالمة\r\n"
     out = relay_payload("offer", {"type": "offer", "sdp": sdp})
     assert json.loads(out) == {"type": "offer", "sdp": sdp}
@@ -263,7 +271,8 @@ def test_relay_output_is_compact_json_and_keeps_unicode():
 
 
 def test_relay_output_of_lone_surrogate_escape_is_sendable():
-    """SPEC §4 rules 4, 7: a relayed message is sendable as UTF-8, or refused as invalid_message."""
+    """docs/protocol.md, rules 4 and 7: a relayed message is sendable as UTF-8, or refused as
+    invalid_message."""
     # "\ud800" is valid JSON that decodes to a lone surrogate, which str.encode("utf-8") refuses.
     text = '{"type":"offer","sdp":"v=0 \\ud800"}'
     try:
@@ -279,7 +288,7 @@ def test_relay_output_of_lone_surrogate_escape_is_sendable():
 
 
 def test_parse_authenticate():
-    """SPEC §4 client table: authenticate carries string session_id and user_id."""
+    """docs/protocol.md, "Client → server": authenticate carries string session_id and user_id."""
     assert parse_authenticate({"type": "authenticate", "session_id": "s-1", "user_id": "u-1", "x": 1}) == (
         "s-1",
         "u-1",
@@ -288,14 +297,14 @@ def test_parse_authenticate():
 
 @pytest.mark.parametrize("value", ["a" * 255, "é" * 255, "\U0001f600" * 255])
 def test_parse_authenticate_255_code_points(value):
-    """SPEC §4 precise points: lengths (255) count characters (code points)."""
+    """docs/protocol.md, "Precise points": lengths (255) count characters (code points)."""
     assert parse_authenticate({"session_id": value, "user_id": value}) == (value, value)
 
 
 @pytest.mark.parametrize("field", ["session_id", "user_id"])
 @pytest.mark.parametrize("value", [None, "", 5, ["x"], {"x": 1}, True, "a" * 256, "\U0001f600" * 256])
 def test_parse_authenticate_bounds(field, value):
-    """SPEC §4 precise points: a malformed authenticate is invalid_message naming the field."""
+    """docs/protocol.md, "Precise points": a malformed authenticate is invalid_message naming the field."""
     obj = {"session_id": "s", "user_id": "u", field: value}
     with pytest.raises(MessageError) as info:
         parse_authenticate(obj)
@@ -305,7 +314,7 @@ def test_parse_authenticate_bounds(field, value):
 
 @pytest.mark.parametrize("field", ["session_id", "user_id"])
 def test_parse_authenticate_missing(field):
-    """SPEC §4 precise points: authenticate without one of its fields is invalid_message."""
+    """docs/protocol.md, "Precise points": authenticate without one of its fields is invalid_message."""
     obj = {"session_id": "s", "user_id": "u"}
     del obj[field]
     with pytest.raises(MessageError, match=field):
@@ -341,7 +350,7 @@ def test_parse_authenticate_missing(field):
     ids=lambda v: v.get("type") if isinstance(v, dict) else None,
 )
 def test_server_messages(text, expected):
-    """SPEC §4 server → client table: exact shapes, nothing else."""
+    """docs/protocol.md, "Server → client": exact shapes, nothing else."""
     assert json.loads(text) == expected
 
 
@@ -423,7 +432,7 @@ valid_relayed = st.builds(
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(valid_relayed, relayed_messages, client_messages, json_values))
 def test_relay_property_only_defined_keys(value):
-    """SPEC §4 rule 4: any JSON value relays to only the defined fields, or raises MessageError."""
+    """docs/protocol.md, rule 4: any JSON value relays to only the defined fields, or raises MessageError."""
     try:
         kind, obj = decode(json.dumps(value))
         if kind not in m.RELAYED_TYPES:
@@ -454,7 +463,8 @@ def test_relay_property_only_defined_keys(value):
 @settings(max_examples=60)
 @given(valid_relayed)
 def test_relay_property_valid_messages_relayed_exactly(value):
-    """SPEC §4 rule 4: a well-formed offer/answer/ice_candidate is relayed with exactly its defined fields."""
+    """docs/protocol.md, rule 4: a well-formed offer/answer/ice_candidate is relayed with exactly its defined
+    fields."""
     if value["type"] == "ice_candidate":
         given_candidate = value["candidate"]
         expected = {
