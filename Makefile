@@ -139,5 +139,5 @@ bench-memory: $(VENV)/.installed
 
 ## bench-calllog: session creation and loop lag with no store, SQLite and MySQL
 bench-calllog: $(VENV)/.installed
-	tests/bench_calllog.sh
+	BENCH_DIR=$(BENCH_DIR) tests/bench_calllog.sh
 endif

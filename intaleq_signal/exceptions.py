@@ -12,6 +12,7 @@ SignalingError            base of them all
 │   │       └── JournalError  exit 78: the journal file, named by JOURNAL_PATH
 │   ├── StartError        exit 78: the system refused a call-log thread (TasksMax=)
 │   └── ListenError       exit 1: the listening socket cannot be opened
+├── EventDecodeError      a journal entry this version cannot read (logged and dropped)
 └── LifecycleError        an illegal state transition: a bug, never a client's doing
 ```
 
@@ -24,7 +25,7 @@ is set when it is answered over HTTP (``docs/protocol.md``, "HTTP API",
 ``messages.error_message`` renders it as the ``error`` message
 ``{"type": "error", "code": ..., "message": ...}`` (``docs/protocol.md``,
 "Server → client"). The text of each is part of the protocol: tests compare
-the bytes. ``http_api.BadRequest`` is another name of :class:`Refusal`.
+the bytes.
 
 A :class:`StartupError` stops the process before it serves: ``__main__``
 prints :meth:`StartupError.line` (one line) and exits with
@@ -32,9 +33,8 @@ prints :meth:`StartupError.line` (one line) and exits with
 systemd unit lists it in ``RestartPreventExitStatus=``, because restarting
 cannot fix a setting or a limit (``docs/operations.md``, "systemd").
 
-The old names stay importable where they were defined: ``messages``,
-``http_api``, ``sessions``, ``config``, ``calllog.store``,
-``calllog.journal``, ``calllog.writer``, ``server``, ``lifecycle``.
+The modules that raise these also export the names they raise
+(``messages.MessageError``, ``config.ConfigError``, ...).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ __all__ = [
     "EX_CONFIG",
     "Capacity",
     "ConfigError",
+    "EventDecodeError",
     "JournalError",
     "LifecycleError",
     "ListenError",
@@ -164,6 +165,11 @@ class ListenError(StartupError):
     """The listening socket could not be opened (``SERVER_ADDR`` taken, or
     not this host's); the ``OSError`` is chained. Exit 1: the unit's
     ``Restart=on-failure`` tries again."""
+
+
+class EventDecodeError(SignalingError):
+    """A journal entry is not an event this version knows
+    (:func:`~intaleq_signal.calllog.events.decode`)."""
 
 
 class LifecycleError(SignalingError):

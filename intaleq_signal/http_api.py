@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .ratelimit import SlidingWindow, client_ip, peer_address
 from .signaling import Signaling
 
-__all__ = ["BadRequest", "HTTPAPI", "is_loopback_peer", "validate_session_body"]
+__all__ = ["HTTPAPI", "is_loopback_peer", "validate_session_body"]
 
 log = logging.getLogger("intaleq_signal.http")
 
@@ -46,10 +46,6 @@ _SESSION_FIELDS = ("ride_id", "driver_id", "passenger_id")
 _LIBRARY_REFUSAL = b"Failed to open a WebSocket connection"
 _LIBRARY_CODES = {400: "bad_request", 426: "upgrade_required", 500: "internal_error", 503: "shutting_down"}
 _LIBRARY_HEADERS = ("Upgrade", "Sec-WebSocket-Version")
-
-
-#: The name this module gave the refusals of a request body.
-BadRequest = Refusal
 
 
 def validate_session_body(body: bytes) -> tuple[str, str, str]:
@@ -261,7 +257,7 @@ def _proxy_headers(headers: Headers) -> dict[str, str]:
 
 def is_loopback_peer(address: str) -> bool:
     """Whether a TCP peer address is loopback, the only peers ``/metrics``
-    answers (README "GET /metrics"): anything in 127.0.0.0/8 (RFC 1122
+    answers (docs/protocol.md, "GET /metrics"): anything in 127.0.0.0/8 (RFC 1122
     §3.2.1.3), ``::1`` (RFC 4291 §2.5.3), and those IPv4 addresses mapped
     into IPv6 (``::ffff:127.0.0.2``, RFC 4291 §2.5.5.2; Python before 3.13
     calls a mapped address not loopback, so it is unmapped first). Anything

@@ -21,7 +21,7 @@ from .calllog import CallLogWriter, PreviousRunClosed
 from .calllog.journal import Journal
 from .calllog.sqlite import SQLiteStore
 from .config import Config
-from .exceptions import ConfigError, ListenError, StoreError
+from .exceptions import ListenError
 from .front import FrontFactory
 from .http_api import HTTPAPI
 from .metrics import Metrics
@@ -45,8 +45,8 @@ def make_store(config: Config) -> Any:
     """The call-log store the configuration asks for (docs/operations.md,
     "Call log and journal").
 
-    Raises:
-        ConfigError: when the SQLite file cannot be used.
+    Nothing is opened here: the SQLite file is checked by
+    :meth:`Server.startup`, once the address is bound.
     """
     if config.uses_mysql:
         from .calllog.mysql import MySQLStore
@@ -58,12 +58,7 @@ def make_store(config: Config) -> Any:
             password=config.db_password or "",
             database=config.db_database,
         )
-    store = SQLiteStore(config.sqlite_path)
-    try:
-        store.check()
-    except StoreError as exc:
-        raise ConfigError(str(exc)) from None
-    return store
+    return SQLiteStore(config.sqlite_path)
 
 
 class Server:
@@ -101,8 +96,8 @@ class Server:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down.
-        Three phases, as uvicorn's server: :meth:`startup` (call log, then
-        the listening socket), :meth:`main_loop`, :meth:`shutdown`; the
+        Three phases, as uvicorn's server: :meth:`startup` (the listening
+        socket, then the call log), :meth:`main_loop`, :meth:`shutdown`; the
         signal handlers it installs are removed on the way out.
 
         Raises:
@@ -169,10 +164,9 @@ class Server:
         except OSError as exc:
             raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
         try:
-            try:
-                self.calllog.open()
-            except StoreError as exc:
-                raise ConfigError(str(exc)) from None
+            if isinstance(self.calllog.store, SQLiteStore):
+                self.calllog.store.check()  # StoreError (a ConfigError): exit 78
+            self.calllog.open()  # JournalError (a StoreError) likewise
             self.calllog.claim_node(config.node_id)
             self.calllog.start()
         except BaseException:

@@ -38,13 +38,12 @@ class Seat:
     """One participant's place in a session: who it is, its current
     connection (or None while absent), and what is held for it."""
 
-    __slots__ = ("role", "user_id", "conn", "joined", "held", "held_bytes", "grace")
+    __slots__ = ("role", "user_id", "conn", "held", "held_bytes", "grace")
 
     def __init__(self, role: str, user_id: str) -> None:
         self.role = role
         self.user_id = user_id
         self.conn: Client | None = None  # the engine's connection object, None while absent
-        self.joined = False  # has authenticated at least once
         self.held: deque[str] | None = None  # created on first use: most calls never hold
         self.held_bytes = 0
         self.grace: Timer | None = None  # RECONNECT_GRACE timer while absent

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import messages as msg
-from .calllog import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from .calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
 from .config import Config
 from .lifecycle import (
     ConnectionEvent,
@@ -335,9 +335,9 @@ class Signaling:
     def _authenticate(self, client: Client, message: str | bytes) -> None:
         """The first message (docs/protocol.md, rule 1 and "Precise
         points"): refusals in the rule's order, else the join."""
+        if type(message) is not str:
+            return self._refuse(client, "not_authenticated")
         try:
-            if type(message) is not str:
-                raise MessageError("not_authenticated", "binary frame")
             kind, obj = msg.decode(message)
         except MessageError:
             return self._refuse(client, "not_authenticated")
@@ -396,7 +396,6 @@ class Signaling:
             old.send(msg.error("replaced", "a newer connection of this participant took over"))
             self._close(old, CLOSE_REPLACED, "replaced")
         seat.conn = client
-        seat.joined = True
         if seat.grace is not None:
             seat.grace.cancel()
             seat.grace = None

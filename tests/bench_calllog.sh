@@ -28,7 +28,7 @@ for store in none sqlite mysql; do
         SCENARIOS="${SCENARIOS:-create_fresh connect}" REPEAT="${REPEAT:-3}" \
         TARGET_CMD="$PY tests/bench_server.py --store $store" TARGET_DIR="$PWD" \
         SQLITE_PATH="/tmp/intaleq-bench-$$.sqlite3" \
-        ../shared/bench/run.sh 2>&1 | grep -v '^run.sh: \[' || true
+        "${BENCH_DIR:-../shared/bench}/run.sh" 2>&1 | grep -v '^run.sh: \[' || true
     rm -f /tmp/intaleq-bench-$$.sqlite3*
 done
 echo

@@ -33,7 +33,7 @@ from intaleq_signal.signaling import CLOSE_TIMEOUT
 pytestmark = pytest.mark.compat
 
 RELAYED = "intaleq_messages_relayed_total"
-MAX_MESSAGE_BYTES = 4096  # the default (README "Configuration")
+MAX_MESSAGE_BYTES = 4096  # the default (docs/operations.md, "Configuration")
 CANDIDATE_LINE = "candidate:842163049 1 udp 1677729535 203.0.113.7 46154 typ srflx raddr 0.0.0.0 rport 0"
 #: What the other participant sends once the socket stopped being open: an
 #: offer and candidates, six more than the hold queue takes.

@@ -86,11 +86,10 @@ def test_the_tree() -> None:
 
 
 def test_the_old_names_are_the_same_classes() -> None:
-    from intaleq_signal import config, http_api, lifecycle, messages, server, sessions
+    from intaleq_signal import config, lifecycle, messages, server, sessions
     from intaleq_signal.calllog import journal, store, writer
 
     assert messages.MessageError is MessageError
-    assert http_api.BadRequest is Refusal
     assert (sessions.RideConflict, sessions.Capacity) == (RideConflict, Capacity)
     assert (config.ConfigError, config.EX_CONFIG) == (ConfigError, EX_CONFIG)
     assert store.StoreError is StoreError and journal.JournalError is JournalError

@@ -117,7 +117,7 @@ class Tally:
 
 MAX_MESSAGE = 4096  # MAX_MESSAGE_BYTES, its default
 MAX_BODY = 16 * 1024  # docs/protocol.md, "POST /sessions": larger is 413
-OPEN_TIMEOUT = 10.0  # README "Anything else": a client without a whole request is dropped
+OPEN_TIMEOUT = 10.0  # docs/protocol.md, "Anything else": a client without a whole request is dropped
 DAEMON = {
     "MAX_MESSAGE_BYTES": str(MAX_MESSAGE),
     "RATE_LIMIT_PER_MIN": "1000000000",  # thousands of upgrades from one IP
@@ -1733,7 +1733,7 @@ complete_requests = st.one_of(
 
 
 def test_truncated_requests(server: Any, record_property: Any) -> None:
-    """README "Anything else": a request cut short gets a clean close (at most
+    """docs/protocol.md, "Anything else": a request cut short gets a clean close (at most
     a well-formed answer): at once when the client half-closes, else within
     the 10 s open timeout; never a hang, never a traceback."""
     tally = Tally("truncated HTTP requests")
@@ -1880,7 +1880,7 @@ def test_upgrade_with_body_framing_keeps_frames(server: Any, record_property: An
 
 
 def test_bare_lf_is_400_at_once(server: Any, record_property: Any) -> None:
-    """README "Anything else": bare LF line endings → 400 and close, at once.
+    """docs/protocol.md, "Anything else": bare LF line endings → 400 and close, at once.
     Found: wire.py only spotted ``\\n\\n``; a bare LF right before the final
     CRLF (``Host: x\\n\\r\\n``) waited for the 10 s open timeout and closed
     with no answer."""

@@ -631,7 +631,7 @@ def non_loopback_address() -> str | None:
 
 @pytest.mark.compat
 def test_metrics_for_every_loopback_peer(server) -> None:
-    """README "GET /metrics": any loopback peer (here 127.0.0.2, in 127.0.0.0/8 like
+    """docs/protocol.md, "GET /metrics": any loopback peer (here 127.0.0.2, in 127.0.0.0/8 like
     127.0.0.1, RFC 1122 §3.2.1.3) gets the metrics; with a forwarding header still 404."""
     status, headers, body = request_from(server, "127.0.0.2", "/metrics")
     assert status == 200, body
@@ -642,7 +642,7 @@ def test_metrics_for_every_loopback_peer(server) -> None:
 
 
 def test_metrics_refused_to_a_non_loopback_peer(server) -> None:
-    """README "GET /metrics": a peer outside loopback (this host's own LAN address) gets 404."""
+    """docs/protocol.md, "GET /metrics": a peer outside loopback (this host's own LAN address) gets 404."""
     address = non_loopback_address()
     if address is None:
         pytest.skip("this host has no non-loopback IPv4 address (is_loopback_peer is tested alone)")
@@ -678,7 +678,8 @@ def test_metrics_refused_to_a_non_loopback_peer(server) -> None:
     ],
 )
 def test_is_loopback_peer(address: str, loopback: bool) -> None:
-    """README "GET /metrics": 127.0.0.0/8, ::1 and IPv4-mapped ::ffff:127.x are loopback; nothing else."""
+    """docs/protocol.md, "GET /metrics": 127.0.0.0/8, ::1 and IPv4-mapped
+    ::ffff:127.x are loopback; nothing else."""
     assert is_loopback_peer(address) is loopback
 
 

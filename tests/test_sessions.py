@@ -308,7 +308,7 @@ def validate_session_body(data: bytes) -> tuple[str, str, str]:
 
 
 def bad_request(data: bytes):
-    from intaleq_signal.http_api import BadRequest
+    from intaleq_signal.exceptions import Refusal as BadRequest
 
     with pytest.raises(BadRequest) as info:
         validate_session_body(data)

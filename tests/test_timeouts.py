@@ -78,7 +78,7 @@ from mysql_support import mysql_available
 #: (``intaleq_signal.wire.MAX_UNREAD_BYTES``).
 MAX_UNREAD_BYTES = 256 * 1024
 
-AUTH_TIMEOUT = 10.0  # the default (README "Configuration"), which the `server` fixture keeps
+AUTH_TIMEOUT = 10.0  # the default (docs/operations.md, "Configuration"), which the `server` fixture keeps
 
 needs_mysql = pytest.mark.skipif(not mysql_available(), reason="no MySQL/MariaDB at DB_HOST:DB_PORT")
 

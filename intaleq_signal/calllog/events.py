@@ -14,6 +14,8 @@ import dataclasses
 import json
 from typing import Any
 
+from ..exceptions import EventDecodeError
+
 __all__ = [
     "CallActive",
     "CallEnded",
@@ -84,10 +86,6 @@ CallEvent = SessionCreated | CallActive | CallInitiated | CallEnded | PreviousRu
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (SessionCreated, CallActive, CallInitiated, CallEnded, PreviousRunClosed)
 }
-
-
-class EventDecodeError(ValueError):
-    """A journal entry is not an event this version knows."""
 
 
 def encode(event: CallEvent) -> str:
