@@ -54,6 +54,7 @@ MAX_THREADS = MAX_DB_POOL_SIZE + sum(count for _, count in OTHER_THREADS)
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 ENVIRONMENTS = ("production", "development")
+ON_STOP_CHOICES = ("handoff", "end")
 
 _DURATION = re.compile(r"^\s*([0-9]{1,12}(?:\.[0-9]{1,9})?)\s*(ms|s|m|h)?\s*$")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")  # ASCII only: str.isdigit() takes "²" and "٣"
@@ -170,6 +171,8 @@ class Config:
     node_id: str = "localhost:47880"
     #: The local journal of call-log events not yet in the database.
     journal_path: str = "intaleq-signal.journal"
+    #: On SIGTERM/SIGINT: ``handoff`` (calls go on after a restart) or ``end``.
+    on_stop: str = "handoff"
 
     @property
     def uses_mysql(self) -> bool:
@@ -237,6 +240,7 @@ class Config:
             sqlite_path=reader.get("SQLITE_PATH", "intaleq-signal.sqlite3"),
             node_id=_parse_node_id(reader.get("NODE_ID", f"{socket.gethostname()}:{port}")),
             journal_path=reader.get("JOURNAL_PATH", "intaleq-signal.journal"),
+            on_stop=reader.choice("ON_STOP", "handoff", ON_STOP_CHOICES),
         )
 
 

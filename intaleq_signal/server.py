@@ -173,9 +173,18 @@ class Server:
             server.close()
             raise
         self._gauges()
-        # Rows this instance's killed predecessor left open end as
-        # server_restart (after the journal's events: see CallLogWriter).
-        self.calllog.record(PreviousRunClosed(time.time(), config.node_id))
+        if config.on_stop == "handoff":
+            # The sessions and calls a previous process of this instance
+            # left, restarted or killed, go on (docs/operations.md, "Restarts").
+            rows = await loop.run_in_executor(
+                None, self.calllog.load_sessions, config.node_id, time.time() - config.session_duration, 10.0
+            )
+            if rows is not None:
+                self.signaling.restore(rows)
+        else:
+            # Rows this instance's killed predecessor left open end as
+            # server_restart (after the journal's events: see CallLogWriter).
+            self.calllog.record(PreviousRunClosed(time.time(), config.node_id))
         await server.server.start_serving()
         return server
 
@@ -200,14 +209,16 @@ class Server:
         await stop.wait()
 
     async def shutdown(self, server: Any) -> None:
-        """Refuse new sessions, end calls with ``server_shutdown`` (close
-        1001), close the sockets, flush the call log (to the database, else
-        to the journal)."""
-        log.info("stopping: ending live calls")
+        """Refuse new sessions; hand the calls over (``ON_STOP=handoff``:
+        close 1012, nothing ends) or end them (``end``: ``server_shutdown``,
+        close 1001); close the sockets; flush the call log (to the
+        database, else to the journal)."""
+        handoff = self.config.on_stop == "handoff"
+        log.info("stopping: %s", "handing the calls over (close 1012)" if handoff else "ending live calls")
         self.notifier.stopping()
         self.stopping = True
         try:
-            self.signaling.shutdown()
+            self.signaling.shutdown(handoff)
             await self.driver.drain(CLOSE_TIMEOUT + 1)
             server.close(close_connections=True)
             try:

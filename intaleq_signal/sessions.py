@@ -165,6 +165,11 @@ class SessionStore(Protocol):
         """Drop an ended session: its id becomes unknown."""
         ...
 
+    def add(self, session: Session) -> None:
+        """Take in a session restored after a restart, live or ended (its
+        ride's live session when live; never refused for capacity)."""
+        ...
+
     @property
     def live(self) -> int:
         """How many sessions are neither ended nor expired."""
@@ -248,6 +253,11 @@ class Registry:
         session.ended = now
         if self.by_ride.get(session.ride_id) is session:
             del self.by_ride[session.ride_id]
+
+    def add(self, session: Session) -> None:
+        self.by_id[session.session_id] = session
+        if session.state is not SessionState.ENDED:
+            self.by_ride[session.ride_id] = session
 
     def forget(self, session: Session) -> None:
         self.by_id.pop(session.session_id, None)

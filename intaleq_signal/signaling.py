@@ -37,7 +37,9 @@ from typing import Any, Protocol
 
 from . import messages as msg
 from .calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from .calllog.sql import SessionRow
 from .config import Config
+from .exceptions import LifecycleError
 from .lifecycle import (
     ConnectionEvent,
     ConnectionLifecycle,
@@ -57,6 +59,7 @@ log = logging.getLogger("intaleq_signal.signaling")
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_SERVICE_RESTART = 1012  # RFC 6455 §7.4.1 (IANA registry): reconnect and carry on
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011  # used for heartbeat timeout, as websockets' keepalive does
 CLOSE_UNAUTHORIZED = 4001
@@ -578,13 +581,93 @@ class Signaling:
 
     # -- shutdown -----------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Refuse new sessions, end live calls with ``server_shutdown``
-        (close 1001), close unauthenticated sockets with 1001 and no message
-        (docs/protocol.md, "Close codes" and "End reasons")."""
+    def shutdown(self, handoff: bool = False) -> None:
+        """Refuse new sessions and upgrades, then either hand the calls to
+        the next process (``handoff``: every socket closed with 1012, no
+        ``call_ended``, no timer left to fire, sessions left open in the
+        call log) or end live calls with ``server_shutdown`` (close 1001)
+        and close the other sockets with 1001 (docs/protocol.md, "Close
+        codes"; docs/operations.md, "Restarts")."""
         self.accepting = False
-        for session in self.sessions.live_sessions():
-            self.end(session, EndReason.SERVER_SHUTDOWN)
+        if handoff:
+            for session in self.sessions.live_sessions():
+                for timer in (session.timer, session.driver.grace, session.passenger.grace):
+                    if timer is not None:
+                        timer.cancel()
+                session.timer = session.driver.grace = session.passenger.grace = None
+            code, reason = CLOSE_SERVICE_RESTART, "service restart"
+        else:
+            for session in self.sessions.live_sessions():
+                self.end(session, EndReason.SERVER_SHUTDOWN)
+            code, reason = CLOSE_GOING_AWAY, "server stopping"
         for client in list(self.clients):
-            if client.lifecycle.close():
-                self._close(client, CLOSE_GOING_AWAY, "server stopping")
+            if client.lifecycle.close():  # closed first: its close is nobody's disconnect
+                self._close(client, code, reason)
+
+    def restore(self, rows: list[SessionRow]) -> int:
+        """Take back the sessions a previous process of this instance left
+        (docs/operations.md, "Restarts"): ``rows`` as the call log holds
+        them. A session not yet active is joinable until its expiry; an
+        active call keeps ``connected_at`` and its deadline, and each
+        participant, absent, has ``RECONNECT_GRACE`` from now to come back
+        (messages for it are held meanwhile); an ended one is remembered
+        for ``SESSION_DURATION`` after its end, so a late join gets
+        ``session_ended`` / ``session_expired``. What fell due while no
+        process ran ends now, recorded with its own reason at its own time
+        (``expired`` at the expiry, ``max_duration_reached`` at the
+        deadline). Returns the number of live sessions restored."""
+        wall, now = self.clock.wall(), self._now()
+        duration = self.config.session_duration
+        live = 0
+        for row in rows:
+            session = Session(row.session_id, row.ride_id, row.driver_id, row.passenger_id, now, duration)
+            session.initiated_by = row.initiated_by
+            session.created = now + (row.created_at - wall)
+            if row.connected_at is not None:
+                session.connected = now + (row.connected_at - wall)
+                session.lifecycle.handle(SessionEvent.FIRST_JOIN)
+                session.lifecycle.handle(SessionEvent.BOTH_CONNECTED)
+            due = (row.connected_at if row.connected_at is not None else row.created_at) + duration
+            session.deadline = now + (due - wall)
+            if row.status == "ended":
+                self._restore_ended(session, _end_reason(row.end_reason), row.ended_at or wall)
+                continue
+            if due <= wall:  # fell due while no process ran
+                reason = EndReason.MAX_DURATION_REACHED if row.connected_at is not None else EndReason.EXPIRED
+                self._restore_ended(session, reason, due)
+                self.calllog.record(CallEnded(session.session_id, reason.value, due))
+                self.metrics.calls_ended[reason.value] += 1
+                continue
+            self.sessions.add(session)
+            session.timer = self.clock.call_at(session.deadline, self._deadline_reached, session)
+            if session.state is SessionState.ACTIVE:
+                for seat in (session.driver, session.passenger):
+                    seat.grace = self.clock.call_later(
+                        self.config.reconnect_grace, self._grace_over, session, seat
+                    )
+            live += 1
+        log.info("restored %d live sessions (%d rows)", live, len(rows))
+        return live
+
+    def _restore_ended(self, session: Session, reason: EndReason, ended_at: float) -> None:
+        """Remember an ended session until ``SESSION_DURATION`` after its end."""
+        try:
+            session.lifecycle.end(reason)
+        except LifecycleError:  # server_restart, or a reason the state never allows: ended all the same
+            session.lifecycle.state = SessionState.ENDED
+            session.lifecycle.end_reason = reason
+        session.ended = self._now() + (ended_at - self.clock.wall())
+        forget_at = session.ended + self.config.session_duration
+        if forget_at <= self._now():
+            return
+        self.sessions.add(session)
+        session.timer = self.clock.call_at(forget_at, self.sessions.forget, session)
+
+
+def _end_reason(text: str | None) -> EndReason:
+    """A row's ``end_reason`` (an unknown one, from a newer version, reads
+    as ``server_restart``: ended, for reasons this process cannot tell)."""
+    try:
+        return EndReason(text or "")
+    except ValueError:
+        return EndReason.SERVER_RESTART

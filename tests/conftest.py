@@ -135,6 +135,10 @@ def daemon_env(tmp_path: Any, **overrides: str | None) -> dict[str, str]:
         JOURNAL_PATH=str(tmp_path / f"journal-{port}.sqlite3"),
         LOG_LEVEL="debug",
         RATE_LIMIT_PER_MIN="1000",
+        # Most tests stop their daemon and read what stopping ended; the
+        # restart tests (tests/test_restart.py) ask for the default,
+        # handoff, with ON_STOP=None.
+        ON_STOP="end",
     )
     for name, value in overrides.items():
         if value is None:

@@ -106,6 +106,9 @@ class FakeStore:
     def claim(self, conn: object, node_id: str) -> bool:
         return True
 
+    def load(self, conn: object, node_id: str, since: float) -> list[Any]:
+        return []
+
     def close(self, conn: object) -> None:
         with self.lock:
             self.closed += 1

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from intaleq_signal.calllog import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from intaleq_signal.calllog.sql import SessionRow
 from intaleq_signal.config import Config
 from intaleq_signal.lifecycle import ConnectionState, SessionState
 from intaleq_signal.metrics import Metrics
@@ -1104,3 +1105,105 @@ def test_shutdown(h: Harness) -> None:
     assert not h.engine.accepting and h.engine.sessions.live == 0
     with pytest.raises(Capacity):
         h.engine.create_session("ride-3", DRIVER, PASSENGER)
+
+
+# -- restarts: handoff and restore (docs/operations.md, "Restarts") -------------------------------
+
+
+def test_handoff_closes_with_1012_and_ends_nothing(h: Harness) -> None:
+    """Stopping with ON_STOP=handoff: every socket closes with 1012 and no
+    message, nothing is recorded, no timer is left to end a call during the
+    drain, and the sessions stay live."""
+    session, driver, passenger = h.call()
+    waiting = h.session("ride-2")
+    alone = h.join(waiting, DRIVER)
+    stranger = h.connect()
+    h.calllog.take()
+    h.engine.shutdown(handoff=True)
+    for conn in (driver, passenger, alone, stranger):
+        assert conn.take() == [] and conn.closed == (1012, "service restart")
+    for conn in (driver, passenger, alone, stranger):
+        conn.drop()
+    h.clock.advance(3_600_000)  # no deadline, grace or expiry fires any more
+    assert h.calllog.take() == [] and h.metrics.calls_ended == {}
+    assert session.state is SessionState.ACTIVE and h.engine.sessions.live == 2
+    assert h.clock.pending() == []
+
+
+def row(
+    session_id: str,
+    status: str,
+    created_at: int,
+    connected_at: int | None = None,
+    ended_at: int | None = None,
+    end_reason: str | None = None,
+) -> SessionRow:
+    """A call-log row, times in ms after the harness start (None: NULL)."""
+
+    def wall(ms: int | None) -> float | None:
+        return None if ms is None else (ms + WALL_MS) / 1000
+
+    return SessionRow(
+        session_id,
+        f"ride-{session_id}",
+        DRIVER,
+        PASSENGER,
+        status,
+        None,
+        end_reason or ("user_terminated" if status == "ended" else None),
+        (created_at + WALL_MS) / 1000,
+        wall(connected_at),
+        wall(ended_at),
+    )
+
+
+def test_restore_takes_back_sessions_calls_and_tombstones(h: Harness) -> None:
+    """A pending session is joinable until its expiry; an active call keeps
+    its deadline, both seats absent with RECONNECT_GRACE from now, messages
+    held; tombstones answer session_ended / session_expired; what fell due
+    while down is recorded at its own time."""
+    rows = [
+        row("pending", "created", created_at=-10_000),
+        row("call", "active", created_at=-30_000, connected_at=-20_000),
+        row("done", "ended", created_at=-50_000, connected_at=-45_000, ended_at=-40_000),
+        row("expired", "ended", created_at=-90_000, ended_at=-30_000, end_reason="expired"),
+        row("overdue", "active", created_at=-200_000, connected_at=-100_000),
+        row("stale", "created", created_at=-70_000),
+    ]
+    assert h.engine.restore(rows) == 2
+    assert h.calllog.take() == [
+        CallEnded("overdue", "max_duration_reached", h.wall(-40_000)),
+        CallEnded("stale", "expired", h.wall(-10_000)),
+    ]
+    call = h.engine.sessions.get("call")
+    assert call is not None and call.state is SessionState.ACTIVE
+    assert call.deadline == pytest.approx(h.clock.time() + 40.0)
+    # the driver comes back, sends; held for the absent passenger
+    driver = h.join(call, DRIVER)
+    driver.send({"type": "offer", "sdp": SDP})
+    assert driver.take() == []
+    passenger = h.join(call, PASSENGER)
+    assert passenger.take() == [
+        {"type": "participant_joined", "role": "driver"},
+        {"type": "offer", "sdp": SDP},
+    ]
+    assert driver.take() == [{"type": "participant_joined", "role": "passenger"}]
+    pending = h.engine.sessions.get("pending")
+    assert pending is not None and pending.state is SessionState.CREATED
+    for session_id, reason in (
+        ("done", "session_ended"),
+        ("expired", "session_expired"),
+        ("overdue", "session_ended"),
+        ("stale", "session_expired"),
+    ):
+        conn = h.connect()
+        conn.send({"type": "authenticate", "session_id": session_id, "user_id": DRIVER})
+        assert conn.take() == unauthorized(reason), session_id
+    h.clock.advance(40_000)  # the restored call's own deadline
+    assert passenger.take() == [{"type": "call_timeout", "reason": "max_duration_reached"}]
+
+
+def test_restored_call_ends_when_nobody_comes_back(h: Harness) -> None:
+    h.engine.restore([row("call", "active", created_at=-3_000, connected_at=-2_000)])
+    h.clock.advance(15_000)
+    assert h.calllog.take() == [CallEnded("call", "disconnect_driver", h.wall(15_000))]

@@ -45,7 +45,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ServerProcess, send_json
+from conftest import ServerProcess, send_json, wait_until
 
 try:
     from playwright import async_api as playwright_api
@@ -744,3 +744,76 @@ def test_aiortc_with_chromium(server_factory, tmp_path, request, aiortc_on_loopb
     assert server.stop() == 0
     [row] = server.call_logs()
     assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
+
+
+@pytest.mark.e2e
+def test_chromium_call_goes_on_across_a_daemon_restart(server_factory, tmp_path, request) -> None:
+    """docs/operations.md, "Restarts": the daemon is restarted (SIGTERM,
+    ON_STOP=handoff) under a live Chromium call: both pages see close 1012
+    and no call_ended, the audio keeps flowing while no daemon runs, both
+    reconnect to the next process (same NODE_ID, same port), the driver
+    re-offers with an ICE restart, and the call ends normally later."""
+    env = {
+        "ON_STOP": None,
+        "NODE_ID": "webrtc-restart",
+        "SQLITE_PATH": str(tmp_path / "calls.sqlite3"),
+        "RECONNECT_GRACE": "30s",
+        "SESSION_DURATION": "10m",
+    }
+    first = server_factory(**env)
+    session = first.new_session(ride_id="ride-webrtc-restart")
+
+    async def scenario() -> dict[str, Any]:
+        async with chromium(tmp_path) as context:
+            driver, passenger = await start_chromium_call(context, first, session)
+            await audio_both_ways(driver, passenger)
+            signalled = time.monotonic()
+            assert await asyncio.to_thread(first.stop) == 0
+            for page in (driver, passenger):
+                await page.wait("() => call.closes.length === 1", "closed by the restart", SIGNAL_TIMEOUT)
+            # No daemon runs: the peer-to-peer audio goes on.
+            down = [(await passenger.inbound_audio())["packetsReceived"]]
+            await asyncio.sleep(1.0)
+            down.append((await passenger.inbound_audio())["packetsReceived"])
+            second = server_factory(SERVER_ADDR=f"127.0.0.1:{first.port}", **env)
+            serving_s = time.monotonic() - signalled
+            started = time.monotonic()
+            await driver.js("() => call.reconnect()")
+            await passenger.js("() => call.reconnect()")
+            await driver.wait_received("participant_joined", 2)
+            await passenger.wait_received("participant_joined", 2)
+            rejoined_ms = (time.monotonic() - started) * 1000
+            await driver.wait_received("answer", 2)
+            await driver.wait_connected(CONNECT_TIMEOUT, passenger)
+            await passenger.wait_connected(CONNECT_TIMEOUT, driver)
+            audio = await audio_both_ways(driver, passenger)
+            await end_call(driver, passenger)
+            d, p = await driver.snapshot(), await passenger.snapshot()
+        return {
+            "d": d,
+            "p": p,
+            "down": down,
+            "server": second,
+            "figures": {
+                "sigterm_to_next_process_serving_s": round(serving_s, 2),
+                "reconnect_to_participant_joined_ms": round(rejoined_ms, 1),
+                "passenger_packets_while_no_daemon": down,
+                **audio,
+            },
+        }
+
+    result = asyncio.run(scenario())
+    report(request, result["figures"])
+    d, p, down = result["d"], result["p"], result["down"]
+    assert d["errors"] == [] and p["errors"] == [], (d["errors"], p["errors"])
+    assert down[1] > down[0] > 0, "the audio stopped while no daemon ran"
+    for snap in (d, p):
+        assert [c["code"] for c in snap["closes"]] == [1012, 1000], snap["closes"]
+        ended = [m["msg"] for m in snap["received"] if m["type"] == "call_ended"]
+        assert ended == [{"type": "call_ended", "reason": "user_terminated"}], ended
+    offers = [m for m in d["sent"] if m["type"] == "offer"]
+    assert len(offers) == 2 and ufrag(offers[1]["msg"]["sdp"]) != ufrag(offers[0]["msg"]["sdp"])
+    second = result["server"]
+    wait_until(lambda: second.call_logs()[0]["status"] == "ended")
+    [row] = second.call_logs()
+    assert row["end_reason"] == "user_terminated", row

@@ -16,7 +16,16 @@ from typing import Any
 import pymysql
 
 from .events import CallEvent
-from .sql import ADDED_COLUMNS, MYSQL, create_index, late_indexes, mysql_ddl
+from .sql import (
+    ADDED_COLUMNS,
+    MYSQL,
+    SessionRow,
+    create_index,
+    late_indexes,
+    mysql_ddl,
+    session_rows,
+    utc_text,
+)
 
 __all__ = ["DDL", "MySQLStore"]
 
@@ -120,6 +129,11 @@ class MySQLStore:
             except Exception:  # noqa: BLE001 - a broken connection: the writer reconnects
                 pass
             raise
+
+    def load(self, conn: pymysql.connections.Connection, node_id: str, since: float) -> list[SessionRow]:
+        with conn.cursor() as cursor:
+            cursor.execute(MYSQL.restore, (node_id, utc_text(since)))
+            return session_rows(list(cursor.fetchall()))
 
     def ping(self, conn: pymysql.connections.Connection) -> None:
         conn.ping(reconnect=False)

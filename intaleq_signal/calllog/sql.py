@@ -231,15 +231,63 @@ def _params(event: CallEvent) -> tuple[Any, ...]:
     return (event.reason, utc_text(event.at), event.session_id)
 
 
+_RESTORE = (
+    "SELECT session_id, ride_id, driver_id, passenger_id, status, initiated_by, end_reason,"
+    " created_at, connected_at, ended_at FROM call_logs"
+    " WHERE node_id = {p} AND (status <> 'ended' OR ended_at >= {p}) ORDER BY id"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionRow:
+    """One ``call_logs`` row as a restart restores it: times are epoch
+    seconds (UTC), ``None`` where the column is NULL."""
+
+    session_id: str
+    ride_id: str
+    driver_id: str
+    passenger_id: str
+    status: str
+    initiated_by: str | None
+    end_reason: str | None
+    created_at: float
+    connected_at: float | None
+    ended_at: float | None
+
+
+def epoch(value: Any) -> float | None:
+    """A time column as epoch seconds: MySQL hands a naive UTC ``datetime``,
+    SQLite the text :func:`utc_text` wrote; NULL stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f")
+    return value.replace(tzinfo=datetime.UTC).timestamp()
+
+
+def session_rows(rows: list[tuple[Any, ...]]) -> list[SessionRow]:
+    """The restore query's rows as :class:`SessionRow` (its column order)."""
+    return [
+        SessionRow(*row[:7], epoch(row[7]) or 0.0, epoch(row[8]), epoch(row[9]))  # type: ignore[misc]
+        for row in rows
+    ]
+
+
 class Dialect:
     """How one database spells a placeholder and an insert that ignores
-    duplicates; statements are formatted once per dialect."""
+    duplicates; statements are formatted once per dialect.
+
+    Attributes:
+        restore: the query of a node's open rows and of its rows ended
+            since a time (parameters: ``node_id``, ``utc_text(since)``).
+    """
 
     def __init__(self, placeholder: str, insert_ignore: str) -> None:
         self.sql = {
             kind: template.format(p=placeholder, insert_ignore=insert_ignore)
             for kind, template in _TEMPLATES.items()
         }
+        self.restore = _RESTORE.format(p=placeholder)
 
     def statement(self, event: CallEvent) -> tuple[str, tuple[Any, ...]]:
         """``(sql, parameters)`` for one event; parameterised, never interpolated."""

@@ -13,7 +13,16 @@ import sqlite3
 
 from ..exceptions import StoreError
 from .events import CallEvent
-from .sql import ADDED_COLUMNS, SQLITE, create_index, late_indexes, sqlite_ddl
+from .sql import (
+    ADDED_COLUMNS,
+    SQLITE,
+    SessionRow,
+    create_index,
+    late_indexes,
+    session_rows,
+    sqlite_ddl,
+    utc_text,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -82,6 +91,9 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def load(self, conn: sqlite3.Connection, node_id: str, since: float) -> list[SessionRow]:
+        return session_rows(conn.execute(SQLITE.restore, (node_id, utc_text(since))).fetchall())
 
     def ping(self, conn: sqlite3.Connection) -> None:
         conn.execute("SELECT 1")

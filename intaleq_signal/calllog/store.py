@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ..exceptions import StoreError
 from .events import CallEvent
+from .sql import SessionRow
 
 __all__ = ["Store", "StoreError"]
 
@@ -39,6 +40,11 @@ class Store(Protocol):
     def apply_batch(self, conn: Any, events: list[CallEvent]) -> None:
         """Write ``events`` in order in one transaction: all of them, or
         (rolled back, then raised) none."""
+
+    def load(self, conn: Any, node_id: str, since: float) -> list[SessionRow]:
+        """The rows of ``node_id`` still open, and those ended at or after
+        ``since`` (epoch seconds), oldest first: what a restart restores."""
+        ...
 
     def ping(self, conn: Any) -> None:
         """Check that an idle connection still works.

@@ -34,6 +34,7 @@ from typing import Any
 from ..exceptions import StartError
 from .events import CallEvent, PreviousRunClosed
 from .journal import Journal
+from .sql import SessionRow
 from .store import Store
 
 __all__ = ["CallLogWriter", "StartError"]
@@ -422,6 +423,36 @@ class CallLogWriter:
         if index == 0 and self._node_id is not None:
             self._hold_claim(conn)
         return conn
+
+    def load_sessions(self, node_id: str, since: float, timeout: float) -> list[SessionRow] | None:
+        """What a restart restores (``docs/operations.md``, "Restarts"):
+        the rows of ``node_id`` still open and those ended since ``since``
+        (epoch seconds), read once the events replayed from the journal
+        have committed, so they are the rows as the last process left them.
+        Blocking (at most about ``timeout`` seconds and a connection
+        attempt): call it off the event loop. None, logged, when the
+        database cannot be read in time: nothing is restored then."""
+        deadline = time.monotonic() + timeout
+        with self._replay_done:
+            while self._replay_pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error(
+                        "call log: sessions not restored: %d journal events are not in the database yet",
+                        len(self._replay_pending),
+                    )
+                    return None
+                self._replay_done.wait(left)
+        try:
+            conn = self.store.connect()
+            try:
+                self.store.prepare(conn)
+                return self.store.load(conn, node_id, since)
+            finally:
+                self.store.close(conn)
+        except Exception as exc:  # noqa: BLE001 - reported; serving goes on without them
+            log.error("call log: sessions not restored, the database cannot be read: %s", exc)
+            return None
 
     def claim_node(self, node_id: str) -> None:
         """Before :meth:`start`: this instance is ``node_id`` in the call
