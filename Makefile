@@ -89,7 +89,8 @@ schema: $(VENV)/.run-installed
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache
 
-## install: as root, put the service in place (user, venv, config, unit); see docs/operations.md
+## install: as root, put the service in place (user, venv, config, units: the service and
+## its optional socket, for socket activation); see docs/operations.md
 PREFIX ?= /opt/intaleq-signal
 SYSCONFDIR ?= /etc/intaleq-signal
 UNITDIR ?= /etc/systemd/system
@@ -102,9 +103,11 @@ install:
 	test -e $(SYSCONFDIR)/intaleq-signal.env || \
 	    install -m 0640 -g intaleq-signal .env.example $(SYSCONFDIR)/intaleq-signal.env
 	install -m 0644 intaleq-signal.service $(UNITDIR)/intaleq-signal.service
+	install -m 0644 intaleq-signal.socket $(UNITDIR)/intaleq-signal.socket
 	-systemctl daemon-reload
 	@echo "make install: edit $(SYSCONFDIR)/intaleq-signal.env (API_KEY, DB_*), then" \
-	      "systemctl enable --now intaleq-signal"
+	      "systemctl enable --now intaleq-signal.socket intaleq-signal" \
+	      "(or without socket activation: systemctl enable --now intaleq-signal)"
 
 # -- benchmarks (docs/performance.md) ---------------------------------------
 # The harness (Node.js load generator, PeerJS baseline) is not part of this

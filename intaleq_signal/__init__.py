@@ -21,7 +21,7 @@ Layout (one job per module):
 - ``metrics``, ``logs``  Prometheus text and stderr logging
 - ``exceptions`` every exception raised on purpose, as one documented tree
 - ``server``     start-up, main loop, shutdown; ``__main__`` the CLI
-- ``systemd``    sd_notify (READY=1, STOPPING=1, WATCHDOG=1)
+- ``systemd``    sd_notify (READY=1, STOPPING=1, WATCHDOG=1), socket activation
 
 ``docs/design.md``, "Module map", says more.
 """

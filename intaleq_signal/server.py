@@ -27,7 +27,7 @@ from .http_api import HTTPAPI
 from .metrics import Metrics
 from .serving import EngineDriver, LoopClock
 from .signaling import CLOSE_TIMEOUT, Signaling
-from .systemd import Notifier
+from .systemd import LISTEN_BACKLOG, Notifier, take_listen_socket
 
 __all__ = ["ListenError", "run", "run_event_loop", "Server"]
 
@@ -133,20 +133,31 @@ class Server:
                 loop.remove_signal_handler(signum)
 
     async def startup(self) -> Any:
-        """Bind (not yet accepting), then open the call log (the journal's
-        events queued first), start its threads, queue the start-up work,
-        and only then accept connections; returns the websockets server.
-        Nothing is opened or written when the address cannot be bound."""
+        """Bind (not yet accepting; or take the socket systemd hands over),
+        then open the call log (the journal's events queued first), start its
+        threads, queue the start-up work, and only then accept connections;
+        returns the websockets server. Nothing is opened or written when the
+        address cannot be bound."""
         config = self.config
         loop = asyncio.get_running_loop()
         self.signaling = Signaling(config, self.calllog, self.metrics, LoopClock(loop))
         self.driver = EngineDriver(self.signaling, loop)
         self.api = HTTPAPI(config, self.signaling, self.metrics, self.health)
+        # A socket systemd hands over (intaleq-signal.socket) is served
+        # instead of SERVER_ADDR (docs/operations.md, "systemd"); ConfigError
+        # (exit 78) when it is not one listening TCP socket.
+        handed = take_listen_socket()
+        self.socket_from_systemd = handed is not None
+        if handed is not None:
+            where: dict[str, Any] = {"sock": handed, "backlog": LISTEN_BACKLOG}
+            place = _address(handed.getsockname())
+        else:
+            where = {"host": config.host, "port": config.port}
+            place = f"{config.host}:{config.port}"
         try:
             server = await serve(
                 self.driver.handler,
-                config.host,
-                config.port,
+                **where,
                 process_request=self.api.process_request,
                 process_response=self.api.process_response,
                 create_connection=FrontFactory(
@@ -162,7 +173,7 @@ class Server:
                 start_serving=False,  # accepted once the call log is ready (below)
             )
         except OSError as exc:
-            raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+            raise ListenError(f"cannot listen on {place}: {exc}") from exc
         try:
             if isinstance(self.calllog.store, SQLiteStore):
                 self.calllog.store.check()  # StoreError (a ConfigError): exit 78
@@ -192,6 +203,8 @@ class Server:
         """Say where it listens, tell systemd it is ready, wait for ``stop``."""
         config, loop = self.config, asyncio.get_running_loop()
         addresses = ", ".join(_address(sock.getsockname()) for sock in server.sockets)
+        if self.socket_from_systemd:
+            addresses += " (socket from systemd)"
         log.info(
             "listening on %s (environment=%s, node=%s, call log=%s, event loop=%s)",
             addresses,

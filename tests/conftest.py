@@ -77,7 +77,15 @@ CONFIG_VARIABLES = frozenset(
 #: hands a service. :func:`daemon_env` passes none of them on from the
 #: environment of the tests, so that a shell's settings never leak into a
 #: test's daemon.
-DAEMON_VARIABLES = CONFIG_VARIABLES | {"JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
+DAEMON_VARIABLES = CONFIG_VARIABLES | {
+    "JOURNAL_STREAM",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -230,6 +238,8 @@ class ServerProcess(Endpoint):
         command: another program to run (a wrapper of the daemon).
         stderr_path: a file for the daemon's stderr (journald's stream, in
             the tests of its priorities) instead of a pipe; read as it grows.
+        pass_fds: descriptors the child inherits (``subprocess.Popen``), for
+            a ``command`` that hands them on (socket activation).
     """
 
     def __init__(
@@ -239,6 +249,7 @@ class ServerProcess(Endpoint):
         *args: str,
         command: list[str] | None = None,
         stderr_path: Path | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.env = daemon_env(tmp_path, **env)
         self.port = int(self.env["SERVER_ADDR"].rpartition(":")[2])
@@ -258,6 +269,7 @@ class ServerProcess(Endpoint):
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 text=True,
+                pass_fds=pass_fds,
             )
         finally:
             if stderr_path is not None:
@@ -347,17 +359,25 @@ class ServerProcess(Endpoint):
 
 @pytest.fixture
 def server_factory(tmp_path: Any) -> Iterator[Any]:
-    """``server_factory(*args, stderr_path=None, **env)``: a started
-    :class:`ServerProcess`, stopped at the end of the test (exit 0, no
-    traceback in its log)."""
+    """``server_factory(*args, stderr_path=None, command=None, pass_fds=(),
+    **env)``: a started :class:`ServerProcess`, stopped at the end of the
+    test (exit 0, no traceback in its log)."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, stderr_path: Path | None = None, **env: Any) -> ServerProcess:
+    def start(
+        *args: str,
+        stderr_path: Path | None = None,
+        command: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        **env: Any,
+    ) -> ServerProcess:
         server = ServerProcess(
             {k: None if v is None else str(v) for k, v in env.items()},
             tmp_path,
             *args,
+            command=command,
             stderr_path=stderr_path,
+            pass_fds=pass_fds,
         )
         started.append(server)
         return server
