@@ -29,6 +29,7 @@ import datetime
 import functools
 import http.client
 import json
+import logging
 import os
 import re
 import signal
@@ -834,3 +835,15 @@ class RawWebSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found() -> Iterator[None]:
+    """Tests that run ``intaleq_signal.__main__.main`` in this process set
+    up the daemon's logging (a handler on the stream pytest captures for
+    that test); the next tests must not log into that closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
