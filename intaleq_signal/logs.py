@@ -117,6 +117,10 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(_LEVELS[level])
     library = logging.getLogger("websockets")
     library.setLevel(max(_LEVELS[level], logging.WARNING))
+    # asyncio's own debug line ("Using selector: EpollSelector") on every
+    # start says nothing about the daemon, and would come before the one
+    # line of a start-up that fails inside the loop.
+    logging.getLogger("asyncio").setLevel(max(_LEVELS[level], logging.INFO))
     # Filters apply where a record is made, so on the child logger itself.
     logging.getLogger("websockets.server").addFilter(_quiet_failed_handshakes)
 
