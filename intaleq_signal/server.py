@@ -37,6 +37,9 @@ log = logging.getLogger("intaleq_signal")
 #: slow or idle HTTP clients are dropped after it (docs/protocol.md,
 #: "Anything else").
 OPEN_TIMEOUT = 10.0
+#: Bound on reading the sessions to restore at start (seconds), the
+#: journal's events reaching the database included.
+RESTORE_WAIT = 5.0
 #: Bound on flushing the call log at shutdown (seconds).
 FLUSH_TIMEOUT = 5.0
 
@@ -184,18 +187,28 @@ class Server:
             server.close()
             raise
         self._gauges()
+        started = time.time()
+        rows = None
         if config.on_stop == "handoff":
             # The sessions and calls a previous process of this instance
             # left, restarted or killed, go on (docs/operations.md, "Restarts").
             rows = await loop.run_in_executor(
-                None, self.calllog.load_sessions, config.node_id, time.time() - config.session_duration, 10.0
+                None,
+                self.calllog.load_sessions,
+                config.node_id,
+                started - config.session_duration,
+                RESTORE_WAIT,
             )
-            if rows is not None:
-                self.signaling.restore(rows)
-        else:
-            # Rows this instance's killed predecessor left open end as
-            # server_restart (after the journal's events: see CallLogWriter).
-            self.calllog.record(PreviousRunClosed(time.time(), config.node_id))
+        if rows is not None:
+            self.signaling.restore(rows)
+        elif self.calllog.node_claimed is not False:
+            # Nothing restored (ON_STOP=end, or the call log could not be
+            # read): the rows this instance's predecessor left open end as
+            # server_restart, once the database takes writes again (after
+            # the journal's events: see CallLogWriter), so that a later
+            # restart never brings back calls the apps were told are gone.
+            # Not while another live instance holds this NODE_ID.
+            self.calllog.record(PreviousRunClosed(started, config.node_id))
         await server.server.start_serving()
         return server
 
@@ -231,6 +244,11 @@ class Server:
         self.notifier.stopping()
         self.stopping = True
         try:
+            if handoff:
+                # Accept nothing more: connections made from now on wait for
+                # the next process (in the socket's backlog under socket
+                # activation) instead of getting 503 from this one.
+                server.server.close()
             self.signaling.shutdown(handoff)
             await self.driver.drain(CLOSE_TIMEOUT + 1)
             server.close(close_connections=True)

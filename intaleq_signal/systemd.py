@@ -71,7 +71,7 @@ class Notifier:
         return self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
     def stopping(self) -> bool:
-        return self.notify("STOPPING=1", "STATUS=stopping: ending calls, flushing the call log")
+        return self.notify("STOPPING=1", "STATUS=stopping: closing the sockets, flushing the call log")
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")

@@ -538,7 +538,7 @@ def test_two_instances_on_one_database_keep_each_others_rows(server_factory, db)
 FIRST_EDITION_DDL = (
     "\n".join(line for line in DDL.splitlines() if not line.startswith("--"))
     .replace("    node_id VARCHAR(255) NULL,\n", "")
-    .replace(",\n    KEY idx_call_logs_node_status (node_id, status)", "")
+    .replace(",\n    KEY idx_call_logs_node_status (node_id, status, ended_at)", "")
 )
 
 

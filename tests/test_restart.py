@@ -283,3 +283,88 @@ def test_handoff_with_mysql_and_its_journal(server_factory, db, tmp_path) -> Non
 
     asyncio.run(scenario())
     wait_until(lambda: sum(row["end_reason"] == "user_terminated" for row in db.rows()) == 10)
+
+
+def test_a_second_instance_with_the_same_node_id_takes_nothing_over(server_factory, db, tmp_path) -> None:
+    """A copy-pasted NODE_ID while the first instance runs: the second one
+    restores nothing and closes nothing, so the first one's call goes on and
+    its own ending lands."""
+    env = {**restart_env(tmp_path, RECONNECT_GRACE="1s"), **db.server_env()}
+    first = server_factory(**env)
+    session = first.new_session(ride_id="twin-call")
+
+    async def scenario() -> None:
+        d, p = await connected_call(first, session)
+        wait_until(lambda: [row["status"] for row in db.rows()] == ["active"])
+        second = server_factory(**{**env, "JOURNAL_PATH": str(tmp_path / "journal-2")})
+        second.wait_for_log("sessions not restored: another live instance holds NODE_ID")
+        await asyncio.sleep(2.0)  # past the restored grace, had it restored
+        assert [row["status"] for row in db.rows()] == ["active"]
+        offer = {"type": "offer", "sdp": "v=0 still here"}
+        await send_json(d, offer)
+        assert await recv_json(p) == offer
+        await send_json(p, {"type": "end_call"})
+        assert await closed_with(d) == 1000
+
+    asyncio.run(scenario())
+    wait_until(lambda: [row["end_reason"] for row in db.rows()] == ["user_terminated"])
+
+
+def test_rows_not_restored_are_closed_when_the_database_is_back(server_factory, db, proxy, tmp_path) -> None:
+    """The call log cannot be read at the start (MySQL unreachable): nothing
+    is restored, and once MySQL is back the rows the previous process left
+    open end as server_restart at this start, so a later restart does not
+    bring back calls the apps were told are gone."""
+    env = {**restart_env(tmp_path), **db.server_env(proxy.port)}
+    first = server_factory(**env)
+    session = first.new_session(ride_id="unreadable")
+
+    async def call() -> None:
+        await connected_call(first, session)
+        wait_until(lambda: [row["status"] for row in db.rows()] == ["active"])
+        assert await asyncio.to_thread(first.stop) == 0
+
+    asyncio.run(call())
+    proxy.cut()
+    started = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    second = server_factory(**env)
+    second.wait_for_log("sessions not restored")
+    assert health(second)["sessions"] == 0
+    proxy.restore()
+    wait_until(lambda: [row["status"] for row in db.rows()] == ["ended"], timeout=30)
+    [row] = db.rows()
+    assert row["end_reason"] == "server_restart", row
+    assert abs((row["ended_at"] - started).total_seconds()) < 5, (row, started)
+    assert second.stop() == 0
+    third = server_factory(**env)
+    third.wait_for_log("restored 0 live sessions")
+
+
+def test_a_handoff_stop_accepts_nothing_more(server_factory, tmp_path) -> None:
+    """From SIGTERM on, a handing-off daemon accepts no new connection (they
+    wait for the next process, or are refused without socket activation),
+    even while it waits for a socket that does not close."""
+    env = restart_env(tmp_path)
+    first = server_factory(**env)
+    session = first.new_session(ride_id="drain")
+
+    async def scenario() -> None:
+        d, _ = await join(first, session, "driver-1")
+        d.transport.pause_reading()  # a phone gone quiet: its close is never answered
+        stopping = asyncio.create_task(asyncio.to_thread(first.stop))
+        await asyncio.to_thread(first.wait_for_log, "stopping: handing the calls over")
+        refused = 0
+        while not stopping.done():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
+            except OSError:
+                refused += 1
+            else:
+                writer.write(b"GET /health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+                answer = await reader.read(200)
+                writer.close()
+                raise AssertionError(f"answered while stopping: {answer!r}")
+            await asyncio.sleep(0.1)
+        assert await stopping == 0 and refused > 0
+
+    asyncio.run(scenario())

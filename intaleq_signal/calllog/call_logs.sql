@@ -22,5 +22,5 @@ CREATE TABLE IF NOT EXISTS call_logs (
     UNIQUE KEY uq_call_logs_session_id (session_id),
     KEY idx_call_logs_ride_id (ride_id),
     KEY idx_call_logs_status (status),
-    KEY idx_call_logs_node_status (node_id, status)
+    KEY idx_call_logs_node_status (node_id, status, ended_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

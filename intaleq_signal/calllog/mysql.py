@@ -132,7 +132,7 @@ class MySQLStore:
 
     def load(self, conn: pymysql.connections.Connection, node_id: str, since: float) -> list[SessionRow]:
         with conn.cursor() as cursor:
-            cursor.execute(MYSQL.restore, (node_id, utc_text(since)))
+            cursor.execute(MYSQL.restore, (node_id, node_id, utc_text(since)))
             return session_rows(list(cursor.fetchall()))
 
     def ping(self, conn: pymysql.connections.Connection) -> None:

@@ -117,7 +117,9 @@ INDEXES: tuple[Index, ...] = (
     Index("uq_call_logs_session_id", ("session_id",), unique=True, in_sqlite=False),
     Index("idx_call_logs_ride_id", ("ride_id",)),
     Index("idx_call_logs_status", ("status",), in_sqlite=False),
-    Index("idx_call_logs_node_status", ("node_id", "status")),
+    # A node's open rows, and its rows ended since a time: what a restart
+    # restores, by index range, however long the node's history.
+    Index("idx_call_logs_node_status", ("node_id", "status", "ended_at")),
 )
 #: Columns added after the first edition of the table. Each store adds the
 #: ones an existing table lacks, at start (``Store.prepare``); new tables
@@ -231,10 +233,13 @@ def _params(event: CallEvent) -> tuple[Any, ...]:
     return (event.reason, utc_text(event.at), event.session_id)
 
 
-_RESTORE = (
+_RESTORE_COLUMNS = (
     "SELECT session_id, ride_id, driver_id, passenger_id, status, initiated_by, end_reason,"
     " created_at, connected_at, ended_at FROM call_logs"
-    " WHERE node_id = {p} AND (status <> 'ended' OR ended_at >= {p}) ORDER BY id"
+)
+_RESTORE = (
+    f"{_RESTORE_COLUMNS} WHERE node_id = {{p}} AND status IN ('created', 'active')"
+    f" UNION ALL {_RESTORE_COLUMNS} WHERE node_id = {{p}} AND status = 'ended' AND ended_at >= {{p}}"
 )
 
 
@@ -279,7 +284,8 @@ class Dialect:
 
     Attributes:
         restore: the query of a node's open rows and of its rows ended
-            since a time (parameters: ``node_id``, ``utc_text(since)``).
+            since a time (parameters: ``node_id``, ``node_id``,
+            ``utc_text(since)``), two ranges of ``idx_call_logs_node_status``.
     """
 
     def __init__(self, placeholder: str, insert_ignore: str) -> None:

@@ -93,7 +93,7 @@ class SQLiteStore:
             raise
 
     def load(self, conn: sqlite3.Connection, node_id: str, since: float) -> list[SessionRow]:
-        return session_rows(conn.execute(SQLITE.restore, (node_id, utc_text(since))).fetchall())
+        return session_rows(conn.execute(SQLITE.restore, (node_id, node_id, utc_text(since))).fetchall())
 
     def ping(self, conn: sqlite3.Connection) -> None:
         conn.execute("SELECT 1")

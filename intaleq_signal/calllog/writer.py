@@ -431,7 +431,12 @@ class CallLogWriter:
         have committed, so they are the rows as the last process left them.
         Blocking (at most about ``timeout`` seconds and a connection
         attempt): call it off the event loop. None, logged, when the
-        database cannot be read in time: nothing is restored then."""
+        database cannot be read in time, or when another live instance
+        holds this ``node_id`` (its sessions are not ours to take): nothing
+        is restored then."""
+        if self.node_claimed is False:
+            log.error("call log: sessions not restored: another live instance holds NODE_ID %r", node_id)
+            return None
         deadline = time.monotonic() + timeout
         with self._replay_done:
             while self._replay_pending:
