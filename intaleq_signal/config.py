@@ -55,6 +55,7 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 ENVIRONMENTS = ("production", "development")
 ON_STOP_CHOICES = ("handoff", "end")
+TOKEN_MODES = ("off", "optional", "required")
 
 _DURATION = re.compile(r"^\s*([0-9]{1,12}(?:\.[0-9]{1,9})?)\s*(ms|s|m|h)?\s*$")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")  # ASCII only: str.isdigit() takes "²" and "٣"
@@ -173,6 +174,8 @@ class Config:
     journal_path: str = "intaleq-signal.journal"
     #: On SIGTERM/SIGINT: ``handoff`` (calls go on after a restart) or ``end``.
     on_stop: str = "handoff"
+    #: ``off``, ``optional`` (checked when given) or ``required``.
+    participant_tokens: str = "optional"
 
     @property
     def uses_mysql(self) -> bool:
@@ -241,6 +244,7 @@ class Config:
             node_id=_parse_node_id(reader.get("NODE_ID", f"{socket.gethostname()}:{port}")),
             journal_path=reader.get("JOURNAL_PATH", "intaleq-signal.journal"),
             on_stop=reader.choice("ON_STOP", "handoff", ON_STOP_CHOICES),
+            participant_tokens=reader.choice("PARTICIPANT_TOKENS", "optional", TOKEN_MODES),
         )
 
 

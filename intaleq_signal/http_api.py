@@ -237,6 +237,10 @@ class HTTPAPI:
                 "session_id": session.session_id,
                 "ride_id": session.ride_id,
                 "expires_in": session.expires_in(self.signaling.clock.time()),
+                # docs/protocol.md, "Participant tokens": the backend hands
+                # each app its own; the same on every re-POST.
+                "driver_token": self.signaling.tokens.token(session.session_id, "driver"),
+                "passenger_token": self.signaling.tokens.token(session.session_id, "passenger"),
             },
         )
 

@@ -107,6 +107,22 @@ def parse_authenticate(obj: dict[str, Any]) -> tuple[str, str]:
     return session_id, user_id  # type: ignore[return-value]
 
 
+def parse_token(obj: dict[str, Any]) -> str | None:
+    """The optional ``token`` of an ``authenticate`` message (docs/protocol.md,
+    "Participant tokens"): None when absent or null.
+
+    Raises:
+        MessageError: ``invalid_message`` when it is present but not a
+        string of at most 255 code points.
+    """
+    token = obj.get("token")
+    if token is None:
+        return None
+    if type(token) is not str or len(token) > MAX_ID_LENGTH:
+        raise MessageError("invalid_message", "field 'token' must be a string")
+    return token
+
+
 def relay_payload(kind: str, obj: dict[str, Any]) -> str:
     """Rebuild a relayed message from its defined fields and serialize it.
 

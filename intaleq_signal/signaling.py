@@ -52,6 +52,7 @@ from .messages import MessageError
 from .metrics import Metrics
 from .ratelimit import TokenBucket
 from .sessions import Registry, Seat, Session, SessionStore
+from .tokens import TokenMinter
 
 __all__ = ["CallLog", "Client", "Clock", "Peer", "Signaling", "Timer"]
 
@@ -224,6 +225,8 @@ class Signaling:
         #: False from :meth:`shutdown` on: no new sessions or connections.
         self.accepting = True
         self._now = clock.time  # read per frame: looked up once
+        #: Mints and checks participant tokens (``API_KEY``-derived).
+        self.tokens = TokenMinter(config.api_key)
 
     # -- sessions (HTTP side) ----------------------------------------------
 
@@ -348,6 +351,7 @@ class Signaling:
             return self._refuse(client, "not_authenticated")
         try:
             session_id, user_id = msg.parse_authenticate(obj)
+            token = msg.parse_token(obj)
         except MessageError:
             return self._refuse(client, "invalid_message")
         session = self.sessions.get(session_id)
@@ -362,6 +366,12 @@ class Signaling:
         seat = session.seat_of(user_id)
         if seat is None:
             return self._refuse(client, "user_not_in_session")
+        mode = self.config.participant_tokens
+        if mode != "off" and (
+            (token is None and mode == "required")
+            or (token is not None and not self.tokens.check(session.session_id, seat.role, token))
+        ):  # docs/protocol.md, "Participant tokens"
+            return self._refuse(client, "invalid_token")
         if not client.peer.is_open:
             # Closed in the chunk that carried its authenticate (a close
             # frame or a protocol error right behind it): it cannot be told

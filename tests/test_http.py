@@ -43,6 +43,7 @@ from conftest import (
     upgrade_head,
 )
 from intaleq_signal.http_api import is_loopback_peer
+from intaleq_signal.tokens import TokenMinter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,13 +121,16 @@ def attempts(server: Any, *headers: dict[str, str] | None) -> list[int]:
 @pytest.mark.compat
 def test_post_sessions_creates_session(server) -> None:
     """docs/protocol.md, "HTTP API": POST /sessions → 200 JSON {session_id: UUID4, ride_id, expires_in:
-    SESSION_DURATION}."""
+    SESSION_DURATION, driver_token, passenger_token}."""
     ride_id = ride()
     status, headers, body = post_raw_body(server, session_body(ride_id))
     assert status == 200, body
     assert headers["content-type"].startswith("application/json")
     document = json.loads(body)
-    assert set(document) == {"session_id", "ride_id", "expires_in"}
+    assert set(document) == {"session_id", "ride_id", "expires_in", "driver_token", "passenger_token"}
+    minter = TokenMinter(API_KEY)
+    for role in ("driver", "passenger"):
+        assert document[f"{role}_token"] == minter.token(document["session_id"], role)
     parsed = uuid.UUID(document["session_id"])
     assert parsed.version == 4 and str(parsed) == document["session_id"]
     assert document["ride_id"] == ride_id

@@ -1207,3 +1207,49 @@ def test_restored_call_ends_when_nobody_comes_back(h: Harness) -> None:
     h.engine.restore([row("call", "active", created_at=-3_000, connected_at=-2_000)])
     h.clock.advance(15_000)
     assert h.calllog.take() == [CallEnded("call", "disconnect_driver", h.wall(15_000))]
+
+
+# -- participant tokens (docs/protocol.md, "Participant tokens") ---------------------------------
+
+_CASES = ("none", "wrong", "right", "other_role", "other_session")
+_ACCEPTED = {
+    "off": set(_CASES),
+    "optional": {"none", "right"},
+    "required": {"right"},
+}
+
+
+@pytest.mark.parametrize("case", _CASES)
+@pytest.mark.parametrize("mode", ["off", "optional", "required"])
+def test_participant_tokens(mode: str, case: str) -> None:
+    """Every mode × {no token, a wrong one, the right one, the other role's,
+    another session's}: accepted, or unauthorized invalid_token and 4001
+    (checked after the session and the user)."""
+    h = Harness(participant_tokens=mode)
+    session, other = h.session("ride-1"), h.session("ride-2")
+    tokens = h.engine.tokens
+    token = {
+        "none": None,
+        "wrong": "A" * 43,
+        "right": tokens.token(session.session_id, "driver"),
+        "other_role": tokens.token(session.session_id, "passenger"),
+        "other_session": tokens.token(other.session_id, "driver"),
+    }[case]
+    conn = h.connect()
+    message: dict[str, Any] = {"type": "authenticate", "session_id": session.session_id, "user_id": DRIVER}
+    if token is not None:
+        message["token"] = token
+    conn.send(message)
+    if case in _ACCEPTED[mode]:
+        assert conn.take(1) == [{"type": "authenticated", "user_id": DRIVER}]
+    else:
+        assert conn.take() == unauthorized("invalid_token")
+        assert conn.closed == (4001, "invalid_token")
+        assert h.metrics.connections_rejected["invalid_token"] == 1
+
+
+def test_a_token_that_is_not_a_string_is_invalid_message(h: Harness) -> None:
+    session = h.session()
+    conn = h.connect()
+    conn.send({"type": "authenticate", "session_id": session.session_id, "user_id": DRIVER, "token": 7})
+    assert conn.take() == unauthorized("invalid_message")
