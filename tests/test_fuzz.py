@@ -63,6 +63,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from conftest import API_KEY, RawWebSocket, client_frame, connect_raw, read_until_closed, upgrade_head
+from intaleq_signal.tokens import TokenMinter
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
 
@@ -117,6 +118,7 @@ class Tally:
 
 MAX_MESSAGE = 4096  # MAX_MESSAGE_BYTES, its default
 MAX_BODY = 16 * 1024  # docs/protocol.md, "POST /sessions": larger is 413
+TOKENS = TokenMinter(API_KEY)
 OPEN_TIMEOUT = 10.0  # docs/protocol.md, "Anything else": a client without a whole request is dropped
 DAEMON = {
     "MAX_MESSAGE_BYTES": str(MAX_MESSAGE),
@@ -1208,7 +1210,15 @@ class Rides:
         if answer.status == 200:
             obj = spec_loads(body.decode(), parse_int=float)
             ride, driver, passenger = obj["ride_id"], obj["driver_id"], obj["passenger_id"]
-            assert set(document) == {"session_id", "ride_id", "expires_in"}, document
+            assert set(document) == {
+                "session_id",
+                "ride_id",
+                "expires_in",
+                "driver_token",
+                "passenger_token",
+            }, document
+            for role in ("driver", "passenger"):
+                assert document[f"{role}_token"] == TOKENS.token(document["session_id"], role), document
             assert document["ride_id"] == ride, document
             assert str(uuid.UUID(document["session_id"], version=4)) == document["session_id"], document
             assert type(document["expires_in"]) is int and 0 < document["expires_in"] <= 3600, document
