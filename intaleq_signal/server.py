@@ -240,15 +240,15 @@ class Server:
         close 1001); close the sockets; flush the call log (to the
         database, else to the journal)."""
         handoff = self.config.on_stop == "handoff"
+        if handoff:
+            # Accept nothing more: connections made from now on wait for the
+            # next process (in the socket's backlog under socket activation)
+            # instead of getting 503 from this one.
+            server.server.close()
         log.info("stopping: %s", "handing the calls over (close 1012)" if handoff else "ending live calls")
         self.notifier.stopping()
         self.stopping = True
         try:
-            if handoff:
-                # Accept nothing more: connections made from now on wait for
-                # the next process (in the socket's backlog under socket
-                # activation) instead of getting 503 from this one.
-                server.server.close()
             self.signaling.shutdown(handoff)
             await self.driver.drain(CLOSE_TIMEOUT + 1)
             server.close(close_connections=True)

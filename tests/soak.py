@@ -262,7 +262,8 @@ class Call:
         if status != 200:
             raise CallError(f"POST /sessions: {status} {answer!r}")
         session = json.loads(answer)
-        if set(session) != {"session_id", "ride_id", "expires_in"} or session["ride_id"] != self.ride:
+        fields = {"session_id", "ride_id", "expires_in", "driver_token", "passenger_token"}
+        if set(session) != fields or session["ride_id"] != self.ride:
             raise CallError(f"POST /sessions: {session}")
         if session["expires_in"] != math.ceil(SESSION_DURATION):
             raise CallError(f"POST /sessions: expires_in {session['expires_in']}")

@@ -357,13 +357,16 @@ def test_a_handoff_stop_accepts_nothing_more(server_factory, tmp_path) -> None:
         while not stopping.done():
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", first.port)
-            except OSError:
-                refused += 1
-            else:
-                writer.write(b"GET /health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 answer = await reader.read(200)
                 writer.close()
-                raise AssertionError(f"answered while stopping: {answer!r}")
+            except OSError:  # refused, or reset: queued just before the listener closed
+                refused += 1
+            else:
+                # a connection accepted just before the listener closed may
+                # be closed unanswered; an answer (a 503) is the fault
+                assert answer == b"", f"answered while stopping: {answer!r}"
+                refused += 1
             await asyncio.sleep(0.1)
         assert await stopping == 0 and refused > 0
 
