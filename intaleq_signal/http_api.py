@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -29,10 +30,10 @@ from .config import Config
 from .exceptions import Capacity, Refusal
 from .front import error_response, http_response
 from .metrics import Metrics
-from .ratelimit import SlidingWindow, client_ip, peer_address
+from .ratelimit import SlidingWindow, UpgradeAdmission, client_ip, peer_address
 from .signaling import Signaling
 
-__all__ = ["HTTPAPI", "is_loopback_peer", "validate_session_body"]
+__all__ = ["HTTPAPI", "is_loopback_peer", "upgrade_admission", "validate_session_body"]
 
 log = logging.getLogger("intaleq_signal.http")
 
@@ -105,15 +106,22 @@ _BODY_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_int=_number,
 
 
 class HTTPAPI:
-    """The ``process_request`` hook and its per-IP limits."""
+    """The ``process_request`` hook and its per-IP limits.
 
-    def __init__(self, config: Config, signaling: Signaling, metrics: Metrics, health: Any) -> None:
+    ``connects`` admits WebSocket upgrades; the engine must be built with
+    it as its ``admission`` (see :func:`upgrade_admission`), so that it
+    learns how each upgraded connection's authentication ends.
+    """
+
+    def __init__(
+        self, config: Config, signaling: Signaling, metrics: Metrics, health: Any, connects: UpgradeAdmission
+    ) -> None:
         self.config = config
         self.signaling = signaling
         self.metrics = metrics
         self.health = health  # () -> (status, dict); the server knows the rest
         self.key = config.api_key.encode()
-        self.connects = SlidingWindow(config.rate_limit_per_min, WINDOW)
+        self.connects = connects
         self.key_failures = SlidingWindow(API_KEY_FAILURES, WINDOW)
 
     def prune(self, now: float) -> None:
@@ -202,10 +210,25 @@ class HTTPAPI:
             )
         if not self.signaling.accepting:
             return error_response(_shutting_down())
-        if not self.connects.allow(ip, time.monotonic()):
-            self.metrics.connections_rejected["ip_rate_limited"] += 1
-            log.info("connection refused reason=ip_rate_limited ip=%s", ip)
-            return error_response(_rate_limited("too many connection attempts; retry in a minute"))
+        # Counted from the engine's connected(), not here: a handshake that
+        # fails after this answer never waits to authenticate.
+        refused = self.connects.admit(ip, time.monotonic())
+        if refused is not None:
+            self.metrics.connections_rejected[refused] += 1
+            log.info("connection refused reason=%s ip=%s", refused, ip)
+            if refused == UpgradeAdmission.PENDING_LIMITED:  # one of them is done within AUTH_TIMEOUT
+                retry = str(math.ceil(self.config.auth_timeout))
+                return error_response(
+                    Refusal(
+                        "rate_limited",
+                        "too many connections waiting to authenticate",
+                        http_status=429,
+                        headers={"Retry-After": retry},
+                    )
+                )
+            return error_response(
+                _rate_limited("too many connections that did not authenticate; retry in a minute")
+            )
         return None
 
     def _check_key(self, headers: Headers, ip: str) -> Refusal | None:
@@ -243,6 +266,14 @@ class HTTPAPI:
                 "passenger_token": self.signaling.tokens.token(session.session_id, "passenger"),
             },
         )
+
+
+def upgrade_admission(config: Config) -> UpgradeAdmission:
+    """The per-IP admission of WebSocket upgrades (docs/protocol.md,
+    "Connecting"): ``RATE_LIMIT_PER_MIN`` upgrades that ended without
+    authenticating per minute, :data:`~intaleq_signal.ratelimit.MAX_PENDING_PER_IP`
+    waiting to authenticate at once."""
+    return UpgradeAdmission(config.rate_limit_per_min, WINDOW)
 
 
 def _proxy_headers(headers: Headers) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Client identity and rate limits: per-IP windows and per-connection buckets.
+"""Client identity and rate limits: per-IP windows, the admission of
+WebSocket upgrades, and per-connection buckets.
 
 Pure logic with the clock passed in (seconds, any monotonic origin), so the
 rules are tested without sleeping.
@@ -10,7 +11,18 @@ import ipaddress
 from collections import deque
 from collections.abc import Mapping
 
-__all__ = ["SlidingWindow", "TokenBucket", "client_ip", "peer_address"]
+__all__ = [
+    "MAX_PENDING_PER_IP",
+    "SlidingWindow",
+    "TokenBucket",
+    "UpgradeAdmission",
+    "client_ip",
+    "peer_address",
+]
+
+#: WebSocket connections of one client IP waiting to authenticate at once
+#: (docs/protocol.md, "Connecting"); each waits at most ``AUTH_TIMEOUT``.
+MAX_PENDING_PER_IP = 100
 
 
 def client_ip(peer: str, headers: Mapping[str, str], trusted: frozenset[str]) -> str:
@@ -107,6 +119,80 @@ class SlidingWindow:
 
     def __len__(self) -> int:
         return len(self._events)
+
+
+class UpgradeAdmission:
+    """Which WebSocket upgrades are let in (docs/protocol.md, "Connecting").
+
+    Per client IP: at most ``limit`` upgrades that *ended without
+    authenticating* (refused, closed or timed out before a successful
+    ``authenticate``) in any ``window`` seconds, and at most
+    ``max_pending`` connections waiting to authenticate at once. An upgrade
+    that authenticates never counts, so hundreds of phones behind one
+    carrier NAT address, or one phone reconnecting again and again, are
+    never refused.
+
+    :meth:`admit` is asked before the upgrade; the engine reports each
+    connection once it runs (:meth:`started`), then exactly one of
+    :meth:`authenticated` or :meth:`ended_unauthenticated` (it is the
+    engine's :class:`~intaleq_signal.signaling.Admission`). The pending
+    counts drop an IP at zero; :meth:`prune` forgets the failures that left
+    the window.
+    """
+
+    __slots__ = ("failures", "max_pending", "_pending")
+
+    #: :meth:`admit`'s refusals: the ``reason`` label of
+    #: ``intaleq_connections_rejected_total``.
+    RATE_LIMITED = "ip_rate_limited"
+    PENDING_LIMITED = "ip_pending_limited"
+
+    def __init__(self, limit: int, window: float = 60.0, max_pending: int = MAX_PENDING_PER_IP) -> None:
+        self.failures = SlidingWindow(limit, window)
+        self.max_pending = max_pending
+        self._pending: dict[str, int] = {}
+
+    def admit(self, ip: str, now: float) -> str | None:
+        """None when an upgrade from ``ip`` may proceed, else why not:
+        :attr:`RATE_LIMITED` (``limit`` unauthenticated endings in the
+        window) or :attr:`PENDING_LIMITED` (``max_pending`` connections
+        still waiting to authenticate). Records nothing."""
+        if self.failures.full(ip, now):
+            return self.RATE_LIMITED
+        if self._pending.get(ip, 0) >= self.max_pending:
+            return self.PENDING_LIMITED
+        return None
+
+    def started(self, ip: str) -> None:
+        """A connection from ``ip`` was upgraded and waits to authenticate."""
+        self._pending[ip] = self._pending.get(ip, 0) + 1
+
+    def authenticated(self, ip: str) -> None:
+        """A waiting connection authenticated: it no longer waits, and never
+        counts."""
+        self._settle(ip)
+
+    def ended_unauthenticated(self, ip: str, now: float) -> None:
+        """A waiting connection ended without authenticating: it no longer
+        waits, and counts towards ``limit``."""
+        self._settle(ip)
+        self.failures.hit(ip, now)
+
+    def pending(self, ip: str) -> int:
+        """Connections from ``ip`` waiting to authenticate."""
+        return self._pending.get(ip, 0)
+
+    def _settle(self, ip: str) -> None:
+        left = self._pending.get(ip, 0) - 1
+        if left > 0:
+            self._pending[ip] = left
+        else:
+            self._pending.pop(ip, None)
+
+    def prune(self, now: float) -> None:
+        """Forget IPs with no unauthenticated ending in the window (periodic
+        housekeeping; IPs with no waiting connection are already gone)."""
+        self.failures.prune(now)
 
 
 class TokenBucket:

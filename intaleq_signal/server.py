@@ -23,7 +23,7 @@ from .calllog.sqlite import SQLiteStore
 from .config import Config
 from .exceptions import ListenError
 from .front import FrontFactory
-from .http_api import HTTPAPI
+from .http_api import HTTPAPI, upgrade_admission
 from .metrics import Metrics
 from .serving import EngineDriver, LoopClock
 from .signaling import CLOSE_TIMEOUT, Signaling
@@ -143,9 +143,10 @@ class Server:
         address cannot be bound."""
         config = self.config
         loop = asyncio.get_running_loop()
-        self.signaling = Signaling(config, self.calllog, self.metrics, LoopClock(loop))
+        admission = upgrade_admission(config)
+        self.signaling = Signaling(config, self.calllog, self.metrics, LoopClock(loop), admission=admission)
         self.driver = EngineDriver(self.signaling, loop)
-        self.api = HTTPAPI(config, self.signaling, self.metrics, self.health)
+        self.api = HTTPAPI(config, self.signaling, self.metrics, self.health, admission)
         # A socket systemd hands over (intaleq-signal.socket) is served
         # instead of SERVER_ADDR (docs/operations.md, "systemd"); ConfigError
         # (exit 78) when it is not one listening TCP socket.

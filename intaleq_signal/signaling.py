@@ -54,7 +54,7 @@ from .ratelimit import TokenBucket
 from .sessions import Registry, Seat, Session, SessionStore
 from .tokens import TokenMinter
 
-__all__ = ["CallLog", "Client", "Clock", "Peer", "Signaling", "Timer"]
+__all__ = ["Admission", "CallLog", "Client", "Clock", "Peer", "Signaling", "Timer"]
 
 log = logging.getLogger("intaleq_signal.signaling")
 
@@ -148,6 +148,38 @@ class CallLog(Protocol):
     def record(self, event: CallEvent) -> None: ...
 
 
+class Admission(Protocol):
+    """Where the engine tells how each connection's authentication ends, for
+    the per-IP upgrade limits (:class:`~intaleq_signal.ratelimit.UpgradeAdmission`,
+    docs/protocol.md, "Connecting"): :meth:`started` once per connection,
+    then exactly one of :meth:`authenticated` (its first join) or
+    :meth:`ended_unauthenticated` (refused, timed out, closed or lost
+    before joining)."""
+
+    def started(self, ip: str) -> None: ...
+
+    def authenticated(self, ip: str) -> None: ...
+
+    def ended_unauthenticated(self, ip: str, now: float) -> None:
+        """``now``: :meth:`Clock.time`."""
+        ...
+
+
+class _NoAdmission:
+    """An :class:`Admission` that keeps nothing (no per-IP limits)."""
+
+    __slots__ = ()
+
+    def started(self, ip: str) -> None:
+        pass
+
+    def authenticated(self, ip: str) -> None:
+        pass
+
+    def ended_unauthenticated(self, ip: str, now: float) -> None:
+        pass
+
+
 class Client:
     """The engine's state for one connection. ``__slots__`` keeps it to a
     few hundred bytes.
@@ -203,6 +235,8 @@ class Signaling:
         clock: time and timers (see :class:`Clock`).
         sessions: where sessions live; by default an in-process
             :class:`~intaleq_signal.sessions.Registry`.
+        admission: told how each connection's authentication ends (the
+            per-IP upgrade limits); by default nobody.
     """
 
     def __init__(
@@ -212,6 +246,7 @@ class Signaling:
         metrics: Metrics,
         clock: Clock,
         sessions: SessionStore | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self.calllog = calllog
@@ -220,6 +255,7 @@ class Signaling:
         self.sessions: SessionStore = (
             sessions if sessions is not None else Registry(config.session_duration, config.max_sessions)
         )
+        self.admission: Admission = admission if admission is not None else _NoAdmission()
         #: Every connection from :meth:`connected` until :meth:`closed`.
         self.clients: set[Client] = set()
         #: False from :meth:`shutdown` on: no new sessions or connections.
@@ -266,6 +302,7 @@ class Signaling:
         client = Client(self, peer, self._now())
         client.auth_timer = self.clock.call_later(self.config.auth_timeout, self._auth_expired, client)
         self.clients.add(client)
+        self.admission.started(peer.ip)
         return client
 
     def frame_received(self, client: Client) -> None:
@@ -314,6 +351,8 @@ class Signaling:
         was = client.lifecycle.state
         client.lifecycle.close()
         if was is not _AUTHENTICATED:
+            if was is _CONNECTED:  # closed before it joined
+                self.admission.ended_unauthenticated(client.ip, self._now())
             return  # never joined, replaced, or already closed
         seat, session = client.seat, client.session
         assert seat is not None and session is not None
@@ -387,6 +426,8 @@ class Signaling:
         self.metrics.connections_rejected[reason] += 1
         log.info("connection refused reason=%s ip=%s", reason, client.ip)
         client.send(msg.unauthorized(reason))
+        if client.lifecycle.state is _CONNECTED:  # it never joined
+            self.admission.ended_unauthenticated(client.ip, self._now())
         client.lifecycle.close()
         self._close(client, CLOSE_UNAUTHORIZED, reason)
 
@@ -402,6 +443,7 @@ class Signaling:
             client.auth_timer.cancel()
             client.auth_timer = None
         client.lifecycle.handle(ConnectionEvent.AUTHENTICATE)
+        self.admission.authenticated(client.ip)  # from CONNECTED: once per connection
         client.seat, client.session = seat, session
         old = seat.conn
         if old is not None:
@@ -611,7 +653,10 @@ class Signaling:
                 self.end(session, EndReason.SERVER_SHUTDOWN)
             code, reason = CLOSE_GOING_AWAY, "server stopping"
         for client in list(self.clients):
+            was = client.lifecycle.state
             if client.lifecycle.close():  # closed first: its close is nobody's disconnect
+                if was is _CONNECTED:
+                    self.admission.ended_unauthenticated(client.ip, self._now())
                 self._close(client, code, reason)
 
     def restore(self, rows: list[SessionRow]) -> int:

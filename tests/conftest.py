@@ -522,10 +522,20 @@ async def connected_call(
     return d, p
 
 
-async def attempt(endpoint: Endpoint, headers: dict[str, str] | None = None) -> int:
-    """One WebSocket upgrade attempt: 101, or the HTTP status refusing it."""
+async def attempt(
+    endpoint: Endpoint,
+    headers: dict[str, str] | None = None,
+    session: dict[str, Any] | None = None,
+    user_id: str = "driver-1",
+) -> int:
+    """One WebSocket upgrade attempt: 101, or the HTTP status refusing it.
+    Without ``session`` the socket is closed without authenticating (an
+    upgrade that counts towards ``RATE_LIMIT_PER_MIN``); with it, it
+    authenticates as ``user_id`` first (one that never counts)."""
     try:
-        async with endpoint.ws(additional_headers=headers or {}):
+        async with endpoint.ws(additional_headers=headers or {}) as ws:
+            if session is not None:
+                await authenticate(ws, session, user_id)
             return 101
     except InvalidStatus as exc:
         return exc.response.status_code

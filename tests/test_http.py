@@ -28,6 +28,7 @@ from websockets.exceptions import InvalidStatus
 from conftest import (
     API_KEY,
     attempt,
+    authenticate,
     closed_with,
     connect_raw,
     daemon_env,
@@ -41,6 +42,7 @@ from conftest import (
     run_daemon,
     send_json,
     upgrade_head,
+    wait_until,
 )
 from intaleq_signal.http_api import is_loopback_peer
 from intaleq_signal.tokens import TokenMinter
@@ -108,9 +110,43 @@ def post_head(length: int | None, *extra: str, key: str = API_KEY) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def attempts(server: Any, *headers: dict[str, str] | None) -> list[int]:
+Step = dict[str, str] | None | tuple[str, dict[str, str] | None]
+
+
+def joins(headers: dict[str, str] | None = None) -> Step:
+    """An upgrade (with ``headers``) that authenticates, then closes: never
+    counts towards RATE_LIMIT_PER_MIN."""
+    return ("joins", headers)
+
+
+def refused(headers: dict[str, str] | None = None) -> Step:
+    """An upgrade refused with ``unauthorized`` (4001): counts."""
+    return ("refused", headers)
+
+
+def attempts(server: Any, *steps: Step) -> list[int]:
+    """One WebSocket upgrade per step, one after the other: 101, or the
+    HTTP status refusing it. A step is the headers of an upgrade closed
+    without authenticating (``None``: no header), or :func:`joins` /
+    :func:`refused`."""
+    session = server.new_session() if any(isinstance(step, tuple) for step in steps) else None
+
+    async def one(step: Step) -> int:
+        kind, headers = step if isinstance(step, tuple) else ("closes", step)
+        if kind == "joins":
+            return await attempt(server, headers, session=session)
+        try:
+            async with server.ws(additional_headers=headers or {}) as ws:
+                if kind == "refused":
+                    await send_json(ws, {"type": "heartbeat"})
+                    assert await recv_json(ws) == {"type": "unauthorized", "reason": "not_authenticated"}
+                    assert await closed_with(ws) == 4001
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
     async def run() -> list[int]:
-        return [await attempt(server, h) for h in headers]
+        return [await one(step) for step in steps]
 
     return asyncio.run(run())
 
@@ -783,10 +819,12 @@ def test_idle_and_slow_clients_are_dropped(server) -> None:
 
 @pytest.mark.compat
 def test_ws_connection_limit_per_ip(server_factory) -> None:
-    """docs/protocol.md, "Connecting": upgrade attempts above RATE_LIMIT_PER_MIN per client IP → HTTP 429
-    before the upgrade."""
+    """docs/protocol.md, "Connecting": once RATE_LIMIT_PER_MIN upgrades from a client IP ended without
+    authenticating (closed or refused) within a minute, its upgrades get HTTP 429 before the upgrade;
+    upgrades that authenticate never count."""
     server = server_factory(RATE_LIMIT_PER_MIN="3")
-    assert attempts(server, None, None, None, None, None) == [101, 101, 101, 429, 429]
+    results = attempts(server, None, joins(), joins(), refused(), joins(), None, joins(), None, joins())
+    assert results == [101, 101, 101, 101, 101, 101, 429, 429, 429]
 
     async def refused_answer() -> Any:
         try:
@@ -798,12 +836,13 @@ def test_ws_connection_limit_per_ip(server_factory) -> None:
 
     response = asyncio.run(refused_answer())
     assert response.status_code == 429
-    assert json.loads(response.body)["error"]
+    assert json.loads(response.body)["error"] == "rate_limited"
+    assert response.headers["Retry-After"] == "60"
     # plain HTTP does not count, and is not refused
     assert server.request("GET", "/health")[0] == 200
     assert server.post_session(ride_id=ride())[0] == 200
     metrics = server.request("GET", "/metrics")[2].decode()
-    assert 'intaleq_connections_rejected_total{reason="ip_rate_limited"} 3' in metrics
+    assert 'intaleq_connections_rejected_total{reason="ip_rate_limited"} 4' in metrics
 
 
 def test_ws_limit_uses_x_real_ip_from_trusted_proxy(server_factory) -> None:
@@ -812,8 +851,9 @@ def test_ws_limit_uses_x_real_ip_from_trusted_proxy(server_factory) -> None:
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     phone = {"X-Real-IP": "203.0.113.7"}
     other = {"X-Real-IP": "203.0.113.8"}
-    assert attempts(server, phone, phone, phone, phone) == [101, 101, 101, 429]
-    assert attempts(server, other, None, other, other, other) == [101, 101, 101, 101, 429]
+    results = attempts(server, phone, joins(phone), refused(phone), joins(phone), phone, phone, joins(phone))
+    assert results == [101, 101, 101, 101, 101, 429, 429]
+    assert attempts(server, other, None, joins(other), other, refused(other), other) == [101] * 5 + [429]
     # X-Real-IP wins over X-Forwarded-For
     both = {"X-Real-IP": "203.0.113.7", "X-Forwarded-For": "198.51.100.1"}
     assert attempts(server, both) == [429]
@@ -826,7 +866,8 @@ def test_ws_limit_uses_last_x_forwarded_for_address(server_factory) -> None:
     For."""
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     forwarded = {"X-Forwarded-For": "198.51.100.1, 203.0.113.9"}
-    assert attempts(server, forwarded, forwarded, forwarded, forwarded) == [101, 101, 101, 429]
+    results = attempts(server, forwarded, joins(forwarded), forwarded, forwarded, joins(forwarded))
+    assert results == [101, 101, 101, 101, 429]
     assert attempts(server, {"X-Real-IP": "203.0.113.9"}) == [429]  # same client
     # the first address is not the client; a different last address is another client
     assert attempts(server, {"X-Forwarded-For": "203.0.113.9, 198.51.100.77"}) == [101]
@@ -841,12 +882,126 @@ def test_ws_limit_ignores_headers_from_untrusted_peers(server_factory) -> None:
     results = attempts(
         server,
         {"X-Real-IP": "203.0.113.1"},
-        {"X-Real-IP": "203.0.113.2"},
+        joins({"X-Real-IP": "203.0.113.2"}),
         {"X-Forwarded-For": "203.0.113.3"},
-        {"X-Real-IP": "203.0.113.4"},
+        refused({"X-Real-IP": "203.0.113.4"}),
+        {"X-Real-IP": "203.0.113.5"},
         None,
     )
-    assert results == [101, 101, 101, 429, 429]
+    assert results == [101, 101, 101, 101, 429, 429]
+
+
+NAT = {"X-Real-IP": "100.64.0.1"}  # one carrier-grade NAT address (RFC 6598) for every phone
+
+
+def metric_lines(server: Any, name: str) -> list[str]:
+    text = server.request("GET", "/metrics")[2].decode()
+    return [line for line in text.splitlines() if line.startswith(name)]
+
+
+def test_ws_limit_lets_phones_behind_one_address_join_and_reconnect(server_factory) -> None:
+    """docs/protocol.md, "Connecting": with the default RATE_LIMIT_PER_MIN (10), 200 participants of 100
+    calls behind one client IP (a carrier NAT) all authenticate, all connected at once, and each reconnects
+    20 times within the minute: upgrades that authenticate never count. The clients keep at most 100 of
+    their upgrades waiting to authenticate at a time (the per-IP bound on those)."""
+    server = server_factory(RATE_LIMIT_PER_MIN="10", SESSION_DURATION="5m")
+    sessions = [server.new_session() for _ in range(100)]
+    seats = [(session, user_id) for session in sessions for user_id in ("driver-1", "passenger-1")]
+
+    async def scenario() -> None:
+        waiting = asyncio.Semaphore(100)  # upgraded, not yet told `authenticated`
+
+        async def connect(session: dict[str, Any], user_id: str) -> Any:
+            async with waiting:
+                ws = await server.ws(additional_headers=NAT)
+                try:
+                    await authenticate(ws, session, user_id)
+                except BaseException:
+                    await ws.close()
+                    raise
+            return ws
+
+        async def reconnect(ws: Any, session: dict[str, Any], user_id: str) -> Any:
+            for n in range(20):
+                if n % 2:  # the network flapped: the old socket is gone first
+                    await ws.close()
+                    ws = await connect(session, user_id)
+                else:  # the app is unsure its old socket is dead: the new one replaces it (4002)
+                    new = await connect(session, user_id)
+                    await ws.close()
+                    ws = new
+            return ws
+
+        sockets = await asyncio.gather(*(connect(session, user_id) for session, user_id in seats))
+        assert metric_lines(server, "intaleq_connections_open ") == ["intaleq_connections_open 200"]
+        assert metric_lines(server, "intaleq_calls_active ") == ["intaleq_calls_active 100"]
+        started = time.monotonic()
+        sockets = await asyncio.gather(
+            *(reconnect(ws, session, user_id) for ws, (session, user_id) in zip(sockets, seats, strict=True))
+        )
+        assert time.monotonic() - started < 60  # all 4000 reconnects within the minute
+        assert metric_lines(server, "intaleq_calls_active ") == ["intaleq_calls_active 100"]
+        await asyncio.gather(*(ws.close() for ws in sockets))
+
+    asyncio.run(scenario())
+    assert metric_lines(server, "intaleq_connections_rejected_total{") == []
+    joined = "participant joined session="
+    wait_until(lambda: server.log.count(joined) >= 200 * 21, timeout=10, explain=lambda: server.log[-2000:])
+    assert server.log.count(joined) == 200 * 21
+    assert "reason=ip_rate_limited" not in server.log
+
+
+def test_ws_limit_bounds_upgrades_waiting_to_authenticate(server_factory) -> None:
+    """docs/protocol.md, "Connecting": at most 100 upgrades per client IP wait to authenticate at once: the
+    101st gets 429 rate_limited (Retry-After: AUTH_TIMEOUT); once one of the 100 authenticates, a new one
+    is admitted; other client IPs are unaffected."""
+    server = server_factory(RATE_LIMIT_PER_MIN="10", AUTH_TIMEOUT="5m")
+    session = server.new_session()
+
+    async def scenario() -> None:
+        waiting = await asyncio.gather(*(server.ws(additional_headers=NAT) for _ in range(100)))
+        # a pong comes only once the daemon's handler runs: all 100 now wait to authenticate
+        pongs = [await ws.ping() for ws in waiting]
+        await asyncio.wait_for(asyncio.gather(*pongs), 5)
+        try:
+            async with server.ws(additional_headers=NAT):
+                raise AssertionError("the 101st upgrade waiting to authenticate was accepted")
+        except InvalidStatus as exc:
+            response = exc.response
+        assert response.status_code == 429
+        assert json.loads(response.body) == {
+            "error": "rate_limited",
+            "message": "too many connections waiting to authenticate",
+        }
+        assert response.headers["Retry-After"] == "300"
+        assert await attempt(server, {"X-Real-IP": "100.64.0.2"}, session=session) == 101
+        await authenticate(waiting[0], session, "driver-1")
+        assert await attempt(server, NAT, session=session, user_id="passenger-1") == 101
+        await asyncio.gather(*(ws.close() for ws in waiting))
+
+    asyncio.run(scenario())
+    assert metric_lines(server, "intaleq_connections_rejected_total{") == [
+        'intaleq_connections_rejected_total{reason="ip_pending_limited"} 1'
+    ]
+
+
+def test_ws_limit_counts_upgrades_ended_unauthenticated(server_factory) -> None:
+    """docs/protocol.md, "Connecting": with the default RATE_LIMIT_PER_MIN (10), 10 upgrades from one client
+    IP that end without authenticating (refused with unauthorized, or closed) → its 11th upgrade that
+    would end so gets 429, and so does one that would authenticate (the 10 upgrades that authenticated in
+    between never counted); a different X-Real-IP is unaffected."""
+    server = server_factory(RATE_LIMIT_PER_MIN="10")
+    phone = {"X-Real-IP": "203.0.113.70"}
+    other = {"X-Real-IP": "203.0.113.71"}
+    steps = []
+    for n in range(10):  # an upgrade that authenticates (never counted) between each
+        steps += [joins(phone), refused(phone) if n % 2 else phone]
+    assert attempts(server, *steps, phone, joins(phone)) == [101] * 20 + [429, 429]
+    assert attempts(server, joins(other), other, refused(other)) == [101, 101, 101]
+    assert metric_lines(server, "intaleq_connections_rejected_total{") == [
+        'intaleq_connections_rejected_total{reason="ip_rate_limited"} 2',
+        'intaleq_connections_rejected_total{reason="not_authenticated"} 6',
+    ]
 
 
 # -- shutdown (docs/operations.md, "Shutdown") -------------------------------------------------------------

@@ -282,15 +282,17 @@ def test_metrics_denied_by_nginx_but_served_on_loopback(server_factory, nginx_fa
 
 def test_connection_limit_counts_nginx_x_real_ip(server_factory, nginx_factory) -> None:
     """docs/protocol.md, "Connecting": behind Nginx the per-IP limit counts X-Real-IP, which
-    Nginx overwrites."""
+    Nginx overwrites; upgrades that authenticate through it never count."""
     server = server_factory(RATE_LIMIT_PER_MIN="3")
     nginx = nginx_factory(server)
+    session = server.new_session()
 
     async def scenario() -> None:
         # Every test client is 127.0.0.1, so Nginx sends X-Real-IP: 127.0.0.1 for all of them.
         for n in range(3):
+            assert await attempt(nginx, session=session) == 101, f"join {n + 1} through Nginx refused"
             assert await attempt(nginx) == 101, f"upgrade {n + 1} through Nginx refused"
-        assert await attempt(nginx) == 429
+        assert await attempt(nginx, session=session) == 429
         # Counted per X-Real-IP value, not per TCP peer: another client IP from the same
         # trusted peer (a direct connection to the daemon) still gets in.
         assert await attempt(server, {"X-Real-IP": "203.0.113.9"}) == 101

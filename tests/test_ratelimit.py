@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 from websockets.datastructures import Headers
 
-from intaleq_signal.ratelimit import SlidingWindow, TokenBucket, client_ip
+from intaleq_signal.ratelimit import (
+    MAX_PENDING_PER_IP,
+    SlidingWindow,
+    TokenBucket,
+    UpgradeAdmission,
+    client_ip,
+)
 
 TRUSTED = frozenset({"127.0.0.1", "::1"})
 
@@ -168,6 +174,88 @@ def test_sliding_window_prune():
     window.prune(200.0)
     assert len(window) == 0
     assert window.allow("old", 200.0)
+
+
+# -- UpgradeAdmission -------------------------------------------------------------
+
+
+def test_admission_authenticated_upgrades_never_count():
+    """docs/protocol.md, "Connecting": upgrades that authenticate never count towards
+    RATE_LIMIT_PER_MIN: a carrier NAT address with thousands of phones, or one phone reconnecting
+    again and again, is never refused."""
+    admission = UpgradeAdmission(limit=10, window=60.0)
+    for n in range(5000):
+        now = n / 100
+        assert admission.admit("nat", now) is None
+        admission.started("nat")
+        admission.authenticated("nat")
+    assert admission.pending("nat") == 0
+
+
+def test_admission_counts_upgrades_ended_unauthenticated():
+    """docs/protocol.md, "Connecting": RATE_LIMIT_PER_MIN upgrades that ended without authenticating
+    within a minute → the next upgrade from that IP is refused (ip_rate_limited) until the oldest of
+    them is a minute old; other IPs are unaffected; refusals are not recorded."""
+    admission = UpgradeAdmission(limit=3, window=60.0)
+    for t in (0.0, 1.0, 2.0):
+        assert admission.admit("ip", t) is None
+        admission.started("ip")
+        admission.ended_unauthenticated("ip", t)
+    assert admission.admit("ip", 3.0) == "ip_rate_limited"
+    assert admission.admit("ip", 59.9) == "ip_rate_limited"
+    assert admission.admit("other", 3.0) is None
+    assert admission.admit("ip", 60.1) is None  # the ending at 0.0 left the window
+    admission.started("ip")
+    admission.authenticated("ip")  # does not count
+    assert admission.admit("ip", 60.2) is None
+    assert admission.pending("ip") == 0
+
+
+def test_admission_bounds_upgrades_waiting_to_authenticate():
+    """docs/protocol.md, "Connecting": at most 100 connections per IP wait to authenticate at once;
+    the 101st upgrade is refused (ip_pending_limited) until one of them authenticates or ends."""
+    assert MAX_PENDING_PER_IP == 100
+    admission = UpgradeAdmission(limit=10, window=60.0)
+    for _ in range(100):
+        assert admission.admit("ip", 0.0) is None
+        admission.started("ip")
+    assert admission.pending("ip") == 100
+    assert admission.admit("ip", 0.0) == "ip_pending_limited"
+    assert admission.admit("other", 0.0) is None
+    admission.authenticated("ip")
+    assert admission.admit("ip", 0.0) is None
+    admission.started("ip")
+    assert admission.admit("ip", 0.0) == "ip_pending_limited"
+    admission.ended_unauthenticated("ip", 1.0)
+    assert admission.admit("ip", 1.0) is None
+
+
+def test_admission_rate_limit_is_checked_first():
+    """docs/protocol.md, "Connecting": an IP both over RATE_LIMIT_PER_MIN and at the pending bound is
+    told it is rate limited (retry in a minute)."""
+    admission = UpgradeAdmission(limit=1, window=60.0, max_pending=2)
+    admission.started("ip")
+    admission.ended_unauthenticated("ip", 0.0)
+    admission.started("ip")
+    admission.started("ip")
+    assert admission.admit("ip", 1.0) == "ip_rate_limited"
+    assert admission.admit("ip", 61.0) == "ip_pending_limited"
+
+
+def test_admission_prune_forgets_idle_ips():
+    """docs/protocol.md, "Connecting": failures that left the window are forgotten (bounded memory);
+    an IP with no waiting connection keeps no count."""
+    admission = UpgradeAdmission(limit=2, window=60.0)
+    admission.started("a")
+    admission.ended_unauthenticated("a", 0.0)
+    admission.started("b")
+    admission.authenticated("b")
+    assert admission._pending == {}
+    assert len(admission.failures) == 1
+    admission.prune(59.0)
+    assert len(admission.failures) == 1
+    admission.prune(61.0)
+    assert len(admission.failures) == 0
 
 
 # -- TokenBucket --------------------------------------------------------------

@@ -26,6 +26,7 @@ from intaleq_signal.calllog.sql import SessionRow
 from intaleq_signal.config import Config
 from intaleq_signal.lifecycle import ConnectionState, SessionState
 from intaleq_signal.metrics import Metrics
+from intaleq_signal.ratelimit import UpgradeAdmission
 from intaleq_signal.sessions import HOLD_MAX_BYTES, HOLD_MAX_MESSAGES, Capacity, RideConflict, Session
 from intaleq_signal.signaling import Client, Signaling
 
@@ -226,13 +227,33 @@ class Conn:
         self.h.engine.closed(self.client)
 
 
+class FakeAdmission:
+    """The engine's Admission: what it was told, in order (``now`` in ms)."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[Any, ...]] = []
+
+    def started(self, ip: str) -> None:
+        self.told.append(("started", ip))
+
+    def authenticated(self, ip: str) -> None:
+        self.told.append(("authenticated", ip))
+
+    def ended_unauthenticated(self, ip: str, now: float) -> None:
+        self.told.append(("ended_unauthenticated", ip, round(now * 1000) - START_MS))
+
+    def take(self) -> list[tuple[Any, ...]]:
+        told, self.told = self.told, []
+        return told
+
+
 class Harness:
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, admission: Any = None, **settings: Any) -> None:
         self.clock = FakeClock()
         self.calllog = FakeCallLog()
         self.metrics = Metrics()
         self.config = Config(api_key="k" * 32, **{**SETTINGS, **settings})
-        self.engine = Signaling(self.config, self.calllog, self.metrics, self.clock)
+        self.engine = Signaling(self.config, self.calllog, self.metrics, self.clock, admission=admission)
         self._ips = 0
 
     def session(self, ride_id: str = "ride-1", driver: str = DRIVER, passenger: str = PASSENGER) -> Session:
@@ -1105,6 +1126,107 @@ def test_shutdown(h: Harness) -> None:
     assert not h.engine.accepting and h.engine.sessions.live == 0
     with pytest.raises(Capacity):
         h.engine.create_session("ride-3", DRIVER, PASSENGER)
+
+
+# -- the per-IP upgrade limits (docs/protocol.md, "Connecting") ------------------------------------
+
+
+@pytest.fixture
+def told() -> FakeAdmission:
+    return FakeAdmission()
+
+
+def test_auth_timeout_ends_unauthenticated(told: FakeAdmission) -> None:
+    """docs/protocol.md, "Connecting": an upgrade that times out before authenticate counts (once) towards
+    RATE_LIMIT_PER_MIN; it waits to authenticate from the upgrade until then."""
+    h = Harness(told)
+    conn = h.connect()
+    assert told.take() == [("started", conn.peer.ip)]
+    h.clock.advance(10_000)
+    assert conn.closed == (4001, "auth_timeout")
+    assert told.take() == [("ended_unauthenticated", conn.peer.ip, 10_000)]
+    conn.close_frame()
+    h.engine.closed(conn.client)
+    assert told.take() == []  # closing and closed after the refusal: still once
+
+
+def test_auth_timeout_counts_against_the_ip() -> None:
+    """docs/protocol.md, "Connecting": with the real admission, an auth timeout is an upgrade that ended
+    without authenticating: with RATE_LIMIT_PER_MIN=1, the IP's next upgrade is refused for the minute."""
+    admission = UpgradeAdmission(limit=1, window=60.0)
+    h = Harness(admission)
+    conn = h.connect()
+    ip = conn.peer.ip
+    assert admission.pending(ip) == 1 and admission.admit(ip, h.clock.time()) is None
+    h.clock.advance(10_000)
+    h.engine.closed(conn.client)
+    assert admission.pending(ip) == 0
+    assert admission.admit(ip, h.clock.time()) == "ip_rate_limited"
+    h.clock.advance(60_000)
+    assert admission.admit(ip, h.clock.time()) is None
+
+
+def test_join_then_close_counts_nothing(told: FakeAdmission) -> None:
+    """docs/protocol.md, "Connecting": an upgrade that authenticates never counts, however it ends later
+    (closed, lost, replaced, its call ended)."""
+    h = Harness(told)
+    session = h.session()
+    driver = h.join(session, DRIVER)
+    assert told.take() == [("started", driver.peer.ip), ("authenticated", driver.peer.ip)]
+    driver.close_frame()
+    h.engine.closed(driver.client)
+    again = h.join(session, DRIVER)  # a reconnect
+    replacing = h.join(session, DRIVER)  # replaces it (4002)
+    assert again.closed == (4002, "replaced")
+    passenger = h.join(session, PASSENGER)
+    passenger.send({"type": "end_call"})
+    for conn in (again, replacing, passenger):
+        conn.drop()
+    h.clock.advance(120_000)
+    assert [event for event, *_ in told.take()] == ["started", "authenticated"] * 3
+
+
+@pytest.mark.parametrize(
+    "ending",
+    ["refused", "close_frame", "tcp_lost", "auth_timeout", "heartbeat", "message_rate", "gone", "shutdown"],
+)
+def test_every_unauthenticated_ending_counts_once(told: FakeAdmission, ending: str) -> None:
+    """docs/protocol.md, "Connecting": a connection that never authenticated is told ended_unauthenticated
+    exactly once, whatever closed it (refusal, auth timeout, close, TCP loss, heartbeat, message rate,
+    shutdown), then nothing more for its closing and closed."""
+    h = Harness(told, heartbeat_timeout=5.0, heartbeat_interval=2.0)
+    session = h.session()
+    conn = h.connect()
+    ip = conn.peer.ip
+    if ending == "refused":
+        conn.send({"type": "heartbeat"})
+        assert conn.closed == (4001, "not_authenticated")
+    elif ending == "close_frame":
+        conn.close_frame()
+    elif ending == "tcp_lost":
+        conn.drop()
+    elif ending == "auth_timeout":
+        h.clock.advance(10_000)
+    elif ending == "heartbeat":
+        h.clock.advance(5_000)
+        h.engine.sweep(ping=False)
+        assert conn.closed == (1011, "heartbeat timeout")
+    elif ending == "message_rate":
+        for _ in range(101):
+            conn.frame()
+        assert conn.closed == (1008, "rate limited")
+    elif ending == "gone":  # closed in the chunk that carried its authenticate
+        conn.peer.lost = True
+        conn.authenticate(session, DRIVER)
+        conn.peer.stop_sending()
+    else:
+        h.engine.shutdown()
+    assert [event for event, *_ in told.told] == ["started", "ended_unauthenticated"], told.told
+    conn.peer.stop_sending()
+    h.engine.closed(conn.client)
+    h.clock.advance(60_000)
+    assert [event for event, *_ in told.take()] == ["started", "ended_unauthenticated"]
+    assert told.told == [] and ip
 
 
 # -- restarts: handoff and restore (docs/operations.md, "Restarts") -------------------------------
