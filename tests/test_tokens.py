@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -55,31 +56,17 @@ def test_leaked_ids_cannot_take_a_participants_place(server_factory) -> None:
     session = server.new_session(ride_id="leaked")
     tokens = {role: session[f"{role}_token"] for role in ROLES}
 
+    async def joined(user_id: str, role: str) -> Any:
+        ws = await server.ws()
+        message = {"type": "authenticate", "session_id": session["session_id"], "user_id": user_id}
+        await send_json(ws, {**message, "token": tokens[role]})
+        assert (await recv_json(ws))["type"] == "authenticated"
+        await recv_json(ws)  # session_joined
+        return ws
+
     async def scenario() -> None:
-        d = await server.ws()
-        await send_json(
-            d,
-            {
-                "type": "authenticate",
-                "session_id": session["session_id"],
-                "user_id": "driver-1",
-                "token": tokens["driver"],
-            },
-        )
-        assert (await recv_json(d))["type"] == "authenticated"
-        await recv_json(d)
-        p = await server.ws()
-        await send_json(
-            p,
-            {
-                "type": "authenticate",
-                "session_id": session["session_id"],
-                "user_id": "passenger-1",
-                "token": tokens["passenger"],
-            },
-        )
-        assert (await recv_json(p))["type"] == "authenticated"
-        await recv_json(p)
+        d = await joined("driver-1", "driver")
+        p = await joined("passenger-1", "passenger")
         assert await recv_json(p) == {"type": "participant_joined", "role": "driver"}
         assert await recv_json(d) == {"type": "participant_joined", "role": "passenger"}
         for attempt in (None, "x" * 43, tokens["passenger"]):
