@@ -30,7 +30,7 @@ from .config import Config
 from .exceptions import Capacity, Refusal
 from .front import error_response, http_response
 from .metrics import Metrics
-from .ratelimit import SlidingWindow, UpgradeAdmission, client_ip, peer_address
+from .ratelimit import SlidingWindow, UpgradeAdmission, client_ip, limit_key, peer_address
 from .signaling import Signaling
 
 __all__ = ["HTTPAPI", "is_loopback_peer", "upgrade_admission", "validate_session_body"]
@@ -236,12 +236,12 @@ class HTTPAPI:
         429 while this IP is locked out, 401 for a missing, wrong or repeated
         key (a failure that counts towards the lock-out)."""
         now = time.monotonic()
-        if self.key_failures.full(ip, now):
+        if self.key_failures.full(limit_key(ip), now):
             return _rate_limited("too many wrong API keys; retry in a minute")
         keys = headers.get_all("X-API-Key")  # a repeated header is a wrong key
         given = keys[0].encode("utf-8", "surrogateescape") if len(keys) == 1 else b""
         if not hmac.compare_digest(given, self.key):
-            self.key_failures.hit(ip, now)
+            self.key_failures.hit(limit_key(ip), now)
             log.warning("wrong API key on POST /sessions ip=%s", ip)
             return Refusal("unauthorized", "missing or wrong X-API-Key", http_status=401)
         return None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 __all__ = [
     "MAX_PENDING_PER_IP",
+    "limit_key",
     "SlidingWindow",
     "TokenBucket",
     "UpgradeAdmission",
@@ -121,6 +122,23 @@ class SlidingWindow:
         return len(self._events)
 
 
+def limit_key(ip: str) -> str:
+    """The key per-address limits count ``ip`` under: an IPv4 address as
+    itself (also when written IPv4-mapped, ``::ffff:a.b.c.d``); an IPv6
+    address as its /64 network, the block one subscriber gets (RFC 6177),
+    so a client rotating through its /64 or writing its address another
+    way (case, zeros, a zone) is one client; anything else as given."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class UpgradeAdmission:
     """Which WebSocket upgrades are let in (docs/protocol.md, "Connecting").
 
@@ -156,7 +174,9 @@ class UpgradeAdmission:
         """None when an upgrade from ``ip`` may proceed, else why not:
         :attr:`RATE_LIMITED` (``limit`` unauthenticated endings in the
         window) or :attr:`PENDING_LIMITED` (``max_pending`` connections
-        still waiting to authenticate). Records nothing."""
+        still waiting to authenticate). Records nothing. Addresses count
+        under :func:`limit_key` (an IPv6 client per /64)."""
+        ip = limit_key(ip)
         if self.failures.full(ip, now):
             return self.RATE_LIMITED
         if self._pending.get(ip, 0) >= self.max_pending:
@@ -165,22 +185,24 @@ class UpgradeAdmission:
 
     def started(self, ip: str) -> None:
         """A connection from ``ip`` was upgraded and waits to authenticate."""
+        ip = limit_key(ip)
         self._pending[ip] = self._pending.get(ip, 0) + 1
 
     def authenticated(self, ip: str) -> None:
         """A waiting connection authenticated: it no longer waits, and never
         counts."""
-        self._settle(ip)
+        self._settle(limit_key(ip))
 
     def ended_unauthenticated(self, ip: str, now: float) -> None:
         """A waiting connection ended without authenticating: it no longer
         waits, and counts towards ``limit``."""
+        ip = limit_key(ip)
         self._settle(ip)
         self.failures.hit(ip, now)
 
     def pending(self, ip: str) -> int:
-        """Connections from ``ip`` waiting to authenticate."""
-        return self._pending.get(ip, 0)
+        """Connections from ``ip`` (its :func:`limit_key`) waiting to authenticate."""
+        return self._pending.get(limit_key(ip), 0)
 
     def _settle(self, ip: str) -> None:
         left = self._pending.get(ip, 0) - 1

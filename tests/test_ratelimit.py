@@ -13,6 +13,7 @@ from intaleq_signal.ratelimit import (
     TokenBucket,
     UpgradeAdmission,
     client_ip,
+    limit_key,
 )
 
 TRUSTED = frozenset({"127.0.0.1", "::1"})
@@ -300,3 +301,32 @@ def test_token_bucket_caps_at_burst():
     """docs/protocol.md, rule 7: a long idle period still allows only a burst of 100."""
     bucket = TokenBucket(now=0.0)
     assert sum(bucket.take(3600.0) for _ in range(150)) == 100
+
+
+@pytest.mark.parametrize(
+    "ip, key",
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("2001:db8::1", "2001:db8::/64"),
+        ("2001:DB8:0:0:0:0:0:1", "2001:db8::/64"),
+        ("2001:db8::2", "2001:db8::/64"),
+        ("2001:db8::1%eth0", "2001:db8::/64"),
+        ("2001:db8:0:1::1", "2001:db8:0:1::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_limit_key(ip, key):
+    """docs/protocol.md, "Connecting": an IPv6 client counts per /64 (one
+    subscriber's block), whatever address of it and however written."""
+    assert limit_key(ip) == key
+
+
+def test_an_ipv6_client_rotating_through_its_64_is_one_client():
+    admission = UpgradeAdmission(limit=3)
+    for n in range(3):
+        admission.started(f"2001:db8::{n + 1}")
+        admission.ended_unauthenticated(f"2001:db8::{n + 1}", 0.0)
+    assert admission.admit("2001:db8::99", 1.0) == UpgradeAdmission.RATE_LIMITED
+    assert admission.admit("2001:DB8:0:0:0:0:0:99", 1.0) == UpgradeAdmission.RATE_LIMITED
+    assert admission.admit("2001:db8:0:1::1", 1.0) is None  # the next /64: another subscriber
