@@ -17,6 +17,7 @@ import socket
 from collections.abc import Mapping
 
 from .exceptions import EX_CONFIG, ConfigError
+from .ice import parse_ice_servers
 
 __all__ = [
     "Config",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 MIN_API_KEY_LENGTH = 32
+MIN_TURN_SECRET_LENGTH = 32
 #: The ``API_KEY`` line of ``.env.example``: a key everyone can read, so it is
 #: refused like a short one (docs/operations.md; tests/test_config.py checks
 #: the file still carries this exact value).
@@ -176,6 +178,11 @@ class Config:
     on_stop: str = "handoff"
     #: ``off``, ``optional`` (checked when given) or ``required``.
     participant_tokens: str = "optional"
+    #: STUN/TURN URLs handed to the apps, and the TURN credentials' secret
+    #: and lifetime (seconds).
+    ice_servers: tuple[str, ...] = ()
+    turn_secret: str | None = None
+    turn_ttl: float = 3600.0
 
     @property
     def uses_mysql(self) -> bool:
@@ -217,6 +224,15 @@ class Config:
                 "DB_USERNAME is required when ENVIRONMENT=production "
                 "(set ENVIRONMENT=development to use the embedded SQLite call log)"
             )
+        ice_servers = parse_ice_servers(env.get("ICE_SERVERS", ""))
+        turn_secret = env.get("TURN_SECRET") or None
+        if turn_secret is not None and len(turn_secret) < MIN_TURN_SECRET_LENGTH:
+            raise ConfigError(
+                f"TURN_SECRET is too short ({len(turn_secret)} characters, "
+                f"at least {MIN_TURN_SECRET_LENGTH} required)"
+            )
+        if turn_secret is None and any(url.startswith("turn") for url in ice_servers):
+            raise ConfigError("TURN_SECRET is required when ICE_SERVERS has a turn: or turns: URL")
         return cls(
             api_key=api_key,
             host=host,
@@ -245,6 +261,9 @@ class Config:
             journal_path=reader.get("JOURNAL_PATH", "intaleq-signal.journal"),
             on_stop=reader.choice("ON_STOP", "handoff", ON_STOP_CHOICES),
             participant_tokens=reader.choice("PARTICIPANT_TOKENS", "optional", TOKEN_MODES),
+            ice_servers=ice_servers,
+            turn_secret=turn_secret,
+            turn_ttl=reader.duration("TURN_TTL", "1h", positive=True),
         )
 
 

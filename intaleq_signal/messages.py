@@ -191,11 +191,21 @@ def authenticated(user_id: str) -> str:
     return encode({"type": "authenticated", "user_id": user_id})
 
 
-def session_joined(session_id: str, ride_id: str, role: str) -> str:
-    return encode({"type": "session_joined", "session_id": session_id, "ride_id": ride_id, "role": role})
+def session_joined(
+    session_id: str, ride_id: str, role: str, ice_servers: list[dict[str, Any]] | None = None
+) -> str:
+    """``ice_servers`` (docs/protocol.md, "ICE servers") only when configured."""
+    message: dict[str, Any] = {"type": "session_joined", "session_id": session_id, "ride_id": ride_id}
+    message["role"] = role
+    if ice_servers:
+        message["ice_servers"] = ice_servers
+    return encode(message)
 
 
-def participant_joined(role: str) -> str:
+def participant_joined(role: str, ice_servers: list[dict[str, Any]] | None = None) -> str:
+    """``ice_servers`` (fresh TURN credentials for the recipient) only when configured."""
+    if ice_servers:
+        return encode({"type": "participant_joined", "role": role, "ice_servers": ice_servers})
     return encode({"type": "participant_joined", "role": role})
 
 

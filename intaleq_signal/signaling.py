@@ -40,6 +40,7 @@ from .calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, Ses
 from .calllog.sql import SessionRow
 from .config import Config
 from .exceptions import LifecycleError
+from .ice import IceServers
 from .lifecycle import (
     ConnectionEvent,
     ConnectionLifecycle,
@@ -263,6 +264,8 @@ class Signaling:
         self._now = clock.time  # read per frame: looked up once
         #: Mints and checks participant tokens (``API_KEY``-derived).
         self.tokens = TokenMinter(config.api_key)
+        #: STUN/TURN servers for the apps, TURN credentials per role.
+        self.ice = IceServers(config.ice_servers, config.turn_secret, config.turn_ttl)
 
     # -- sessions (HTTP side) ----------------------------------------------
 
@@ -421,6 +424,13 @@ class Signaling:
             return
         self._join(client, session, seat)
 
+    def _ice(self, session: Session, seat: Seat) -> list[dict[str, Any]] | None:
+        """Fresh ``ice_servers`` for ``seat``'s app, or None without
+        ``ICE_SERVERS`` (docs/protocol.md, "ICE servers")."""
+        if not self.ice:
+            return None
+        return self.ice.for_participant(session.session_id, seat.role, self.clock.wall())
+
     def _refuse(self, client: Client, reason: str) -> None:
         """``unauthorized`` with ``reason``, then close 4001 (rule 1)."""
         self.metrics.connections_rejected[reason] += 1
@@ -458,11 +468,13 @@ class Signaling:
             session.lifecycle.handle(SessionEvent.FIRST_JOIN)
         log.info("participant joined session=%s role=%s ip=%s", session.session_id, seat.role, client.ip)
         client.send(msg.authenticated(seat.user_id))
-        client.send(msg.session_joined(session.session_id, session.ride_id, seat.role))
+        client.send(
+            msg.session_joined(session.session_id, session.ride_id, seat.role, self._ice(session, seat))
+        )
         peer = session.other(seat)
         if peer.conn is not None:
-            client.send(msg.participant_joined(peer.role))
-            peer.conn.send(msg.participant_joined(seat.role))
+            client.send(msg.participant_joined(peer.role, self._ice(session, seat)))
+            peer.conn.send(msg.participant_joined(seat.role, self._ice(session, peer)))
             if session.state is SessionState.WAITING:
                 self._activate(session)
         held = seat.take_held()
