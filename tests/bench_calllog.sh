@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Call-log benchmark: POST /sessions throughput, call set-up CPU
 # and event-loop lag with no store, the SQLite store and the MySQL store,
-# driven by ../shared/bench (one run.sh per store; compare within a run).
+# driven by the benchmark harness at $BENCH_DIR (set by `make bench-calllog`;
+# one run.sh per store; compare within a run).
 #   make bench-calllog                 REPEAT=3 SCENARIOS="create_fresh connect"
 set -euo pipefail
+: "${BENCH_DIR:?run it with make bench-calllog, which sets BENCH_DIR}"
 cd "$(dirname "$0")/.."
 PY=$PWD/.venv/bin/python
 LAG=$(mktemp /tmp/intaleq-lag.XXXXXX.jsonl)
@@ -28,7 +30,7 @@ for store in none sqlite mysql; do
         SCENARIOS="${SCENARIOS:-create_fresh connect}" REPEAT="${REPEAT:-3}" \
         TARGET_CMD="$PY tests/bench_server.py --store $store" TARGET_DIR="$PWD" \
         SQLITE_PATH="/tmp/intaleq-bench-$$.sqlite3" \
-        "${BENCH_DIR:-../shared/bench}/run.sh" 2>&1 | grep -v '^run.sh: \[' || true
+        "$BENCH_DIR/run.sh" 2>&1 | grep -v '^run.sh: \[' || true
     rm -f /tmp/intaleq-bench-$$.sqlite3*
 done
 echo

@@ -3,12 +3,12 @@
 # the unit's memory limit. The daemon runs in a memory cgroup with the limit
 # of intaleq-signal.service (MemoryMax=128M: memory.max on cgroup v2,
 # memory.limit_in_bytes on v1, which is what systemd sets), and
-# ../shared/bench/loadgen.js opens CONNS authenticated idle sockets (CONNS/2
+# the benchmark harness's loadgen.js ($BENCH, set by make bench-memory) opens CONNS authenticated idle sockets (CONNS/2
 # calls) against it. Prints the loadgen figures and the cgroup's peak usage,
 # limit failures and OOM kills; exits 1 if the sockets were not all held.
 #
-#   tests/bench_memory_limit.sh            # 10000 sockets under 128M (needs root)
-#   CONNS=12000 LIMIT=128M tests/bench_memory_limit.sh
+#   make bench-memory                      # 10000 sockets under 128M (needs root)
+#   CONNS=12000 LIMIT=128M make bench-memory
 set -euo pipefail
 
 CONNS=${CONNS:-10000}
@@ -16,7 +16,7 @@ LIMIT=${LIMIT:-128M}
 PORT=${PORT:-20190}  # below the ephemeral port range
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
-BENCH=${BENCH:-$ROOT/../shared/bench}
+BENCH=${BENCH:?run it with make bench-memory, which sets BENCH}
 PY=${PY:-$ROOT/.venv/bin/python}
 export NODE_PATH=${BENCH_DEPS:-${TMPDIR:-/tmp}/intaleq-bench-deps}/node_modules
 if [[ ! -d $NODE_PATH/ws ]]; then
@@ -55,7 +55,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The same settings as the side-by-side benchmark (../shared/bench/run.sh).
+# The same settings as the side-by-side benchmark (the harness's run.sh).
 env API_KEY="bench-$key" SERVER_ADDR="127.0.0.1:$PORT" RATE_LIMIT_PER_MIN=100000000 \
   MAX_SESSIONS=10000000 SESSION_DURATION=1h AUTH_TIMEOUT=30s RECONNECT_GRACE=0s \
   HEARTBEAT_INTERVAL=20s HEARTBEAT_TIMEOUT=30s MAX_MESSAGE_BYTES=4096 LOG_LEVEL=warn \
