@@ -490,16 +490,9 @@ class CallLogWriter:
                 self.store.ping(conn)
         except Exception as exc:  # noqa: BLE001 - reported like a failed write
             self._failed()
-            if conn is not None:
-                self.store.close(conn)
-                conn = None
-            if self.state != "unavailable":
-                log.error("call log: database unavailable, will retry: %s", exc)
-            self.state = "unavailable"
+            conn = self._lost(conn, exc, loud=False)
         else:
-            if self.state == "unavailable":
-                log.warning("call log: database available again")
-            self.state = self.store.healthy_state
+            self._available()
         finally:
             self._oldest[index] = None
         return conn
@@ -529,13 +522,8 @@ class CallLogWriter:
                         exc,
                     )
                     return conn
-                if conn is not None:
-                    self.store.close(conn)
-                    conn = None
                 fatal = self.store.is_fatal(exc)
-                if self.state != "unavailable" or fatal:
-                    log.error("call log: database unavailable, will retry: %s", exc)
-                self.state = "unavailable"
+                conn = self._lost(conn, exc, loud=fatal)
                 wait = BACKOFF_FATAL if fatal else delay
                 delay = min(delay * 2, BACKOFF_MAX)
                 if not self._pause(wait):
@@ -544,15 +532,29 @@ class CallLogWriter:
             self._landed(1)
             return conn
 
+    def _lost(self, conn: object | None, exc: BaseException, loud: bool) -> None:
+        """A connection attempt or a connection failed: close it, say so
+        when the database was taken as up (or always, if ``loud``), and
+        mark it unavailable. Returns None, the connection now."""
+        if conn is not None:
+            self.store.close(conn)
+        if self.state != "unavailable" or loud:
+            log.error("call log: database unavailable, will retry: %s", exc)
+        self.state = "unavailable"
+        return None
+
+    def _available(self) -> None:
+        if self.state == "unavailable":
+            log.warning("call log: database available again")
+        self.state = self.store.healthy_state
+
     def _failed(self) -> None:
         self.failures += 1
         self._last_failure = time.monotonic()
 
     def _landed(self, events: int) -> None:
         self.writes += events
-        if self.state == "unavailable":
-            log.warning("call log: database available again")
-        self.state = self.store.healthy_state
+        self._available()
 
     def _pause(self, seconds: float) -> bool:
         """Back off; False when the close deadline has passed."""
