@@ -195,8 +195,12 @@ def session_joined(
     session_id: str, ride_id: str, role: str, ice_servers: list[dict[str, Any]] | None = None
 ) -> str:
     """``ice_servers`` (docs/protocol.md, "ICE servers") only when configured."""
-    message: dict[str, Any] = {"type": "session_joined", "session_id": session_id, "ride_id": ride_id}
-    message["role"] = role
+    message: dict[str, Any] = {
+        "type": "session_joined",
+        "session_id": session_id,
+        "ride_id": ride_id,
+        "role": role,
+    }
     if ice_servers:
         message["ice_servers"] = ice_servers
     return encode(message)
