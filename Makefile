@@ -46,6 +46,8 @@ unit: $(VENV)/.installed
 	$(PY) -c 'import uvloop'  # this run covers the uvloop loop; test-compat the asyncio one
 	@test -x $(CHROMIUM) || echo "make test: $(CHROMIUM) is missing, so the real WebRTC tests" \
 	    "(tests/test_webrtc.py) will be SKIPPED; install it with: apt-get install chromium"
+	@test -x /usr/bin/turnserver || echo "make test: coturn is missing, so the TURN tests" \
+	    "(tests/test_turn.py, the relay calls) will be SKIPPED; install it with: apt-get install coturn"
 	$(VENV)/bin/pytest -q
 
 ## fuzz: the property-based tests with many more examples (HYPOTHESIS_PROFILE=long)

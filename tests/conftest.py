@@ -400,6 +400,24 @@ def server(server_factory: Any, request: pytest.FixtureRequest) -> ServerProcess
 
 
 @pytest.fixture
+def coturn_factory(tmp_path: Any) -> Iterator[Any]:
+    """``coturn_factory(secret)``: a started real coturn on loopback
+    (:class:`coturn.Coturn`), stopped at the end of the test."""
+    from coturn import Coturn
+
+    started: list[Coturn] = []
+
+    def start(secret: str) -> Coturn:
+        turn = Coturn(tmp_path / f"coturn-{len(started)}", secret)
+        started.append(turn)
+        return turn
+
+    yield start
+    for turn in started:
+        turn.stop()
+
+
+@pytest.fixture
 def db() -> Iterator[Database]:
     """A MySQL database with a random name, dropped afterwards."""
     database = Database()

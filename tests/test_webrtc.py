@@ -46,6 +46,7 @@ from typing import Any
 import pytest
 
 from conftest import ServerProcess, send_json, wait_until
+from coturn import needs_coturn
 
 try:
     from playwright import async_api as playwright_api
@@ -164,8 +165,9 @@ class CallPage:
 
     @classmethod
     async def open(
-        cls, context: Any, server: ServerProcess, session: dict[str, Any], user_id: str
+        cls, context: Any, server: ServerProcess, session: dict[str, Any], user_id: str, **options: Any
     ) -> CallPage:
+        """``options``: more of the page's settings (``iceTransportPolicy``)."""
         page = cls(await context.new_page(), user_id)
         await page.page.goto(CALL_PAGE.as_uri())
         await page.page.evaluate(
@@ -174,6 +176,7 @@ class CallPage:
                 "wsUrl": f"ws://127.0.0.1:{server.port}/ws",
                 "sessionId": session["session_id"],
                 "userId": user_id,
+                **options,
             },
         )
         return page
@@ -295,11 +298,12 @@ def check_trickled(sent: list[dict[str, Any]], who: str) -> None:
 
 
 async def start_chromium_call(
-    context: Any, server: ServerProcess, session: dict[str, Any]
+    context: Any, server: ServerProcess, session: dict[str, Any], **options: Any
 ) -> tuple[CallPage, CallPage]:
-    """Both pages up and the call connected both ways."""
-    driver = await CallPage.open(context, server, session, "driver-1")
-    passenger = await CallPage.open(context, server, session, "passenger-1")
+    """Both pages up (with ``options``, see :meth:`CallPage.open`) and the
+    call connected both ways."""
+    driver = await CallPage.open(context, server, session, "driver-1", **options)
+    passenger = await CallPage.open(context, server, session, "passenger-1", **options)
     await driver.wait_connected(CONNECT_TIMEOUT, passenger)
     await passenger.wait_connected(CONNECT_TIMEOUT, driver)
     return driver, passenger
@@ -353,6 +357,7 @@ def test_chromium_to_chromium_call(server_factory, tmp_path, request) -> None:
             "sdp_with_all_candidates_embedded": [d["embedded"], p["embedded"]],
             "total_audio_energy": energy,
             "media_path": path,
+            "session_joined_bytes": [session_joined_bytes(d), session_joined_bytes(p)],
             **audio,
         }
         report(request, figures)
@@ -471,6 +476,130 @@ def test_chromium_reconnect_with_ice_restart(server_factory, tmp_path, request) 
     assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
 
 
+# -- through a TURN relay (a real coturn) ----------------------------------------
+
+TURN_SECRET = "turn-secret-" + "x" * 32
+
+
+def candidate_type(end: str | None) -> str | None:
+    """``"udp 127.0.0.1:50001 relay"`` -> ``"relay"``."""
+    return end.split()[-1] if end else None
+
+
+def session_joined_bytes(snap: dict[str, Any]) -> int:
+    return next(m["bytes"] for m in snap["received"] if m["type"] == "session_joined")
+
+
+@needs_coturn
+def test_chromium_call_through_a_turn_relay(server_factory, coturn_factory, tmp_path, request) -> None:
+    """docs/protocol.md, "ICE servers": both pages take ``ice_servers`` from
+    their own ``session_joined`` and allow only relay candidates
+    (``iceTransportPolicy: "relay"``); the call connects through coturn with
+    the daemon's TURN credentials, the selected pair is relay on both sides,
+    and the audio flows."""
+    turn = coturn_factory(TURN_SECRET)
+    server = server_factory(ICE_SERVERS=turn.url, TURN_SECRET=TURN_SECRET)
+    session = server.new_session(ride_id="ride-webrtc-turn")
+
+    async def scenario() -> dict[str, Any]:
+        async with chromium(tmp_path) as context:
+            driver, passenger = await start_chromium_call(
+                context, server, session, iceTransportPolicy="relay"
+            )
+            audio = await audio_both_ways(driver, passenger)
+            paths = [await page.selected_path() for page in (driver, passenger)]
+            energy = [(await page.inbound_audio())["totalAudioEnergy"] for page in (driver, passenger)]
+            await end_call(driver, passenger)
+            return {"d": await driver.snapshot(), "p": await passenger.snapshot(), "paths": paths,
+                    "energy": energy, "audio": audio}  # fmt: skip
+
+    result = asyncio.run(scenario())
+    d, p, paths = result["d"], result["p"], result["paths"]
+    report(
+        request,
+        {
+            "first_offer_to_driver_connected_ms": round(d["connectedAt"] - d["firstOfferSentAt"], 1),
+            "first_offer_to_passenger_connected_ms": round(p["connectedAt"] - d["firstOfferSentAt"], 1),
+            "session_joined_bytes": [session_joined_bytes(d), session_joined_bytes(p)],
+            "media_paths": paths,
+            "total_audio_energy": result["energy"],
+            **result["audio"],
+        },
+    )
+    assert d["errors"] == [] and p["errors"] == [], (d["errors"], p["errors"])
+    assert d["iceErrors"] == [] and p["iceErrors"] == [], (d["iceErrors"], p["iceErrors"])
+    for snap, path in ((d, paths[0]), (p, paths[1])):
+        # Each page's own relay towards the other's (seen first as peer
+        # reflexive when its checks arrive before its candidate).
+        assert candidate_type(path["local"]) == "relay", path
+        assert candidate_type(path["remote"]) in ("relay", "prflx"), path
+        signalled = [m["msg"]["candidate"]["candidate"] for m in snap["sent"]
+                     if m["type"] == "ice_candidate" and m["msg"]["candidate"]
+                     and m["msg"]["candidate"]["candidate"]]  # fmt: skip
+        assert signalled and all(" typ relay " in c for c in signalled), signalled
+        [joined] = [m["msg"] for m in snap["received"] if m["type"] == "session_joined"]
+        [entry] = joined["ice_servers"]
+        assert entry["urls"] == [turn.url] and entry["username"].endswith(f":{snap['role']}"), entry
+    assert all(e > 0 for e in result["energy"]), result["energy"]
+    for role in ("driver", "passenger"):  # coturn allocated for both, with the daemon's usernames
+        assert re.search(
+            rf"user <\d+:{session['session_id']}:{role}>.*ALLOCATE processed, success", turn.log
+        ), turn.log[-4000:]
+
+
+#: How many ICE candidate pairs the page's RTCPeerConnection has.
+CANDIDATE_PAIRS_JS = (
+    "async () => { let n = 0;"
+    " (await call.pc.getStats()).forEach(r => { if (r.type === 'candidate-pair') n++; }); return n; }"
+)
+
+
+@needs_coturn
+def test_chromium_call_fails_when_coturn_refuses_the_credentials(
+    server_factory, coturn_factory, tmp_path, request
+) -> None:
+    """The daemon and coturn disagree on the secret: coturn answers the
+    allocation with 401, no relay candidate exists, the relay-only call
+    never connects and ICE fails."""
+    turn = coturn_factory("another-secret-" + "y" * 32)
+    server = server_factory(ICE_SERVERS=turn.url, TURN_SECRET=TURN_SECRET)
+    session = server.new_session(ride_id="ride-webrtc-turn-401")
+
+    async def scenario() -> dict[str, Any]:
+        async with chromium(tmp_path) as context:
+            driver = await CallPage.open(context, server, session, "driver-1", iceTransportPolicy="relay")
+            passenger = await CallPage.open(
+                context, server, session, "passenger-1", iceTransportPolicy="relay"
+            )
+            for page, other in ((driver, passenger), (passenger, driver)):
+                await page.wait("() => call.iceErrors.some(e => e.errorCode === 401)", "TURN 401",
+                                CONNECT_TIMEOUT, other)  # fmt: skip
+                # Gathering ends with no candidate at all, so no candidate
+                # pair can ever form: the call cannot connect (Chromium
+                # leaves connectionState at "new" rather than "failed").
+                await page.wait("() => call.pc.iceGatheringState === 'complete'", "gathering complete",
+                                CONNECT_TIMEOUT, other)  # fmt: skip
+                await page.wait_received(
+                    "ice_candidate", 2
+                )  # the other side's "" and null: no candidate either
+            pairs = [await page.js(CANDIDATE_PAIRS_JS) for page in (driver, passenger)]
+            return {"d": await driver.snapshot(), "p": await passenger.snapshot(), "pairs": pairs}
+
+    result = asyncio.run(scenario())
+    d, p = result["d"], result["p"]
+    report(
+        request,
+        {"ice_errors": [d["iceErrors"][:1], p["iceErrors"][:1]], "states": [d["states"], p["states"]]},
+    )
+    assert result["pairs"] == [0, 0], result["pairs"]
+    for snap in (d, p):
+        assert snap["connectedAt"] is None, snap["states"]
+        assert [m["msg"]["candidate"] for m in snap["received"] if m["type"] == "ice_candidate"][-1] is None
+        assert not [m for m in snap["sent"] if m["type"] == "ice_candidate" and m["msg"]["candidate"]
+                    and m["msg"]["candidate"]["candidate"]], "a candidate was gathered"  # fmt: skip
+    assert "error 401" in turn.log, turn.log[-4000:]
+
+
 # -- aiortc <-> Chromium -------------------------------------------------------
 
 TONE_HZ = 400
@@ -482,17 +611,21 @@ class AiortcPeer:
     aiortc has no trickle ICE: ``setLocalDescription`` gathers every candidate
     and the SDP it leaves embeds them, so its offer or answer is sent whole,
     followed by the null end-of-candidates. The candidates Chromium trickles
-    are added one by one with ``candidate_from_sdp``.
+    are added one by one with ``candidate_from_sdp``. Its RTCPeerConnection
+    is made on ``session_joined``, with that message's ``ice_servers``.
+
+    Args:
+        relay: only TURN relay candidates (``iceTransportPolicy`` "relay").
     """
 
-    def __init__(self, server: ServerProcess, session: dict[str, Any], user_id: str) -> None:
-        from aiortc import RTCConfiguration, RTCPeerConnection
-
+    def __init__(
+        self, server: ServerProcess, session: dict[str, Any], user_id: str, relay: bool = False
+    ) -> None:
         self.server = server
         self.session = session
         self.user_id = user_id
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.pc.addTrack(tone_track())
+        self.relay = relay
+        self.pc: Any = None
         self.role: str | None = None
         self.sent: list[dict[str, Any]] = []
         self.received: list[dict[str, Any]] = []
@@ -505,6 +638,17 @@ class AiortcPeer:
         self.ws: Any = None
         self.tasks: list[asyncio.Task[Any]] = []
 
+    def _create_peer_connection(self, ice_servers: list[dict[str, Any]]) -> None:
+        from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
+
+        policy = RTCIceTransportPolicy.RELAY if self.relay else RTCIceTransportPolicy.ALL
+        self.pc = RTCPeerConnection(
+            RTCConfiguration(
+                iceServers=[RTCIceServer(**entry) for entry in ice_servers], iceTransportPolicy=policy
+            )
+        )
+        self.pc.addTrack(tone_track())
+
         @self.pc.on("connectionstatechange")
         def _state() -> None:
             if self.pc.connectionState == "connected" and self.connected_at is None:
@@ -513,6 +657,13 @@ class AiortcPeer:
         @self.pc.on("track")
         def _track(track: Any) -> None:
             self.tasks.append(asyncio.create_task(self._consume(track)))
+
+    def selected_types(self) -> tuple[str, str] | None:
+        """(local, remote) candidate types of the nominated ICE pair."""
+        [transceiver] = self.pc.getTransceivers()
+        connection = transceiver.receiver.transport.transport._connection  # aioice.Connection
+        nominated = connection._nominated.get(1)
+        return (nominated.local_candidate.type, nominated.remote_candidate.type) if nominated else None
 
     async def _consume(self, track: Any) -> None:
         from aiortc.mediastreams import MediaStreamError
@@ -566,6 +717,8 @@ class AiortcPeer:
         kind = message["type"]
         if kind == "session_joined":
             self.role = message["role"]
+            if self.pc is None:
+                self._create_peer_connection(message.get("ice_servers", []))
         elif kind == "participant_joined" and self.role == "driver":
             await self.pc.setLocalDescription(await self.pc.createOffer())
             await self.send({"type": "offer", "sdp": self.pc.localDescription.sdp})
@@ -610,7 +763,8 @@ class AiortcPeer:
         await self.send({"type": "end_call"})
 
     async def close(self) -> None:
-        await self.pc.close()
+        if self.pc is not None:
+            await self.pc.close()
         if self.ws is not None:
             await self.ws.close()
         for task in self.tasks:
@@ -619,7 +773,7 @@ class AiortcPeer:
 
     def diagnostics(self) -> str:
         return (
-            f"--- aiortc {self.user_id}: state={self.pc.connectionState} frames={self.frames} "
+            f"--- aiortc {self.user_id}: state={self.pc and self.pc.connectionState} frames={self.frames} "
             f"errors={self.errors} received={[m['type'] for m in self.received]} "
             f"sent={[m['type'] for m in self.sent]}"
         )
@@ -655,22 +809,35 @@ def aiortc_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.skipif(
     not HAVE_AIORTC, reason="the aiortc pairing needs the PyPI package aiortc (pip install -e '.[test]')"
 )
-@pytest.mark.parametrize("aiortc_role", ["passenger", "driver"])
-def test_aiortc_with_chromium(server_factory, tmp_path, request, aiortc_on_loopback, aiortc_role) -> None:
-    server = server_factory()
-    session = server.new_session(ride_id=f"ride-aiortc-{aiortc_role}")
+@pytest.mark.parametrize(
+    "aiortc_role, via",
+    [("passenger", "host"), ("driver", "host"), pytest.param("passenger", "relay", marks=needs_coturn)],
+)
+def test_aiortc_with_chromium(
+    server_factory, coturn_factory, tmp_path, request, aiortc_on_loopback, aiortc_role, via
+) -> None:
+    """``via`` "relay": both ends take only TURN relay candidates, from the
+    ``ice_servers`` of their ``session_joined``, through a real coturn."""
+    relay = via == "relay"
+    if relay:
+        turn = coturn_factory(TURN_SECRET)
+        server = server_factory(ICE_SERVERS=turn.url, TURN_SECRET=TURN_SECRET)
+    else:
+        server = server_factory()
+    session = server.new_session(ride_id=f"ride-aiortc-{aiortc_role}-{via}")
     ids = {"driver": "driver-1", "passenger": "passenger-1"}
     browser_role = "driver" if aiortc_role == "passenger" else "passenger"
+    options = {"iceTransportPolicy": "relay"} if relay else {}
 
     async def scenario() -> None:
-        peer = AiortcPeer(server, session, ids[aiortc_role])
+        peer = AiortcPeer(server, session, ids[aiortc_role], relay=relay)
         try:
             async with chromium(tmp_path) as context:
                 if aiortc_role == "driver":
                     await peer.start()
-                    page = await CallPage.open(context, server, session, ids[browser_role])
+                    page = await CallPage.open(context, server, session, ids[browser_role], **options)
                 else:
-                    page = await CallPage.open(context, server, session, ids[browser_role])
+                    page = await CallPage.open(context, server, session, ids[browser_role], **options)
                     await peer.start()
 
                 async def diag() -> str:
@@ -692,6 +859,7 @@ def test_aiortc_with_chromium(server_factory, tmp_path, request, aiortc_on_loopb
                 chromium_rx = await packets_growing(chromium_packets, "Chromium receiving aiortc", diag)
                 energy = (await page.inbound_audio())["totalAudioEnergy"]
                 path = await page.selected_path()
+                aiortc_path = peer.selected_types()
                 await peer.end_call()
                 await page.wait(ENDED_JS, "call_ended user_terminated and close 1000", SIGNAL_TIMEOUT)
 
@@ -724,6 +892,7 @@ def test_aiortc_with_chromium(server_factory, tmp_path, request, aiortc_on_loopb
             "chromium_packets": chromium_rx,
             "chromium_total_audio_energy": energy,
             "media_path": path,
+            "aiortc_pair_types": aiortc_path,
         }
         report(request, figures)
 
@@ -734,9 +903,13 @@ def test_aiortc_with_chromium(server_factory, tmp_path, request, aiortc_on_loopb
         sizes = [m["bytes"] for m in peer.sent if m["type"] in ("offer", "answer")]
         assert peer.loud_frames > 0, "aiortc decoded only silence"
         assert energy > 0, "Chromium decoded only silence"
-        assert on_loopback(path), path
+        if relay:
+            assert candidate_type(path["local"]) == "relay", path
+            assert aiortc_path is not None and aiortc_path[0] == "relay", aiortc_path
+        else:
+            assert on_loopback(path), path
         # aiortc cannot trickle: its SDP embeds its candidates (one here, as it
-        # gathers on 127.0.0.1 only; ~90 B more per candidate on a phone).
+        # gathers on 127.0.0.1 only, or its one relay; ~90 B more per candidate on a phone).
         assert sizes and max(sizes) <= 4096, f"aiortc's SDP ({sizes} B) is over the default MAX_MESSAGE_BYTES"
         assert [m["msg"]["candidate"] for m in peer.sent if m["type"] == "ice_candidate"] == [None]
 
