@@ -94,18 +94,21 @@ clean:
 ## install: as root, put the service in place (user, venv, config, units: the service and
 ## its optional socket, for socket activation); see docs/operations.md
 PREFIX ?= /opt/intaleq-signal
+# The extras installed: fast (uvloop); add redis for several instances (EXTRAS=fast,redis).
+EXTRAS ?= fast
 SYSCONFDIR ?= /etc/intaleq-signal
 UNITDIR ?= /etc/systemd/system
 install:
 	id -u intaleq-signal >/dev/null 2>&1 || useradd --system --home-dir /var/lib/intaleq-signal \
 	    --shell /usr/sbin/nologin intaleq-signal
 	$(PYTHON) -m venv $(PREFIX)/venv
-	$(PREFIX)/venv/bin/pip install --quiet --upgrade '.[fast]'
+	$(PREFIX)/venv/bin/pip install --quiet --upgrade '.[$(EXTRAS)]'
 	install -d -m 0750 -g intaleq-signal $(SYSCONFDIR)
 	test -e $(SYSCONFDIR)/intaleq-signal.env || \
 	    install -m 0640 -g intaleq-signal .env.example $(SYSCONFDIR)/intaleq-signal.env
 	install -m 0644 intaleq-signal.service $(UNITDIR)/intaleq-signal.service
 	install -m 0644 intaleq-signal.socket $(UNITDIR)/intaleq-signal.socket
+	install -m 0644 intaleq-signal@.service $(UNITDIR)/intaleq-signal@.service
 	-systemctl daemon-reload
 	@echo "make install: edit $(SYSCONFDIR)/intaleq-signal.env (API_KEY, DB_*), then" \
 	      "systemctl enable --now intaleq-signal.socket intaleq-signal" \

@@ -183,6 +183,10 @@ class Config:
     ice_servers: tuple[str, ...] = ()
     turn_secret: str | None = None
     turn_ttl: float = 3600.0
+    #: Redis shared by several instances (None: one process, state in it),
+    #: and the prefix of every key this daemon writes there.
+    redis_url: str | None = None
+    redis_prefix: str = "intaleq-signal:"
 
     @property
     def uses_mysql(self) -> bool:
@@ -264,6 +268,8 @@ class Config:
             ice_servers=ice_servers,
             turn_secret=turn_secret,
             turn_ttl=reader.duration("TURN_TTL", "1h", positive=True),
+            redis_url=_parse_redis_url(env.get("REDIS_URL", "").strip()),
+            redis_prefix=_parse_redis_prefix(reader.get("REDIS_PREFIX", "intaleq-signal:")),
         )
 
 
@@ -305,6 +311,29 @@ def _parse_node_id(text: str) -> str:
     log's ``node_id`` column, ``VARCHAR(255)``)."""
     if len(text) > 255 or not text.isprintable():
         raise ConfigError(f"NODE_ID={text[:60]!r} must be 1 to 255 printable characters")
+    return text
+
+
+def _parse_redis_url(text: str) -> str | None:
+    """``REDIS_URL``: empty (one process), or a ``redis://``, ``rediss://``
+    (TLS) or ``unix://`` URL as redis-py reads them."""
+    if not text:
+        return None
+    scheme, sep, rest = text.partition("://")
+    if (
+        not sep
+        or scheme not in ("redis", "rediss", "unix")
+        or not rest.strip("/")
+        or any(c.isspace() for c in text)
+    ):
+        raise ConfigError(f"REDIS_URL={text[:80]!r} must be a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _parse_redis_prefix(text: str) -> str:
+    """``REDIS_PREFIX``: 1–64 printable characters without spaces."""
+    if len(text) > 64 or not text.isprintable() or any(c.isspace() for c in text):
+        raise ConfigError(f"REDIS_PREFIX={text[:80]!r} must be 1 to 64 printable characters without spaces")
     return text
 
 

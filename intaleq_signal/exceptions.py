@@ -5,13 +5,15 @@ SignalingError            base of them all
 ├── Refusal               a request or message refused: code, message, http_status, headers
 │   ├── MessageError      a client WebSocket message refused (no http_status)
 │   ├── RideConflict      409 ride_conflict: the ride's live session has other participants
-│   └── Capacity          503 capacity: MAX_SESSIONS live sessions are held already
+│   ├── Capacity          503 capacity: MAX_SESSIONS live sessions are held already
+│   └── Unavailable       503 unavailable: the shared state (Redis) is unreachable; retry
 ├── StartupError          the process cannot start: exit_status, and line() for stderr
 │   ├── ConfigError       exit 78: a setting is missing or invalid
 │   │   └── StoreError    exit 78: a call-log file (SQLITE_PATH, JOURNAL_PATH) is unusable
 │   │       └── JournalError  exit 78: the journal file, named by JOURNAL_PATH
 │   ├── StartError        exit 78: the system refused a call-log thread (TasksMax=)
-│   └── ListenError       exit 1: the listening socket cannot be opened
+│   ├── ListenError       exit 1: the listening socket cannot be opened
+│   └── RedisError        exit 1: Redis (REDIS_URL) cannot be reached at start
 ├── EventDecodeError      a journal entry this version cannot read (logged and dropped)
 └── LifecycleError        an illegal state transition: a bug, never a client's doing
 ```
@@ -52,11 +54,13 @@ __all__ = [
     "ListenError",
     "MessageError",
     "Refusal",
+    "RedisError",
     "RideConflict",
     "SignalingError",
     "StartError",
     "StartupError",
     "StoreError",
+    "Unavailable",
 ]
 
 #: Exit status for bad configuration (sysexits.h ``EX_CONFIG``).
@@ -122,6 +126,21 @@ class Capacity(Refusal):
         super().__init__("capacity", "too many live sessions; retry later", http_status=503)
 
 
+class Unavailable(Refusal):
+    """The shared state of several instances (Redis) cannot be reached:
+    ``POST /sessions`` gets 503, an ``authenticate`` the ``error``
+    ``unavailable`` and may be sent again on the same socket
+    (``docs/protocol.md``, "Every refusal, error and ending, and what to do")."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "unavailable",
+            "the shared state is unreachable; retry in a moment",
+            http_status=503,
+            headers={"Retry-After": "1"},
+        )
+
+
 class StartupError(SignalingError):
     """The process cannot start; ``str()`` is one line for the operator."""
 
@@ -164,6 +183,12 @@ class StartError(StartupError):
 class ListenError(StartupError):
     """The listening socket could not be opened (``SERVER_ADDR`` taken, or
     not this host's); the ``OSError`` is chained. Exit 1: the unit's
+    ``Restart=on-failure`` tries again."""
+
+
+class RedisError(StartupError):
+    """Redis (``REDIS_URL``) could not be reached at start, or another live
+    instance holds this ``NODE_ID`` there. Exit 1: the unit's
     ``Restart=on-failure`` tries again."""
 
 

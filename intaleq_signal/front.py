@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import json
 import logging
 import re
@@ -85,7 +86,7 @@ class FrontState(enum.Enum):
 
     HEAD = "reading the request head"
     BODY = "reading the Content-Length body"
-    COMPLETE = "the whole request read, answered or handed on in the same call"
+    COMPLETE = "the whole request read; its answer may wait for the shared state (Redis), input dropped"
     ANSWERED = "answer written and half-closed, input dropped until the client closes"
     HANDED_ON = "a WebSocket connection owns the transport"
 
@@ -125,8 +126,8 @@ class FrontFactory:
 
     Args:
         process_request, process_response: the hooks also given to
-            ``serve``; called here, synchronously, for requests that are
-            not upgrades (they must not return awaitables).
+            ``serve``; called here for requests that are not upgrades
+            (``process_request`` may return an awaitable of the answer).
         open_timeout: seconds a client has to send its whole request.
     """
 
@@ -212,7 +213,7 @@ class HTTPFront(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self._state
-        if state is _ANSWERED or state is _HANDED_ON:
+        if state is _ANSWERED or state is _HANDED_ON or state is _COMPLETE:
             return
         buffer = self._buffer
         buffer += data
@@ -247,9 +248,10 @@ class HTTPFront(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client may half-close once its request is sent (RFC 9112
-        §9.6): then it has been answered or handed on already. After the
-        answer, its end of stream means it has read it: close."""
-        return False
+        §9.6): while its answer is pending (the shared state is asked), the
+        connection stays half-open for it. After the answer, its end of
+        stream means it has read it: close."""
+        return self._state is _COMPLETE
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -335,11 +337,36 @@ class HTTPFront(asyncio.Protocol):
         factory = self.factory
         try:
             response = factory.process_request(self, request)
-            if not isinstance(response, Response):
-                raise TypeError(f"process_request returned {response!r} for a request without upgrade")
-            response = factory.process_response(self, request, response) or response
         except Exception:
             log.error("process_request failed", exc_info=True)
+            response = None
+        if inspect.isawaitable(response):  # POST /sessions asking the shared state (Redis)
+            task = asyncio.ensure_future(response)
+            task.add_done_callback(lambda done: self._respond(request, done))
+            return
+        self._respond(request, response)
+
+    def _respond(self, request: Request, response: Any) -> None:
+        """Answer with ``response``: a :class:`Response`, a finished task of
+        one, or None when ``process_request`` failed (500)."""
+        if isinstance(response, asyncio.Future):
+            if response.cancelled():
+                return
+            exc = response.exception()
+            if exc is not None:
+                log.error("process_request failed", exc_info=exc)
+                response = None
+            else:
+                response = response.result()
+            if self.transport is None or self.transport.is_closing():
+                return  # the client went away while its answer was pending
+        try:
+            if not isinstance(response, Response):
+                raise TypeError(f"process_request returned {response!r} for a request without upgrade")
+            response = self.factory.process_response(self, request, response) or response
+        except Exception:
+            if response is not None:
+                log.error("process_request failed", exc_info=True)
             response = error_response(
                 Refusal("internal_error", "the request could not be handled", http_status=500)
             )

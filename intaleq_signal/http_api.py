@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from websockets.datastructures import Headers
@@ -123,13 +124,15 @@ class HTTPAPI:
         self.key = config.api_key.encode()
         self.connects = connects
         self.key_failures = SlidingWindow(API_KEY_FAILURES, WINDOW)
+        #: The shared state of several instances (``REDIS_URL``), or None.
+        self.cluster: Any = None
 
     def prune(self, now: float) -> None:
         """Forget idle IPs (called periodically)."""
         self.connects.prune(now)
         self.key_failures.prune(now)
 
-    def process_request(self, connection: Any, request: Any) -> Response | None:
+    def process_request(self, connection: Any, request: Any) -> Response | Awaitable[Response] | None:
         peer = _peer_host(connection)
         ip = client_ip(peer, _proxy_headers(request.headers), self.config.trusted_proxies)
         connection.client_ip = ip
@@ -246,24 +249,44 @@ class HTTPAPI:
             return Refusal("unauthorized", "missing or wrong X-API-Key", http_status=401)
         return None
 
-    def _create_session(self, body: bytes) -> Response:
+    def _create_session(self, body: bytes) -> Response | Awaitable[Response]:
         try:
             ride_id, driver_id, passenger_id = validate_session_body(body)
+            if self.cluster is not None:  # the ride's lock is in Redis: answered when it replies
+                return self._create_shared(ride_id, driver_id, passenger_id)
             session, _ = self.signaling.create_session(ride_id, driver_id, passenger_id)
         except Capacity as exc:
             return error_response(exc if self.signaling.accepting else _shutting_down())
         except Refusal as exc:  # the body, or RideConflict
             return error_response(exc)
+        return self._session_answer(
+            session.session_id, ride_id, session.expires_in(self.signaling.clock.time())
+        )
+
+    async def _create_shared(self, ride_id: str, driver_id: str, passenger_id: str) -> Response:
+        """``POST /sessions`` with several instances (docs/operations.md,
+        "Several instances"): 503 ``unavailable`` while Redis is unreachable."""
+        assert self.cluster is not None
+        try:
+            session_id, deadline = await self.cluster.create_session(ride_id, driver_id, passenger_id)
+        except Capacity as exc:
+            return error_response(exc if self.signaling.accepting else _shutting_down())
+        except Refusal as exc:  # RideConflict, Unavailable
+            return error_response(exc)
+        return self._session_answer(session_id, ride_id, max(0, math.ceil(deadline - time.time() - 1e-9)))
+
+    def _session_answer(self, session_id: str, ride_id: str, expires_in: int) -> Response:
+        tokens = self.signaling.tokens
         return _json(
             200,
             {
-                "session_id": session.session_id,
-                "ride_id": session.ride_id,
-                "expires_in": session.expires_in(self.signaling.clock.time()),
+                "session_id": session_id,
+                "ride_id": ride_id,
+                "expires_in": expires_in,
                 # docs/protocol.md, "Participant tokens": the backend hands
                 # each app its own; the same on every re-POST.
-                "driver_token": self.signaling.tokens.token(session.session_id, "driver"),
-                "passenger_token": self.signaling.tokens.token(session.session_id, "passenger"),
+                "driver_token": tokens.token(session_id, "driver"),
+                "passenger_token": tokens.token(session_id, "passenger"),
             },
         )
 

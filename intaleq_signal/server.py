@@ -21,7 +21,7 @@ from .calllog import CallLogWriter, PreviousRunClosed
 from .calllog.journal import Journal
 from .calllog.sqlite import SQLiteStore
 from .config import Config
-from .exceptions import ListenError
+from .exceptions import ConfigError, ListenError
 from .front import FrontFactory
 from .http_api import HTTPAPI, upgrade_admission
 from .metrics import Metrics
@@ -80,13 +80,15 @@ class Server:
         # development SQLite call log is a local file itself.
         journal = Journal(config.journal_path) if config.uses_mysql else None
         self.calllog = CallLogWriter(store, threads=threads, journal=journal)
+        #: The shared state of several instances (``REDIS_URL``), or None.
+        self.cluster: Any = None
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/health``: 200 with figures while serving, 503 while stopping."""
         if self.stopping:
             return 503, {"status": "shutting_down"}
         signaling = self.signaling
-        return 200, {
+        document = {
             "status": "ok",
             "uptime_seconds": int(time.monotonic() - self.started),
             "sessions": signaling.sessions.live,
@@ -96,6 +98,11 @@ class Server:
             "journal": self.calllog.journal_backlog,
             "journal_writable": self.calllog.journal_writable,
         }
+        cluster = self.cluster
+        if cluster is not None:
+            document["connections"] += cluster.edges
+            document["redis"] = "ok" if cluster.available else "unavailable"
+        return 200, document
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or ``stop`` is set), then shut down.
@@ -144,9 +151,20 @@ class Server:
         config = self.config
         loop = asyncio.get_running_loop()
         admission = upgrade_admission(config)
-        self.signaling = Signaling(config, self.calllog, self.metrics, LoopClock(loop), admission=admission)
-        self.driver = EngineDriver(self.signaling, loop)
+        calllog: Any = self.calllog
+        if config.redis_url is not None:
+            calllog = _Mirrored(self.calllog)
+        self.signaling = Signaling(config, calllog, self.metrics, LoopClock(loop), admission=admission)
+        if config.redis_url is not None:
+            try:
+                from .cluster.node import Cluster  # the [redis] extra: imported only with REDIS_URL
+            except ImportError as exc:
+                raise ConfigError("REDIS_URL needs redis-py: pip install 'intaleq-signal[redis]'") from exc
+
+            self.cluster = calllog.cluster = Cluster(config, self.signaling, self.calllog)
+        self.driver = EngineDriver(self.signaling, loop, self.cluster)
         self.api = HTTPAPI(config, self.signaling, self.metrics, self.health, admission)
+        self.api.cluster = self.cluster
         # A socket systemd hands over (intaleq-signal.socket) is served
         # instead of SERVER_ADDR (docs/operations.md, "systemd"); ConfigError
         # (exit 78) when it is not one listening TCP socket.
@@ -190,7 +208,13 @@ class Server:
         self._gauges()
         started = time.time()
         rows = None
-        if config.on_stop == "handoff":
+        if self.cluster is not None:
+            try:
+                await self._start_cluster(loop, started)
+            except BaseException:
+                server.close()
+                raise
+        elif config.on_stop == "handoff":
             # The sessions and calls a previous process of this instance
             # left, restarted or killed, go on (docs/operations.md, "Restarts").
             rows = await loop.run_in_executor(
@@ -202,7 +226,7 @@ class Server:
             )
         if rows is not None:
             self.signaling.restore(rows)
-        elif self.calllog.node_claimed is not False:
+        elif self.cluster is None and self.calllog.node_claimed is not False:
             # Nothing restored (ON_STOP=end, or the call log could not be
             # read): the rows this instance's predecessor left open end as
             # server_restart, once the database takes writes again (after
@@ -212,6 +236,34 @@ class Server:
             self.calllog.record(PreviousRunClosed(started, config.node_id))
         await server.server.start_serving()
         return server
+
+    async def _start_cluster(self, loop: asyncio.AbstractEventLoop, started: float) -> None:
+        """Join the instances sharing ``REDIS_URL`` (docs/operations.md,
+        "Several instances"): take this instance's lease, take back the
+        sessions Redis says it runs, and restore from the call log those of
+        its sessions Redis lost (a Redis restart while this instance was
+        down), writing them to Redis again.
+
+        Raises:
+            RedisError: Redis unreachable, or ``NODE_ID`` in use there.
+        """
+        config, cluster = self.config, self.cluster
+        records = await cluster.start()
+        self.signaling.restore([record.row() for record in records])
+        rows = await loop.run_in_executor(
+            None, self.calllog.load_sessions, config.node_id, started - config.session_duration, RESTORE_WAIT
+        )
+        lost = []
+        for row in rows or ():
+            if row.status != "ended" and await cluster.record(row.session_id) is None:
+                lost.append(row)
+        if lost:
+            self.signaling.restore(lost)
+            wall, now = time.time(), self.signaling.clock.time()
+            for row in lost:
+                session = self.signaling.sessions.get(row.session_id)
+                if session is not None and session.ended is None:
+                    await cluster.publish(session, wall, now)
 
     async def main_loop(self, server: Any, stop: asyncio.Event) -> None:
         """Say where it listens, tell systemd it is ready, wait for ``stop``."""
@@ -251,6 +303,10 @@ class Server:
         self.stopping = True
         try:
             self.signaling.shutdown(handoff)
+            if self.cluster is not None:
+                code = 1012 if handoff else 1001
+                self.cluster.close_edges(code, "service restart" if handoff else "server stopping")
+                await self.cluster.stop(handoff)
             await self.driver.drain(CLOSE_TIMEOUT + 1)
             server.close(close_connections=True)
             try:
@@ -287,6 +343,21 @@ class Server:
             connections_open=lambda: len(signaling.clients),
             calllog=self.calllog,
         )
+
+
+class _Mirrored:
+    """The engine's call log with several instances: every event goes to
+    the call-log writer, and the session's record in Redis follows it."""
+
+    __slots__ = ("writer", "cluster")
+
+    def __init__(self, writer: CallLogWriter) -> None:
+        self.writer = writer
+        self.cluster: Any = None
+
+    def record(self, event: Any) -> None:
+        self.writer.record(event)
+        self.cluster.mirror(event)
 
 
 def _address(sockname: Any) -> str:

@@ -11,14 +11,19 @@ inputs, and a task calls :meth:`~intaleq_signal.signaling.Signaling.sweep`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from .signaling import Signaling
+from . import messages as msg
+from .exceptions import Unavailable
+from .lifecycle import ConnectionState
+from .messages import MessageError
+from .signaling import Client, Signaling
 from .wire import HTTPServerConnection
 
-__all__ = ["EngineDriver", "LoopClock"]
+__all__ = ["EngineDriver", "LoopClock", "Route"]
 
 
 class LoopClock:
@@ -56,9 +61,11 @@ class EngineDriver:
         loop: the running loop.
     """
 
-    def __init__(self, engine: Signaling, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Signaling, loop: asyncio.AbstractEventLoop, cluster: Any = None) -> None:
         self.engine = engine
         self.loop = loop
+        #: The shared state of several instances (``REDIS_URL``), or None.
+        self.cluster = cluster
 
     async def handler(self, ws: HTTPServerConnection) -> None:
         """The websockets connection handler for ``/ws``: the connection
@@ -68,10 +75,17 @@ class EngineDriver:
         engine = self.engine
         client = engine.connected(ws)
         ws.forget_handshake()
+        route = None
         try:
-            ws.start(client.message_received, client.frame_received, client.closing)
+            if self.cluster is None:
+                ws.start(client.message_received, client.frame_received, client.closing)
+            else:
+                route = Route(self.cluster, client, ws)
+                ws.start(route.message, route.frame, route.closing)
             await ws.wait_closed()
         finally:
+            if route is not None:
+                route.closing()
             engine.closed(client)
 
     async def heartbeat(self) -> None:
@@ -83,6 +97,7 @@ class EngineDriver:
         interval = config.heartbeat_interval
         tick = max(0.05, min(interval, config.heartbeat_timeout - interval))
         loop, sweep = self.loop, self.engine.sweep
+        cluster = self.cluster
         next_ping = loop.time() + interval
         while True:
             await asyncio.sleep(tick)
@@ -91,6 +106,8 @@ class EngineDriver:
             if ping:
                 next_ping = now + interval
             sweep(ping)
+            if cluster is not None:
+                cluster.sweep_edges(ping)
 
     async def drain(self, timeout: float) -> None:
         """Wait, at most ``timeout`` seconds, for every connection's TCP
@@ -98,3 +115,89 @@ class EngineDriver:
         closing = [cast(HTTPServerConnection, client.peer).wait_closed() for client in self.engine.clients]
         if closing:
             await asyncio.wait(closing, timeout=timeout)
+
+
+class Route:
+    """Where one socket's input goes when several instances share the
+    sessions (docs/design.md, "Several instances"): this instance's engine,
+    or the instance running its session. The first ``authenticate`` for a
+    session this engine does not hold is looked up in Redis (messages that
+    follow wait, in order); a session of a dead or departed instance is
+    adopted here; one run elsewhere gets the socket's input from then on.
+    While Redis is unreachable the ``authenticate`` gets ``error``
+    ``unavailable`` and may be sent again."""
+
+    __slots__ = ("cluster", "client", "ws", "edge", "pending", "task")
+
+    def __init__(self, cluster: Any, client: Client, ws: HTTPServerConnection) -> None:
+        self.cluster = cluster
+        self.client = client
+        self.ws = ws
+        self.edge: Any = None
+        self.pending: list[str | bytes] | None = None  # input while the lookup runs
+        self.task: asyncio.Task[None] | None = None
+
+    def message(self, message: str | bytes) -> None:
+        if self.edge is not None:
+            return self.cluster.edge_message(self.edge, message)
+        if self.pending is not None:
+            self.pending.append(message)
+            return
+        client = self.client
+        if client.lifecycle.state is ConnectionState.CONNECTED and type(message) is str:
+            session_id = _session_of(message)
+            if session_id is not None and client.engine.sessions.get(session_id) is None:
+                self.pending = [message]
+                self.task = asyncio.get_running_loop().create_task(self._locate(session_id))
+                return
+        client.message_received(message)
+
+    def frame(self) -> None:
+        if self.edge is not None:
+            self.cluster.edge_frame(self.edge)
+        elif self.pending is None:
+            self.client.frame_received()
+
+    def closing(self) -> None:
+        if self.edge is not None:
+            self.cluster.edge_gone(self.edge)
+        else:
+            self.client.closing()
+
+    async def _locate(self, session_id: str) -> None:
+        client = self.client
+        try:
+            owner = await self.cluster.locate(session_id)
+        except Unavailable as exc:
+            pending, self.pending = self.pending or [], None
+            client.send(msg.error_message(exc))
+            for message in pending[1:]:
+                self.message(message)
+            return
+        except Exception:
+            pending, self.pending = self.pending or [], None
+            logging.getLogger("intaleq_signal.cluster").exception("session lookup failed")
+            client.send(msg.error("unavailable", "the shared state is unreachable; retry in a moment"))
+            for message in pending[1:]:
+                self.message(message)
+            return
+        pending, self.pending = self.pending or [], None
+        if owner is None or client.lifecycle.state is not ConnectionState.CONNECTED or not self.ws.is_open:
+            for message in pending:  # the engine here holds the session now (or refuses)
+                client.message_received(message)
+            return
+        self.edge = edge = self.cluster.hand_over(client, self.ws, owner, pending[0])
+        for message in pending[1:]:
+            self.cluster.edge_message(edge, message)
+
+
+def _session_of(text: str) -> str | None:
+    """The ``session_id`` of a well-formed ``authenticate``, else None (the
+    engine answers anything else)."""
+    try:
+        kind, obj = msg.decode(text)
+        if kind != "authenticate":
+            return None
+        return msg.parse_authenticate(obj)[0]
+    except MessageError:
+        return None

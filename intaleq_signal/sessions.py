@@ -134,11 +134,20 @@ class SessionStore(Protocol):
     (monotonic seconds)."""
 
     def create(
-        self, ride_id: str, driver_id: str, passenger_id: str, now: float, *, accepting: bool = True
+        self,
+        ride_id: str,
+        driver_id: str,
+        passenger_id: str,
+        now: float,
+        *,
+        accepting: bool = True,
+        session_id: str | None = None,
     ) -> tuple[Session, bool]:
         """``(session, created)``: the ride's live session when the
         participants match (``created`` False), else a new ``created`` one
-        with ``deadline`` ``SESSION_DURATION`` after ``now``.
+        with ``deadline`` ``SESSION_DURATION`` after ``now`` (its id
+        ``session_id`` when given: chosen by the shared state, else a new
+        UUID).
 
         Raises:
             RideConflict: the ride's live session has other participants.
@@ -214,7 +223,14 @@ class Registry:
         return self.by_id.get(session_id)
 
     def create(
-        self, ride_id: str, driver_id: str, passenger_id: str, now: float, *, accepting: bool = True
+        self,
+        ride_id: str,
+        driver_id: str,
+        passenger_id: str,
+        now: float,
+        *,
+        accepting: bool = True,
+        session_id: str | None = None,
     ) -> tuple[Session, bool]:
         """Return ``(session, created)``: the ride's live session when the
         participants match (``created`` False), else a new one.
@@ -235,7 +251,9 @@ class Registry:
             del self.by_ride[ride_id]
         if not accepting or self.live >= self.max_sessions:
             raise Capacity()
-        session = Session(str(uuid.uuid4()), ride_id, driver_id, passenger_id, now, self.duration)
+        session = Session(
+            session_id or str(uuid.uuid4()), ride_id, driver_id, passenger_id, now, self.duration
+        )
         self.by_id[session.session_id] = session
         self.by_ride[ride_id] = session
         return session, True

@@ -39,7 +39,7 @@ from . import messages as msg
 from .calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
 from .calllog.sql import SessionRow
 from .config import Config
-from .exceptions import LifecycleError
+from .exceptions import Capacity, LifecycleError
 from .ice import IceServers
 from .lifecycle import (
     ConnectionEvent,
@@ -269,17 +269,20 @@ class Signaling:
 
     # -- sessions (HTTP side) ----------------------------------------------
 
-    def create_session(self, ride_id: str, driver_id: str, passenger_id: str) -> tuple[Session, bool]:
+    def create_session(
+        self, ride_id: str, driver_id: str, passenger_id: str, session_id: str | None = None
+    ) -> tuple[Session, bool]:
         """``POST /sessions`` after validation: ``(session, created)``, see
-        :meth:`SessionStore.create`; a new session's expiry timer is armed
-        (docs/protocol.md, "POST /sessions" and rule 3).
+        :meth:`SessionStore.create` (``session_id``: the id the shared state
+        gave it, with several instances); a new session's expiry timer is
+        armed (docs/protocol.md, "POST /sessions" and rule 3).
 
         Raises:
             RideConflict, Capacity: as :meth:`SessionStore.create`.
         """
         now = self._now()
         session, created = self.sessions.create(
-            ride_id, driver_id, passenger_id, now, accepting=self.accepting
+            ride_id, driver_id, passenger_id, now, accepting=self.accepting, session_id=session_id
         )
         if created:
             session.timer = self.clock.call_at(session.deadline, self._deadline_reached, session)
@@ -296,6 +299,15 @@ class Signaling:
             self.metrics.sessions_created += 1
             log.info("session created session=%s ride=%s", session.session_id, ride_id)
         return session, created
+
+    def check_capacity(self) -> None:
+        """Whether a new session can be taken here now.
+
+        Raises:
+            Capacity: ``MAX_SESSIONS`` live sessions, or shutting down.
+        """
+        if not self.accepting or self.sessions.live >= self.config.max_sessions:
+            raise Capacity()
 
     # -- connection inputs ----------------------------------------------------
 
@@ -371,6 +383,19 @@ class Signaling:
                 seat.grace = self.clock.call_later(
                     self.config.reconnect_grace, self._grace_over, session, seat
                 )
+
+    def handed_over(self, client: Client) -> None:
+        """A connection that authenticates for a session another instance
+        runs: its messages go there from now on (docs/design.md, "Several
+        instances"). This engine forgets it; its authentication is not
+        counted as failed here (the instance running the session decides)."""
+        if client.auth_timer is not None:
+            client.auth_timer.cancel()
+            client.auth_timer = None
+        if client.lifecycle.state is _CONNECTED:
+            client.lifecycle.close()
+            self.admission.authenticated(client.ip)
+        self.clients.discard(client)
 
     def closed(self, client: Client) -> None:
         """The TCP connection is gone: the client is forgotten (and, if

@@ -575,3 +575,21 @@ def test_node_id_must_fit_its_column(value):
 def test_journal_path_default_and_override():
     assert build().journal_path == "intaleq-signal.journal"
     assert build(JOURNAL_PATH="/var/lib/x/j").journal_path == "/var/lib/x/j"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["localhost:6379", "http://redis:6379", "redis://", "redis:// host", "memcached://x"],
+)
+def test_bad_redis_url_names_the_variable(url):
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        Config.from_env({**BASE, "REDIS_URL": url})
+
+
+def test_redis_settings():
+    config = Config.from_env({**BASE, "REDIS_URL": " redis://127.0.0.1:6379/2 ", "REDIS_PREFIX": "calls:"})
+    assert (config.redis_url, config.redis_prefix) == ("redis://127.0.0.1:6379/2", "calls:")
+    assert Config.from_env(BASE).redis_url is None
+    for prefix in ("has space:", "x" * 65):
+        with pytest.raises(ConfigError, match="REDIS_PREFIX"):
+            Config.from_env({**BASE, "REDIS_PREFIX": prefix})

@@ -348,3 +348,27 @@ def test_no_thread_for_the_call_log_is_one_line_and_exit_78(monkeypatch, capsys)
     assert entry.main([]) == 78
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("intaleq-signal: cannot start call-log thread 3 of 5"), err
+
+
+def test_template_unit_is_the_service_but_for_the_instance_lines() -> None:
+    """docs/operations.md, "Several instances": intaleq-signal@.service is
+    intaleq-signal.service line for line (hardening, limits, restarts),
+    but for its description, its ordering after Redis, the per-instance
+    environment file and the per-instance settings on its command line."""
+
+    def directives(name: str) -> list[str]:
+        text = (ROOT / name).read_text()
+        return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+    service, template = directives("intaleq-signal.service"), directives("intaleq-signal@.service")
+    differing = {line.partition("=")[0] for line in set(service) ^ set(template)}
+    assert differing == {"Description", "After", "EnvironmentFile", "ExecStart"}, differing
+    assert "EnvironmentFile=-/etc/intaleq-signal/%i.env" in template
+    [start] = [line for line in template if line.startswith("ExecStart=")]
+    assert start == (
+        "ExecStart=/usr/bin/env SERVER_ADDR=127.0.0.1:%i NODE_ID=%H:%i"
+        " JOURNAL_PATH=intaleq-signal-%i.journal /opt/intaleq-signal/venv/bin/intaleq-signal"
+    )
+    assert [line for line in template if not line.startswith(tuple(differing))] == [
+        line for line in service if not line.startswith(tuple(differing))
+    ]
