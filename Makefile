@@ -81,7 +81,7 @@ $(COMPAT_VENV)/.installed: setup.cfg pyproject.toml
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -c 'import websockets; assert websockets.version.version == "14.2", websockets.version.version'
 	$(COMPAT_VENV)/bin/python -c 'import importlib.util; assert not importlib.util.find_spec("uvloop")'
-	$(COMPAT_VENV)/bin/pytest -q -m compat
+	$(COMPAT_VENV)/bin/pytest -q -m "compat and not cluster"
 
 ## schema: rewrite intaleq_signal/calllog/call_logs.sql (database.sql) from the
 ## table defined in intaleq_signal/calllog/sql.py

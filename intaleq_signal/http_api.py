@@ -148,8 +148,6 @@ class HTTPAPI:
                 return error_response(refused)
             if connection.http_body:
                 return error_response(_bad_request("a WebSocket upgrade request has no body"))
-            if connection.http_version != "1.1":  # RFC 6455 §4.1
-                return error_response(_bad_request("a WebSocket upgrade needs HTTP/1.1"))
             return self._upgrade(connection, request, ip)
         if path == "/sessions":
             if method != "POST":
@@ -211,6 +209,8 @@ class HTTPAPI:
                     headers={"Upgrade": "websocket"},
                 )
             )
+        if connection.http_version != "1.1":  # RFC 6455 §4.1 (asked for an upgrade: 426 first)
+            return error_response(_bad_request("a WebSocket upgrade needs HTTP/1.1"))
         if not self.signaling.accepting:
             return error_response(_shutting_down())
         # Counted from the engine's connected(), not here: a handshake that

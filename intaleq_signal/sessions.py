@@ -171,7 +171,8 @@ class SessionStore(Protocol):
         ...
 
     def forget(self, session: Session) -> None:
-        """Drop an ended session: its id becomes unknown."""
+        """Drop a session: its id becomes unknown (an ended one, or a live
+        one another instance runs now)."""
         ...
 
     def add(self, session: Session) -> None:
@@ -279,3 +280,5 @@ class Registry:
 
     def forget(self, session: Session) -> None:
         self.by_id.pop(session.session_id, None)
+        if self.by_ride.get(session.ride_id) is session:
+            del self.by_ride[session.ride_id]

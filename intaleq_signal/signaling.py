@@ -696,6 +696,25 @@ class Signaling:
                     self.admission.ended_unauthenticated(client.ip, self._now())
                 self._close(client, code, reason)
 
+    def release(self, session: Session) -> None:
+        """Let go of a live session another instance runs now (several
+        instances: this one was cut off from the others long enough to be
+        taken for dead; docs/design.md, "Several instances"): its sockets
+        here close with 1012, so the apps reconnect and reach the session
+        where it is run; nothing ends, nothing is recorded."""
+        for timer in (session.timer, session.driver.grace, session.passenger.grace):
+            if timer is not None:
+                timer.cancel()
+        session.timer = session.driver.grace = session.passenger.grace = None
+        for seat in (session.driver, session.passenger):
+            conn = seat.conn
+            if conn is not None:
+                seat.conn = None
+                conn.lifecycle.close()
+                self._close(conn, CLOSE_SERVICE_RESTART, "service restart")
+        self.sessions.forget(session)
+        log.info("session released session=%s", session.session_id)
+
     def restore(self, rows: list[SessionRow]) -> int:
         """Take back the sessions a previous process of this instance left
         (docs/operations.md, "Restarts"): ``rows`` as the call log holds

@@ -478,6 +478,52 @@ class Cluster:
             client.close()
 
 
+class TwoInstances(Endpoint):
+    """Two instances of one deployment (:class:`Cluster`) standing in for one
+    daemon, so that the protocol's tests run with the participants on
+    different instances: HTTP goes to instance ``a`` (which therefore runs
+    every session), WebSocket connections go to ``a`` and ``b`` in turn
+    (the first, usually the driver, to ``a``; the second to ``b``; ...)."""
+
+    def __init__(self, cluster: Cluster, env: dict[str, Any]) -> None:
+        self.a = cluster.start("a", **env)
+        self.b = cluster.start("b", **env)
+        self.cluster = cluster
+        self.port = self.a.port
+        self._turn = 0
+
+    def ws(self, **kwargs: Any) -> Any:
+        target = (self.a, self.b)[self._turn % 2]
+        self._turn += 1
+        return target.ws(**kwargs)
+
+    @property
+    def log(self) -> str:
+        return self.a.log + "\n" + self.b.log
+
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        def found() -> str | None:
+            return next((line for line in self.log.splitlines() if text in line), None)
+
+        return wait_until(found, timeout, 0.05, explain=lambda: self.log)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Stop ``a`` (which runs the sessions), then ``b``: the first
+        non-zero exit status, else 0."""
+        codes = [self.a.stop(sig, timeout), self.b.stop(sig, timeout)]
+        return next((code for code in codes if code), 0)
+
+    def call_logs(self) -> list[dict[str, Any]]:
+        """The MySQL rows, times as the SQLite call log writes them (text)."""
+        return [
+            {
+                k: v.isoformat(" ", "milliseconds") if isinstance(v, datetime.datetime) else v
+                for k, v in row.items()
+            }
+            for row in self.cluster.db.rows()
+        ]
+
+
 @pytest.fixture
 def cluster(server_factory: Any, db: Database) -> Iterator[Cluster]:
     """Instances of one deployment on the machine's Redis and MySQL; their

@@ -6,11 +6,23 @@ instance and the passenger on another."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 
 import pytest
+import redis
 
-from conftest import auth_msg, join, recv_json, send_json, wait_until
+from conftest import (
+    auth_msg,
+    daemon_env,
+    free_port,
+    health,
+    join,
+    recv_json,
+    run_daemon,
+    send_json,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -159,3 +171,145 @@ def test_killed_instance_holding_the_driver_the_call_goes_on(cluster):
     wait_until(lambda: cluster.db.rows()[0]["status"] == "ended")
     [row] = cluster.db.rows()
     assert row["end_reason"] == "user_terminated" and row["node_id"] == "a"
+
+
+class RedisServer:
+    """A private redis-server on a free port (no persistence, as production
+    needs none), stopped and started again by the test."""
+
+    def __init__(self, tmp_path) -> None:
+        self.port = free_port()
+        self.dir = tmp_path
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        try:
+            wait_until(lambda: _pings(client), timeout=10)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def test_redis_down_for_ten_seconds(cluster, private_redis):
+    """docs/operations.md, "Several instances": Redis killed (restarted
+    empty after 10 s) under two live calls, one across the instances and one
+    on one instance. Meanwhile: POST /sessions 503 unavailable, a new
+    authenticate gets error unavailable and the socket stays open, the call
+    on one instance relays, /health says "redis": "unavailable"; no process
+    dies. After: the instances write their sessions into Redis again, the
+    waiting socket joins when it sends authenticate again, the call across
+    instances relays (what was sent meanwhile arrives, in order), every
+    call-log event is there."""
+    env = {
+        "REDIS_URL": private_redis.url,
+        "SESSION_DURATION": "10m",
+        "RECONNECT_GRACE": "30s",
+        "AUTH_TIMEOUT": "1m",
+    }
+    a, b = cluster.start("a", **env), cluster.start("b", **env)
+    across = a.new_session(ride_id="ride-outage-across")
+    local = a.new_session(ride_id="ride-outage-local")
+    later = a.new_session(ride_id="ride-outage-later")
+
+    async def scenario() -> None:
+        d1, _ = await join(a, across, "driver-1")
+        p1, _ = await join(b, across, "passenger-1")
+        d2, _ = await join(a, local, "driver-1")
+        p2, _ = await join(a, local, "passenger-1")
+        for ws in (d1, p1, d2, p2):
+            await recv_until(ws, "participant_joined")
+        private_redis.stop()
+        await asyncio.to_thread(wait_until, lambda: health(b).get("redis") == "unavailable", 10)
+        status, body = await asyncio.to_thread(b.post_session, "ride-outage-new")
+        assert (status, body["error"]) == (503, "unavailable"), body
+        waiting = await b.ws()
+        await send_json(waiting, auth_msg(later, "driver-1"))
+        assert (await recv_json(waiting, 10))["code"] == "unavailable"
+        # One instance: the call goes on.
+        await send_json(d2, {"type": "offer", "sdp": "local-during"})
+        assert await recv_until(p2, "offer") == {"type": "offer", "sdp": "local-during"}
+        # Across instances: sent now, delivered when Redis is back.
+        for i in range(5):
+            await send_json(p1, {"type": "answer", "sdp": f"across-during-{i}"})
+        await asyncio.sleep(10)
+        private_redis.start()
+        await asyncio.to_thread(wait_until, lambda: health(b).get("redis") == "ok", 15)
+        for i in range(5):
+            assert await recv_until(d1, "answer", 15) == {"type": "answer", "sdp": f"across-during-{i}"}
+        await send_json(d1, {"type": "offer", "sdp": "across-after"})
+        assert await recv_until(p1, "offer") == {"type": "offer", "sdp": "across-after"}
+        # The waiting socket tries again; the session is known again.
+        await send_json(waiting, auth_msg(later, "driver-1"))
+        retried = await recv_json(waiting, 10)
+        assert retried["type"] == "authenticated", (retried, b.log[-4000:], a.log[-3000:])
+        for ender, ride in ((d1, across), (d2, local), (waiting, later)):
+            await send_json(ender, {"type": "end_call"})
+            assert (await recv_until(ender, "call_ended"))["reason"] == "user_terminated", ride
+
+    asyncio.run(scenario())
+    wait_until(lambda: all(row["status"] == "ended" for row in cluster.db.rows()), 15)
+    rows = {row["ride_id"]: row for row in cluster.db.rows()}
+    assert set(rows) == {"ride-outage-across", "ride-outage-local", "ride-outage-later"}
+    for ride_id in ("ride-outage-across", "ride-outage-local"):
+        assert rows[ride_id]["connected_at"] is not None and rows[ride_id]["initiated_by"] == "driver-1"
+        assert rows[ride_id]["end_reason"] == "user_terminated"
+    assert rows["ride-outage-later"]["end_reason"] == "user_terminated"
+    for server in (a, b):
+        assert server.proc.poll() is None, server.log
+
+
+def test_without_redis_url_redis_is_never_imported(server_factory, tmp_path):
+    """A `redis` that cannot be imported on the path: the daemon without
+    REDIS_URL serves as always; with REDIS_URL it stops with one line
+    naming the extra (exit 78)."""
+    fake = tmp_path / "fake"
+    (fake / "redis").mkdir(parents=True)
+    (fake / "redis" / "__init__.py").write_text("raise ImportError('redis is not installed here')\n")
+    server = server_factory(PYTHONPATH=str(fake))
+    server.new_session()
+    env = daemon_env(tmp_path, PYTHONPATH=str(fake), REDIS_URL="redis://127.0.0.1:6379/0")
+    result = run_daemon(env)
+    assert result.returncode == 78, result.stderr
+    assert "REDIS_URL needs redis-py: pip install 'intaleq-signal[redis]'" in result.stderr
+    assert "Traceback" not in result.stderr

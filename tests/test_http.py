@@ -1197,3 +1197,17 @@ def test_env_file_is_loaded_and_real_environment_wins(server_factory, tmp_path) 
     assert server.stop() == 0, server.log
     assert (tmp_path / "from-file.sqlite3").exists()
     assert file_key not in server.log
+
+
+def test_http_1_0_on_ws_without_upgrade_is_426_with_upgrade_is_400(server):
+    """docs/protocol.md, "Anything else": a request for /ws without an
+    Upgrade header is told to upgrade (426) whatever its HTTP version; one
+    that asks for the upgrade over HTTP/1.0 is refused (400, RFC 6455 §4.1)."""
+    for request, status in (
+        (b"GET /ws HTTP/1.0\r\n\r\n", 426),
+        (b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400),
+    ):
+        sock = connect_raw(server)
+        sock.sendall(request)
+        data, _ = read_until_closed(sock, 5)
+        assert parse_response(data)[0] == status, (request, data)

@@ -24,7 +24,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from conftest import Clients, RawWebSocket, auth_msg, in_loop, recv_json, send_json
+from conftest import Clients, RawWebSocket, TwoInstances, auth_msg, in_loop, recv_json, send_json
 
 SDP_OFFER = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 RTP/SAVPF 111\r\n"
 SDP_ANSWER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
@@ -41,6 +41,20 @@ pytestmark = pytest.mark.compat
 
 
 # -- helpers -----------------------------------------------------------------
+
+
+@pytest.fixture(params=["one instance", pytest.param("two instances", marks=pytest.mark.cluster)])
+def server(request: pytest.FixtureRequest, server_factory: Any) -> Any:
+    """The daemon of docs/protocol.md, with ``@pytest.mark.daemon(...)``
+    settings: one process, or two instances sharing the sessions through
+    Redis with the participants on different instances
+    (:class:`conftest.TwoInstances`; docs/operations.md, "Several
+    instances"): every rule holds the same."""
+    marker = request.node.get_closest_marker("daemon")
+    env = {k: str(v) for k, v in (marker.kwargs if marker else {}).items()}
+    if request.param == "one instance":
+        return server_factory(**env)
+    return TwoInstances(request.getfixturevalue("cluster"), env)
 
 
 @pytest.fixture

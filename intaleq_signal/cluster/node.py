@@ -29,6 +29,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import redis.asyncio as aioredis  # the [redis] extra: this module is imported only with REDIS_URL
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
 from .. import messages as msg
 from ..calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
 from ..exceptions import Capacity, RedisError, RideConflict, Unavailable
@@ -142,8 +146,6 @@ class Cluster:
     """
 
     def __init__(self, config: Config, engine: Signaling, calllog: Any, redis_client: Any = None) -> None:
-        import redis.asyncio as aioredis  # the [redis] extra, checked at start
-
         self.config = config
         self.engine = engine
         self.calllog = calllog
@@ -155,6 +157,10 @@ class Cluster:
             socket_timeout=REDIS_TIMEOUT,
             socket_connect_timeout=REDIS_TIMEOUT,
             health_check_interval=10,
+            # A pooled connection that Redis closed (it restarted) fails
+            # once: the command goes again on a new connection.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            retry_on_error=[aioredis.ConnectionError],
         )
         self._errors = (aioredis.RedisError, OSError, asyncio.TimeoutError)
         self.available = False
@@ -169,6 +175,9 @@ class Cluster:
         self._mirror: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._mirror_task: asyncio.Task[None] | None = None
         self.dropped = 0  # entries dropped while Redis was unreachable
+        #: No instance is judged dead before this (monotonic seconds): right
+        #: after Redis came back, leases are being taken again.
+        self._settled = 0.0
 
     # -- start and stop ---------------------------------------------------------
 
@@ -591,10 +600,15 @@ class Cluster:
                     await self.redis.set(self.keys.node(self.node), "1", px=int(NODE_LEASE * 1000))
                     await self.redis.sadd(self.keys.prefix + "nodes", self.node)
                     await self._republish()
+                    self._settled = time.monotonic() + NODE_LEASE + LEASE_RENEW
                 if not self.available:
                     log.info("redis available again")
+                    # Other instances take their leases again within a
+                    # renewal: none is judged dead before then.
+                    self._settled = time.monotonic() + NODE_LEASE + LEASE_RENEW
                 self.available = True
-                await self._dead_instances()
+                if time.monotonic() >= self._settled:
+                    await self._dead_instances()
             except asyncio.CancelledError:
                 raise
             except self._errors as exc:
@@ -603,11 +617,26 @@ class Cluster:
                 log.exception("cluster watch failed")
 
     async def _republish(self) -> None:
+        """This instance's lease was gone: Redis lost its data (restarted
+        empty), or this instance was cut off long enough to be taken for
+        dead. Sessions another instance adopted meanwhile are released here;
+        the others are written to Redis again."""
         engine = self.engine
         wall, now = time.time(), engine.clock.time()
+        written = released = 0
         for session in engine.sessions.live_sessions():
+            owner = await self.redis.hget(self.keys.session(session.session_id), "owner")
+            if owner and owner != self.node:
+                engine.release(session)
+                released += 1
+                continue
             await self.publish(session, wall, now)
-        log.info("wrote %d sessions to redis again", engine.sessions.live)
+            written += 1
+        log.info(
+            "lease taken again: %d sessions written to redis, %d released to other instances",
+            written,
+            released,
+        )
 
     async def _dead_instances(self) -> None:
         nodes = await self.redis.smembers(self.keys.prefix + "nodes")
