@@ -302,11 +302,16 @@ class Server:
         self.notifier.stopping()
         self.stopping = True
         try:
+            cluster = self.cluster
+            if cluster is not None and handoff:
+                await cluster.depart()  # the others take the sessions over from now
             self.signaling.shutdown(handoff)
-            if self.cluster is not None:
+            if cluster is not None:
                 code = 1012 if handoff else 1001
-                self.cluster.close_edges(code, "service restart" if handoff else "server stopping")
-                await self.cluster.stop(handoff)
+                cluster.close_edges(code, "service restart" if handoff else "server stopping")
+                if not handoff:
+                    await cluster.depart()
+                await cluster.stop(handoff)
             await self.driver.drain(CLOSE_TIMEOUT + 1)
             server.close(close_connections=True)
             try:

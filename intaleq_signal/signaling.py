@@ -481,7 +481,7 @@ class Signaling:
         self.admission.authenticated(client.ip)  # from CONNECTED: once per connection
         client.seat, client.session = seat, session
         old = seat.conn
-        if old is not None:
+        if old is not None and old.lifecycle.state is _AUTHENTICATED:  # not one closed by a handoff
             old.lifecycle.handle(ConnectionEvent.REPLACE)
             old.send(msg.error("replaced", "a newer connection of this participant took over"))
             self._close(old, CLOSE_REPLACED, "replaced")

@@ -6,11 +6,13 @@ instance and the passenger on another."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 
 import pytest
 import redis
+import websockets
 
 from conftest import (
     auth_msg,
@@ -313,3 +315,105 @@ def test_without_redis_url_redis_is_never_imported(server_factory, tmp_path):
     assert result.returncode == 78, result.stderr
     assert "REDIS_URL needs redis-py: pip install 'intaleq-signal[redis]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class Participant:
+    """One app of a call, as apps are told to behave (docs/protocol.md,
+    "Every refusal, error and ending, and what to do"): on close 1012 it
+    reconnects at once to an instance that takes connections and
+    authenticates again; it records every message it gets."""
+
+    def __init__(self, session: dict, user_id: str, instances: list, first: int) -> None:
+        self.session = session
+        self.user_id = user_id
+        self.instances = instances
+        self.turn = first
+        self.received: list[dict] = []
+        self.closes: list[int | None] = []
+        self.ws = None
+        self.joined = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            self.ws = await self._connect()
+            await send_json(self.ws, auth_msg(self.session, self.user_id))
+            try:
+                async for text in self.ws:
+                    message = json.loads(text)
+                    self.received.append(message)
+                    if message["type"] == "session_joined":
+                        self.joined.set()
+            except websockets.ConnectionClosed:
+                pass
+            self.closes.append(self.ws.close_code)
+            if self.ws.close_code != 1012:
+                return
+            self.joined.clear()
+            self.turn += 1
+
+    async def _connect(self):
+        deadline = time.monotonic() + 20
+        while True:
+            server = self.instances[self.turn % len(self.instances)]
+            try:
+                return await server().ws()
+            except (TimeoutError, OSError, websockets.InvalidStatus):
+                if time.monotonic() > deadline:
+                    raise
+                self.turn += 1
+                await asyncio.sleep(0.05)
+
+    def ended(self) -> list[dict]:
+        return [m for m in self.received if m["type"] in ("call_ended", "call_timeout")]
+
+
+def test_rolling_restart_of_three_instances_under_50_calls_ends_none(cluster):
+    """docs/operations.md, "Several instances": three instances restarted
+    one after the other (SIGTERM, ON_STOP=handoff, back on the same port
+    and NODE_ID) under 50 live calls whose participants are spread over
+    them: every socket of a stopping instance closes with 1012, the apps
+    reconnect elsewhere, no call ends; afterwards each call still relays
+    and ends normally, and every row says user_terminated."""
+    env = {"ON_STOP": None, "SESSION_DURATION": "10m", "RECONNECT_GRACE": "30s"}
+    names = ["a", "b", "c"]
+    for name in names:
+        cluster.start(name, **env)
+    ports = {name: cluster.instances[name].port for name in names}
+    sessions = [cluster.instances[names[i % 3]].new_session(ride_id=f"ride-rolling-{i}") for i in range(50)]
+    getters = [lambda name=name: cluster.instances[name] for name in names]
+
+    async def scenario() -> list[tuple[Participant, Participant]]:
+        calls = [
+            (Participant(s, "driver-1", getters, i), Participant(s, "passenger-1", getters, i + 1))
+            for i, s in enumerate(sessions)
+        ]
+        tasks = [asyncio.create_task(p.run()) for call in calls for p in call]
+        for call in calls:
+            for p in call:
+                await asyncio.wait_for(p.joined.wait(), 20)
+        for name in names:
+            server = cluster.instances[name]
+            assert await asyncio.to_thread(server.stop) == 0
+            await asyncio.to_thread(cluster.start, name, SERVER_ADDR=f"127.0.0.1:{ports[name]}", **env)
+        for call in calls:  # everybody is back (on some instance)
+            for p in call:
+                await asyncio.wait_for(p.joined.wait(), 20)
+        for _, passenger in calls:
+            await send_json(passenger.ws, {"type": "answer", "sdp": "after-restarts"})
+        for driver, passenger in calls:
+            await asyncio.to_thread(
+                wait_until, lambda d=driver: {"type": "answer", "sdp": "after-restarts"} in d.received, 20
+            )
+            await send_json(driver.ws, {"type": "end_call"})
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        return calls
+
+    calls = asyncio.run(scenario())
+    for driver, passenger in calls:
+        for p in (driver, passenger):
+            assert p.ended() == [{"type": "call_ended", "reason": "user_terminated"}], (p.user_id, p.received)
+            assert p.closes[-1] == 1000 and set(p.closes[:-1]) <= {1012}, p.closes
+    assert sum(len(p.closes) - 1 for call in calls for p in call) >= 50  # the restarts did cut sockets
+    wait_until(lambda: all(row["status"] == "ended" for row in cluster.db.rows()), 20)
+    rows = cluster.db.rows()
+    assert len(rows) == 50 and {row["end_reason"] for row in rows} == {"user_terminated"}

@@ -171,7 +171,8 @@ class Cluster:
         self._remote: dict[str, RemotePeer] = {}  # conn -> peer, sessions run here
         self._edges: dict[str, _Edge] = {}  # conn -> socket, sessions run elsewhere
         self._numbers = itertools.count(1)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._mirror: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._mirror_task: asyncio.Task[None] | None = None
         self.dropped = 0  # entries dropped while Redis was unreachable
@@ -208,8 +209,23 @@ class Cluster:
             raise RedisError(f"REDIS_URL: cannot use Redis at {self.config.redis_url}: {exc}") from exc
         self.available = True
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read_inbox()), loop.create_task(self._watch())]
+        self._reader = loop.create_task(self._read_inbox())
+        self._watcher: asyncio.Task[None] | None = loop.create_task(self._watch())
         return records
+
+    async def depart(self) -> None:
+        """Give up this instance's lease at once (its sessions are then
+        adopted wherever their apps reconnect, or by another instance's
+        watcher within a second); no longer renew it."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.wait([watcher], timeout=REDIS_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.redis.delete(self.keys.node(self.node)), REDIS_TIMEOUT)
+        except self._errors as exc:
+            self._lost(exc)
+        log.debug("stopping: lease given up")
 
     async def stop(self, handoff: bool) -> None:
         """Flush what is queued for other instances, give up the lease (so
@@ -225,14 +241,17 @@ class Cluster:
                 await asyncio.wait_for(asyncio.shield(self._mirror_task), REDIS_TIMEOUT)
             except (TimeoutError, asyncio.CancelledError):
                 pass
-        for task in self._tasks:
+        tasks = [task for task in (self._reader, self._watcher) if task is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=REDIS_TIMEOUT)
         try:
-            await self.redis.delete(self.keys.node(self.node))
+            await asyncio.wait_for(self.redis.delete(self.keys.node(self.node)), REDIS_TIMEOUT)
+            await asyncio.wait_for(self.redis.aclose(), REDIS_TIMEOUT)
         except self._errors:
             pass
-        await self.redis.aclose()
+        log.debug("stopping: left the other instances")
 
     # -- sessions -----------------------------------------------------------
 
@@ -504,6 +523,9 @@ class Cluster:
             return
         engine = self.engine
         if kind == "open":
+            if not engine.accepting:  # stopping: the app reconnects and finds the session's next owner
+                self.post(Entry("close", entry.conn, "service restart", code=CLOSE_SERVICE_RESTART))
+                return
             peer = RemotePeer(self, entry.conn, entry.ip)
             self._remote[entry.conn] = peer
             peer.client = client = engine.connected(peer)
