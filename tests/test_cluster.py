@@ -400,7 +400,7 @@ def test_rolling_restart_of_three_instances_under_50_calls_ends_none(cluster):
                 await asyncio.wait_for(p.joined.wait(), 20)
         for _, passenger in calls:
             await send_json(passenger.ws, {"type": "answer", "sdp": "after-restarts"})
-        for driver, passenger in calls:
+        for driver, _ in calls:
             await asyncio.to_thread(
                 wait_until, lambda d=driver: {"type": "answer", "sdp": "after-restarts"} in d.received, 20
             )
