@@ -26,6 +26,7 @@ from conftest import (
     wait_until,
 )
 from intaleq_signal.calllog.mysql import DDL
+from mysql_support import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -611,6 +612,22 @@ def test_second_instance_with_the_same_node_id_leaves_the_rows_alone(server_fact
     asyncio.run(scenario())
     wait_until(lambda: rows_by_ride(db)["twin-live"]["status"] == "ended")
     assert rows_by_ride(db)["twin-live"]["end_reason"] == "user_terminated"
+
+
+def test_same_node_id_on_another_database_of_the_server_is_another_instance(server_factory, db) -> None:
+    """The claim on a NODE_ID is per call-log database: two deployments on
+    one MySQL server (each with its own database) may both name an instance
+    "twin" and each restores its own rows."""
+    other = Database()
+    try:
+        first = server_factory(NODE_ID="twin", **db.server_env())
+        second = server_factory(NODE_ID="twin", **other.server_env())
+        wait_until(lambda: metric(second, "intaleq_calllog_writes_pending") == 0)
+        for server in (first, second):
+            assert "is held by another live instance" not in server.log, server.log
+        assert (first.stop(), second.stop()) == (0, 0)
+    finally:
+        other.drop()
 
 
 def test_health_tells_a_database_lost_while_idle(server_factory, db, proxy) -> None:

@@ -141,9 +141,11 @@ class MySQLStore:
     def claim(self, conn: pymysql.connections.Connection, node_id: str) -> bool:
         """A named lock (``GET_LOCK``, not waited for) held by ``conn``;
         MySQL releases it when the connection ends, a killed process's
-        included. Lock names are at most 64 characters: the node id is
-        hashed into it."""
-        name = "intaleq-signal node " + hashlib.sha1(node_id.encode()).hexdigest()
+        included. Lock names are at most 64 characters and server-wide: the
+        database and the node id are hashed into it (another database on
+        the same server, with the same ``NODE_ID``, is another call log)."""
+        key = f"{self.params['database']}\0{node_id}".encode()
+        name = "intaleq-signal node " + hashlib.sha1(key).hexdigest()
         with conn.cursor() as cursor:
             cursor.execute("SELECT GET_LOCK(%s, 0)", (name,))
             (held,) = cursor.fetchone()
