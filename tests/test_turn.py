@@ -13,6 +13,7 @@ from typing import Any
 
 from conftest import join, recv_json, wait_until
 from coturn import Coturn, needs_coturn
+from intaleq_signal.ice import IceServers, parse_ice_servers
 
 pytestmark = needs_coturn
 
@@ -68,12 +69,15 @@ def test_credentials_minted_with_another_secret_are_refused(server_factory, cotu
     wait_until(lambda: re.search(r"error 401", turn.log), explain=lambda: turn.log)
 
 
-def test_expired_credentials_are_refused(server_factory, coturn_factory):
+def test_expired_credentials_are_refused(coturn_factory):
+    """Credentials minted by the daemon's own code (``IceServers``) a
+    ``TURN_TTL`` and a minute ago: their expiry is past, coturn refuses
+    them (no waiting: ``TURN_TTL`` is at least a minute)."""
     turn = coturn_factory(SECRET)
-    server = server_factory(ICE_SERVERS=turn.url, TURN_SECRET=SECRET, TURN_TTL="1s")
-    entry = ice_credentials(server, "ride-turn-expired")["driver"]
-    expiry = int(entry["username"].split(":")[0])
-    wait_until(lambda: time.time() > expiry + 1, timeout=10)
+    ttl = 3600
+    servers = IceServers(parse_ice_servers(turn.url), SECRET, ttl)
+    [entry] = servers.for_participant("expired-session", "driver", time.time() - ttl - 60)
+    assert int(entry["username"].split(":")[0]) < time.time()
     result = turn.allocate(entry["username"], entry["credential"])
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Cannot complete Allocation" in output, output
