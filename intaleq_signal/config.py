@@ -317,7 +317,8 @@ def _utf8(name: str, value: str) -> str:
     """``value``, refused unless it is valid UTF-8: a secret read from an
     EnvironmentFile in another encoding (Latin-1, say) reaches
     ``os.environ`` with surrogate escapes, which the HMACs and the key
-    comparison cannot encode. The value is not echoed."""
+    comparison cannot encode. The value is not echoed (docs/operations.md,
+    "Configuration")."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
