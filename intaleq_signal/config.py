@@ -30,6 +30,12 @@ __all__ = [
 
 MIN_API_KEY_LENGTH = 32
 MIN_TURN_SECRET_LENGTH = 32
+#: ``TURN_TTL`` range, seconds (docs/operations.md, "TURN with coturn"):
+#: shorter credentials may expire before the app has even gathered its
+#: relay candidates; longer ones keep an ended call's credentials able to
+#: open relays for days, and an expiry past 2**31 is refused by coturn 4.6.
+MIN_TURN_TTL = 60.0
+MAX_TURN_TTL = 7 * 24 * 3600.0
 #: The ``API_KEY`` line of ``.env.example``: a key everyone can read, so it is
 #: refused like a short one (docs/operations.md; tests/test_config.py checks
 #: the file still carries this exact value).
@@ -202,7 +208,7 @@ class Config:
         """
         reader = _Reader(env)
         host, port = parse_server_addr(reader.get("SERVER_ADDR", "127.0.0.1:47880"))
-        api_key = reader.get("API_KEY", "")
+        api_key = _utf8("API_KEY", reader.get("API_KEY", ""))
         if not api_key:
             raise ConfigError("API_KEY is required (at least 32 characters)")
         if len(api_key) < MIN_API_KEY_LENGTH:
@@ -229,14 +235,15 @@ class Config:
                 "(set ENVIRONMENT=development to use the embedded SQLite call log)"
             )
         ice_servers = parse_ice_servers(env.get("ICE_SERVERS", ""))
-        turn_secret = env.get("TURN_SECRET") or None
-        if turn_secret is not None and len(turn_secret) < MIN_TURN_SECRET_LENGTH:
-            raise ConfigError(
-                f"TURN_SECRET is too short ({len(turn_secret)} characters, "
-                f"at least {MIN_TURN_SECRET_LENGTH} required)"
-            )
+        turn_secret = _parse_turn_secret(env.get("TURN_SECRET", ""))
         if turn_secret is None and any(url.startswith("turn") for url in ice_servers):
             raise ConfigError("TURN_SECRET is required when ICE_SERVERS has a turn: or turns: URL")
+        turn_ttl = reader.duration("TURN_TTL", "1h", positive=True)
+        if not MIN_TURN_TTL <= turn_ttl <= MAX_TURN_TTL:
+            raise ConfigError(
+                f"TURN_TTL={reader.get('TURN_TTL', '1h')!r} must be from 1m to 168h (7 days): "
+                "the lifetime of the TURN credentials"
+            )
         return cls(
             api_key=api_key,
             host=host,
@@ -267,7 +274,7 @@ class Config:
             participant_tokens=reader.choice("PARTICIPANT_TOKENS", "optional", TOKEN_MODES),
             ice_servers=ice_servers,
             turn_secret=turn_secret,
-            turn_ttl=reader.duration("TURN_TTL", "1h", positive=True),
+            turn_ttl=turn_ttl,
             redis_url=_parse_redis_url(env.get("REDIS_URL", "").strip()),
             redis_prefix=_parse_redis_prefix(reader.get("REDIS_PREFIX", "intaleq-signal:")),
         )
@@ -304,6 +311,39 @@ class _Reader:
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} must be one of: {', '.join(allowed)}")
         return value
+
+
+def _utf8(name: str, value: str) -> str:
+    """``value``, refused unless it is valid UTF-8: a secret read from an
+    EnvironmentFile in another encoding (Latin-1, say) reaches
+    ``os.environ`` with surrogate escapes, which the HMACs and the key
+    comparison cannot encode. The value is not echoed (docs/operations.md,
+    "Configuration")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"{name} is not valid UTF-8 (at character {exc.start + 1}); "
+            "save the environment file as UTF-8 or use ASCII characters"
+        ) from None
+    return value
+
+
+def _parse_turn_secret(text: str) -> str | None:
+    """``TURN_SECRET``: coturn's ``static-auth-secret``, at least
+    :data:`MIN_TURN_SECRET_LENGTH` characters of UTF-8 once surrounding
+    blanks are stripped; empty: none (docs/operations.md, "TURN with
+    coturn"). A value of blanks only is refused, not taken as unset."""
+    if not text:
+        return None
+    secret = _utf8("TURN_SECRET", text).strip()
+    if not secret:
+        raise ConfigError("TURN_SECRET is only whitespace; set the secret or leave it empty")
+    if len(secret) < MIN_TURN_SECRET_LENGTH:
+        raise ConfigError(
+            f"TURN_SECRET is too short ({len(secret)} characters, at least {MIN_TURN_SECRET_LENGTH} required)"
+        )
+    return secret
 
 
 def _parse_node_id(text: str) -> str:

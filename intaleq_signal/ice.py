@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import math
 import re
 
@@ -21,38 +22,140 @@ from .exceptions import ConfigError
 
 __all__ = ["IceServers", "parse_ice_servers"]
 
-#: scheme:host[:port][?transport=udp|tcp]; host a name, an IPv4 address or
-#: a bracketed IPv6 address (RFC 7064 §3.1, RFC 7065 §3.1).
-_URL = re.compile(
-    r"^(?P<scheme>stuns?|turns?):"
-    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
-    r"(?::(?P<port>[0-9]{1,5}))?"
-    r"(?:\?transport=(?P<transport>udp|tcp))?$"
+#: The schemes of ``ICE_SERVERS``, compared without regard to case (RFC
+#: 7064 §3.1, RFC 7065 §3.1: URI schemes are case-insensitive).
+SCHEMES = ("stun", "stuns", "turn", "turns")
+#: What follows the scheme: the host (a bracketed IPv6 address, or anything
+#: up to the port or query, checked by :func:`_host_problem`), a port, and
+#: one ``?transport=`` parameter (its name and value case-insensitive too).
+_REST = re.compile(
+    r"(?P<host>\[[^\]]*\]|[^:?\[\]]*)(?::(?P<port>[^?]*))?(?:\?(?P<query>.*))?",
+    re.S,
 )
+_TRANSPORT = re.compile(r"transport=(?P<transport>udp|tcp)", re.I)
+_PORT = re.compile(r"[0-9]{1,5}")
+#: One label of a host name: letters, digits, ``-`` and ``_`` (Chromium
+#: takes underscores, as in some cloud providers' names), no ``-`` first
+#: or last. ASCII only: an internationalised name goes in its xn-- form.
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?")
+_NUMERIC = re.compile(r"[0-9]+")
+#: The most characters of an item a configuration error line shows.
+_SHOWN = 120
 
 
 def parse_ice_servers(text: str) -> tuple[str, ...]:
-    """The URLs of ``ICE_SERVERS`` (empty text: none).
+    """The URLs of ``ICE_SERVERS`` (empty text: none), as handed to the
+    apps: scheme and ``?transport=`` value in lower case (``TURN:host`` and
+    ``?transport=UDP`` are accepted), a port without leading zeros, the host
+    as written (docs/protocol.md, "ICE servers").
 
     Raises:
-        ConfigError: naming ``ICE_SERVERS`` for a URL that is not a STUN or
-        TURN URL (a bad scheme, host or port, or ``?transport`` on STUN).
+        ConfigError: naming ``ICE_SERVERS``, the item (with anything before
+        an ``@``, where a password would be, redacted) and why it is refused:
+        an unknown scheme, credentials in the URL, a host that is not a
+        host name, IPv4 or bracketed IPv6 address, a port outside
+        1–65535, ``?transport`` on STUN, or ``turns:`` over UDP.
     """
     urls = []
     for item in text.split(","):
-        url = item.strip()
-        if not url:
+        item = item.strip()
+        if not item:
             continue
-        match = _URL.match(url)
-        port = match and match.group("port")
-        if (
-            match is None
-            or (port is not None and not 0 < int(port) < 65536)
-            or (match.group("transport") and match.group("scheme").startswith("stun"))
-        ):
-            raise ConfigError(f"ICE_SERVERS: {url!r} is not a stun:, stuns:, turn: or turns: URL")
+        url, problem = _normalise(item)
+        if problem is not None:
+            raise ConfigError(f"ICE_SERVERS: {_shown(item)!r} is refused: {problem}")
         urls.append(url)
     return tuple(urls)
+
+
+def _normalise(item: str) -> tuple[str, str | None]:
+    """``(url, None)`` for a usable item, else ``("", why it is refused)``."""
+    scheme, sep, rest = item.partition(":")
+    scheme = scheme.lower()
+    if not sep or scheme not in SCHEMES:
+        return "", "the scheme must be stun:, stuns:, turn: or turns:"
+    if "@" in rest:
+        return "", "no user or password in the URL (TURN credentials are made from TURN_SECRET)"
+    if rest.startswith("//"):
+        return "", f"write {scheme}:host, without '//'"
+    match = _REST.fullmatch(rest)
+    if match is None:
+        return "", "expected host[:port][?transport=udp|tcp]"
+    host, port, query = match.group("host", "port", "query")
+    if port is not None and ":" in port:
+        return "", f"an IPv6 address goes in brackets: {scheme}:[2001:db8::1]:3478"
+    problem = _host_problem(host)
+    if problem is not None:
+        return "", problem
+    url = f"{scheme}:{host}"
+    if port is not None:
+        if not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+            return "", "the port is not a number from 1 to 65535"
+        url += f":{int(port)}"
+    if query is not None:
+        transport = _TRANSPORT.fullmatch(query)
+        if transport is None:
+            return "", "the only query allowed is ?transport=udp or ?transport=tcp"
+        if scheme.startswith("stun"):
+            return "", "?transport is for turn: and turns: URLs only"
+        value = transport.group("transport").lower()
+        if scheme == "turns" and value == "udp":
+            return "", "turns: runs over TLS, i.e. TCP: ?transport=udp cannot apply"
+        url += f"?transport={value}"
+    return url, None
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` is not a bracketed IPv6 address, a dotted-quad IPv4
+    address or a host name (labels of 1–63 characters, 253 in all, one
+    trailing dot allowed), or None when it is one."""
+    if not host:
+        return "the host is missing"
+    if host.startswith("["):
+        inner = host[1:-1]
+        try:
+            if "%" in inner:  # a zone index means nothing to a remote app
+                raise ValueError(inner)
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            return "the host in brackets is not an IPv6 address"
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if _NUMERIC.fullmatch(labels[-1]):  # ends in a number: meant as an IPv4 address
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return (
+                "the host ends in a number, so it must be an IPv4 address: "
+                "four numbers 0-255, no leading zeros, no trailing dot"
+            )
+        return None
+    if len(name) > 253:
+        return f"the host name is longer than 253 characters ({len(name)})"
+    for label in labels:
+        if not label:
+            return "the host name has an empty label (two dots in a row, or a dot first)"
+        if len(label) > 63:
+            return f"the host name has a label longer than 63 characters ({len(label)})"
+        if not _LABEL.fullmatch(label):
+            return (
+                "the host is not a host name (letters, digits, '-' and '_' between dots, "
+                "no '-' first or last; IPv6 in brackets)"
+            )
+    return None
+
+
+def _shown(item: str) -> str:
+    """``item`` fit for a log line: everything before the last ``@`` but a
+    known scheme (userinfo: a user and maybe a password) replaced by
+    ``<redacted>``, and cut at :data:`_SHOWN` characters."""
+    if "@" in item:
+        head, _, tail = item.rpartition("@")
+        scheme, sep, _ = head.partition(":")
+        kept = f"{scheme}:" if sep and scheme.lower() in SCHEMES else ""
+        item = f"{kept}<redacted>@{tail}"
+    return item if len(item) <= _SHOWN else item[: _SHOWN - 1] + "…"
 
 
 class IceServers:

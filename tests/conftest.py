@@ -409,14 +409,16 @@ def server(server_factory: Any, request: pytest.FixtureRequest) -> ServerProcess
 
 @pytest.fixture
 def coturn_factory(tmp_path: Any) -> Iterator[Any]:
-    """``coturn_factory(secret)``: a started real coturn on loopback
-    (:class:`coturn.Coturn`), stopped at the end of the test."""
+    """``coturn_factory(secret, **options)``: a started real coturn on
+    loopback, from the configuration of docs/operations.md, "TURN with
+    coturn" (:class:`coturn.Coturn`, its options), stopped at the end of
+    the test."""
     from coturn import Coturn
 
     started: list[Coturn] = []
 
-    def start(secret: str) -> Coturn:
-        turn = Coturn(tmp_path / f"coturn-{len(started)}", secret)
+    def start(secret: str, **options: Any) -> Coturn:
+        turn = Coturn(tmp_path / f"coturn-{len(started)}", secret, **options)
         started.append(turn)
         return turn
 

@@ -593,3 +593,67 @@ def test_redis_settings():
     for prefix in ("has space:", "x" * 65):
         with pytest.raises(ConfigError, match="REDIS_PREFIX"):
             Config.from_env({**BASE, "REDIS_PREFIX": prefix})
+
+
+# -- TURN ---------------------------------------------------------------------
+
+TURN_SECRET = "t" * 40
+
+
+@pytest.mark.parametrize("text, seconds", [("1m", 60.0), ("60s", 60.0), ("1h", 3600.0), ("168h", 604800.0)])
+def test_turn_ttl_range_accepted(text, seconds):
+    """docs/operations.md, "Configuration": TURN_TTL from 1 minute to 7 days."""
+    assert build(TURN_TTL=text).turn_ttl == seconds
+
+
+@pytest.mark.parametrize("text", ["59s", "500ms", "0.5", "169h", "604801", "100000h"])
+def test_turn_ttl_out_of_range_names_the_variable(text):
+    """Below a minute the credentials can expire before the relay is even
+    allocated; past 7 days an ended call's credentials open relays for that
+    long (and far enough out coturn refuses the expiry)."""
+    line = config_error(TURN_TTL=text)
+    assert line.startswith(f"TURN_TTL={text!r}") and "1m to 168h" in line, line
+
+
+def test_turn_secret_is_stripped_like_other_values():
+    """An EnvironmentFile line ``TURN_SECRET= <secret> `` gives the secret
+    coturn has, without the blanks (the HMAC would differ otherwise)."""
+    config = build(ICE_SERVERS="turn:t.example.org", TURN_SECRET=f" \t{TURN_SECRET} ")
+    assert config.turn_secret == TURN_SECRET
+
+
+def test_turn_secret_of_whitespace_only_is_refused():
+    line = config_error(ICE_SERVERS="stun:s.example.org", TURN_SECRET=" " * 40)
+    assert line.startswith("TURN_SECRET") and "whitespace" in line, line
+
+
+@pytest.mark.parametrize("name", ["API_KEY", "TURN_SECRET"])
+def test_secrets_that_are_not_utf8_are_refused(name):
+    """A Latin-1 EnvironmentFile reaches os.environ with surrogate escapes
+    ("\\udce9" for the byte 0xE9): refused at start, naming the variable,
+    the value not echoed (it used to raise UnicodeEncodeError)."""
+    value = "s" * 40 + "\udce9" + "s" * 4
+    line = config_error(**{"ICE_SERVERS": "turn:t.example.org", "TURN_SECRET": TURN_SECRET, name: value})
+    assert line.startswith(name) and "UTF-8" in line and "s" * 40 not in line, line
+
+
+@pytest.mark.parametrize(
+    "overrides, variable",
+    [
+        ({"ICE_SERVERS": "turn:127.0.0.1:3478", "TURN_SECRET": "s" * 40 + "\udce9"}, "TURN_SECRET"),
+        ({"API_KEY": "k" * 40 + "\udce9"}, "API_KEY"),
+        ({"TURN_TTL": "30s"}, "TURN_TTL"),
+        ({"TURN_TTL": "8000h"}, "TURN_TTL"),
+    ],
+    ids=["latin1-turn-secret", "latin1-api-key", "ttl-30s", "ttl-8000h"],
+)
+def test_the_daemon_exits_78_naming_the_turn_setting(tmp_path, overrides, variable):
+    """docs/operations.md, "Configuration": the real process, its
+    environment holding the raw bytes of a Latin-1 file: exit 78 and one
+    line naming the variable (no traceback, exit 1 and restart loop)."""
+    from conftest import daemon_env, run_daemon
+
+    result = run_daemon(daemon_env(tmp_path, **overrides))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == EX_CONFIG and len(lines) == 1, result
+    assert variable in lines[0] and "Traceback" not in result.stderr, lines

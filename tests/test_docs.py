@@ -221,3 +221,21 @@ def test_cited_sections_exist() -> None:
         if name not in names:
             missing.append(f'{where}: docs/{page}, "{name}" is no heading')
     assert not missing, "\n".join(missing)
+
+
+def test_app_guide_builds_the_peer_connection_from_the_servers_ice_servers() -> None:
+    """docs/protocol.md, "The flow of a call" and "Reconnect and ICE
+    restart" say what tests/webrtc/call.html does: the RTCPeerConnection is
+    built on ``session_joined`` with its ``ice_servers`` (not before
+    ``authenticate`` with STUN/TURN of the app's own), and the fresh ones
+    are set before an ICE restart (the first TURN credentials expire)."""
+    text = re.sub(r"\s+", " ", (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8"))
+    flow = text.split("### The flow of a call", 1)[1].split("###", 1)[0]
+    built = [row for row in flow.split("| ") if "new RTCPeerConnection" in row]
+    assert built and all("session_joined" in row and "msg.ice_servers" in row for row in built), built
+    assert flow.index("new RTCPeerConnection") > flow.index("authenticate"), "built before authenticate"
+    restart = text.split("### Reconnect and ICE restart", 1)[1].split("###", 1)[0]
+    call = "pc.setConfiguration({...pc.getConfiguration(), iceServers: msg.ice_servers})"
+    assert call in restart, restart
+    page = (ROOT / "tests" / "webrtc" / "call.html").read_text(encoding="utf-8")
+    assert "this.pc.setConfiguration(" in page and "new RTCPeerConnection(config)" in page

@@ -34,28 +34,111 @@ BASE = {"API_KEY": "k" * 40, "ENVIRONMENT": "development"}
             ),
         ),
         ("turn:127.0.0.1:3478?transport=tcp", ("turn:127.0.0.1:3478?transport=tcp",)),
+        # Scheme and transport are case-insensitive (RFC 7064, RFC 7065) and
+        # handed out in lower case; the host stays as written.
+        ("TURN:Turn.Example.org:3478?transport=UDP", ("turn:Turn.Example.org:3478?transport=udp",)),
+        ("Stun:stun.example.org", ("stun:stun.example.org",)),
+        ("TURNS:t.example.org:5349?TRANSPORT=Tcp", ("turns:t.example.org:5349?transport=tcp",)),
+        ("turn:t.example.org:03478", ("turn:t.example.org:3478",)),
+        # A fully qualified name with its trailing dot, underscores in
+        # labels, IPv4-mapped IPv6, labels of 63 characters.
+        ("turn:turn.example.org.:3478", ("turn:turn.example.org.:3478",)),
+        ("stun:stun_1.my_cloud.example.org", ("stun:stun_1.my_cloud.example.org",)),
+        ("turn:[::ffff:192.0.2.1]", ("turn:[::ffff:192.0.2.1]",)),
+        (f"turn:{'a' * 63}.example.org", (f"turn:{'a' * 63}.example.org",)),
+        ("turn:255.255.255.255:65535", ("turn:255.255.255.255:65535",)),
     ],
 )
 def test_ice_servers_parse(text, urls):
+    """docs/protocol.md, "ICE servers": the URLs as handed to the apps."""
     assert parse_ice_servers(text) == urls
 
 
 @pytest.mark.parametrize(
-    "url",
+    "url, why",
     [
-        "http://turn.example.org",
-        "turn:",
-        "turn:turn.example.org:99999",
-        "turn:turn.example.org:0",
-        "stun:stun.example.org?transport=udp",
-        "turn:turn.example.org?transport=sctp",
-        "turn:user@turn.example.org",
-        "turn:-bad-.example.org",
+        ("http://turn.example.org", "scheme"),
+        ("turn:", "host is missing"),
+        ("turn:turn.example.org:99999", "port"),
+        ("turn:turn.example.org:0", "port"),
+        ("turn:turn.example.org:", "port"),
+        ("stun:stun.example.org?transport=udp", "turn: and turns: URLs only"),
+        ("turn:turn.example.org?transport=sctp", "only query"),
+        ("turn:turn.example.org?transport=udp&x=1", "only query"),
+        ("turn:user@turn.example.org", "no user or password"),
+        ("turn:-bad-.example.org", "not a host name"),
+        ("turn://turn.example.org", "without '//'"),
+        # turns: is TLS, i.e. TCP.
+        ("turns:turn.example.org:5349?transport=udp", "turns: runs over TLS"),
+        ("TURNS:turn.example.org?transport=UDP", "turns: runs over TLS"),
+        # Brackets hold an IPv6 address and nothing else.
+        ("turn:[:::::]", "not an IPv6 address"),
+        ("turn:[.]", "not an IPv6 address"),
+        ("turn:[1.2.3.4]", "not an IPv6 address"),
+        ("turn:[]", "not an IPv6 address"),
+        ("turn:[fe80::1%eth0]", "not an IPv6 address"),
+        ("turn:[::1", "expected host"),
+        ("turn:::1", "IPv6 address goes in brackets"),
+        ("turn:2001:db8::1", "IPv6 address goes in brackets"),
+        # A host ending in a number is an IPv4 address, a valid one.
+        ("turn:999.999.999.999", "IPv4 address"),
+        ("turn:256.1.1.1:3478", "IPv4 address"),
+        ("turn:1.2.3", "IPv4 address"),
+        ("turn:01.2.3.4", "IPv4 address"),
+        ("turn:1.2.3.4.", "IPv4 address"),
+        # Host names: no empty label, none over 63 characters, 253 in all.
+        ("turn:a..b", "empty label"),
+        ("turn:.example.org", "empty label"),
+        ("turn:.", "empty label"),
+        ("turn:example.org..", "empty label"),
+        (f"turn:{'a' * 64}.example.org", "longer than 63"),
+        ("turn:" + ".".join(["a" * 63] * 4) + ".org", "longer than 253"),
+        ("turn:tu rn.example.org", "not a host name"),
+        ("turn:turn.example.org\n:3478", "not a host name"),
+        ("turn:türn.example.org", "not a host name"),
     ],
 )
-def test_bad_ice_server_urls_name_the_variable(url):
-    with pytest.raises(ConfigError, match="ICE_SERVERS"):
+def test_bad_ice_server_urls_name_the_variable_and_the_reason(url, why):
+    """One line naming ICE_SERVERS, the item and why it is refused."""
+    with pytest.raises(ConfigError, match="ICE_SERVERS") as info:
+        parse_ice_servers(f"stun:stun.example.org,{url}")
+    line = str(info.value)
+    assert why in line and "\n" not in line, line
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("turn:user:hunter2-password@turn.example.org:3478", "turn:<redacted>@turn.example.org:3478"),
+        ("TURNS:alice:hunter2-password@t.example.org", "TURNS:<redacted>@t.example.org"),
+        ("user:hunter2-password@turn.example.org", "<redacted>@turn.example.org"),
+        ("turn:a@b:hunter2-password@turn.example.org", "turn:<redacted>@turn.example.org"),
+    ],
+)
+def test_a_password_in_a_url_is_not_echoed(url, shown):
+    """The refusal goes to the journal: userinfo (before the last ``@``)
+    is redacted, the rest of the item kept."""
+    with pytest.raises(ConfigError) as info:
         parse_ice_servers(url)
+    line = str(info.value)
+    assert "hunter2" not in line and repr(shown) in line, line
+
+
+def test_an_upper_case_turn_scheme_needs_the_secret_and_is_handed_out_lower_case():
+    with pytest.raises(ConfigError, match="TURN_SECRET is required"):
+        Config.from_env({**BASE, "ICE_SERVERS": "TURN:turn.example.org"})
+    config = Config.from_env(
+        {**BASE, "ICE_SERVERS": "TURN:t.example.org?transport=TCP", "TURN_SECRET": SECRET}
+    )
+    assert config.ice_servers == ("turn:t.example.org?transport=tcp",)
+    [turn] = IceServers(config.ice_servers, SECRET, 600).for_participant("s", "driver", 0)
+    assert turn["urls"] == ["turn:t.example.org?transport=tcp"]
+
+
+def test_a_long_item_is_cut_in_the_error_line():
+    with pytest.raises(ConfigError) as info:
+        parse_ice_servers("turn:" + "x" * 5000 + "..org")
+    assert len(str(info.value)) < 300, str(info.value)
 
 
 def test_turn_needs_a_secret_of_32_characters():
