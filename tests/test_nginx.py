@@ -36,7 +36,9 @@ from conftest import (
     attempt,
     connected_call,
     free_port,
+    health,
     relay_and_end,
+    ride,
     wait_until,
 )
 
@@ -303,6 +305,17 @@ def test_readme_block_is_loopback_testable() -> None:
     assert "47880" not in config and "ssl_certificate" not in config
 
 
+def test_upstream_block_is_loopback_testable() -> None:
+    """docs/operations.md, "Several instances": the upstream keeps least_conn and
+    the zone its worker processes share; its servers become the test instances'."""
+    upstream, name = upstream_config(docs_nginx_block(CLUSTER_SECTION), [12345, 23456])
+    assert name == "intaleq_signal"
+    assert "server 127.0.0.1:12345;" in upstream and "server 127.0.0.1:23456;" in upstream
+    assert "4788" not in upstream
+    assert re.search(rf"^\s*zone {name} \d+k;", upstream, re.M), upstream
+    assert f"proxy_pass http://{name};" in http_config(34567, [12345, 23456])
+
+
 def test_post_sessions_through_nginx(server_factory, nginx_factory) -> None:
     """docs/protocol.md, "POST /sessions": with the API key it works through the documented Nginx block."""
     server = server_factory()
@@ -374,3 +387,62 @@ def test_connection_limit_counts_nginx_x_real_ip(server_factory, nginx_factory) 
     assert len(refused) == 2, refused
     assert all(line.endswith(REFUSED + "127.0.0.1") for line in refused), refused
     assert "198.51.100.1" not in server.log
+
+
+@pytest.mark.cluster
+def test_call_through_nginx_upstream_on_two_instances(cluster, nginx_factory) -> None:
+    """docs/operations.md, "Several instances": the documented upstream
+    (``least_conn``) in front of two instances, behind the block of
+    docs/operations.md, "Nginx and TLS": POST /sessions, then a call whose
+    driver and passenger land on different instances (the offer, the
+    answer and ICE candidates both ways relayed in order, ``end_call``
+    reaching both), its row ended ``user_terminated``; every address the
+    instances log is the X-Real-IP Nginx sets, never one a client sent.
+
+    Where the sockets land is up to ``least_conn`` alone, and certain: the
+    driver's socket is open (joined) before the passenger's upgrade, so the
+    instance without it has fewer connections and gets the passenger's
+    (which instance takes the driver's, both being idle, is Nginx's
+    choice; the test finds out). Nginx runs two worker processes, as
+    ``worker_processes auto`` does on two cores: either may accept either
+    upgrade, and the counts ``least_conn`` goes by are the ones they share
+    through the block's ``zone``.
+    """
+    a, b = cluster.start("a"), cluster.start("b")
+    nginx = nginx_factory(a, b, workers=2)
+    spoofed = {"X-Real-IP": "198.51.100.7"}  # Nginx replaces it with $remote_addr
+    status, session = nginx.post_session(ride(), headers=spoofed)
+    assert status == 200, (status, session, a.log, b.log)
+    sid = session["session_id"]
+    owner = wait_until(
+        lambda: [n for n, s in cluster.instances.items() if f"session created session={sid}" in s.log]
+    )
+    assert len(owner) == 1, owner
+    (other,) = set(cluster.instances) - set(owner)
+
+    async def scenario() -> None:
+        driver, passenger = await connected_call(nginx, session, headers=spoofed)
+        # One socket on each: the instance that does not run the session
+        # holds exactly one, whose messages it relays to the owner.
+        assert health(cluster.instances[other])["connections"] == 1
+        await relay_and_end(driver, passenger, candidates=4, driver_candidates=3)
+
+    asyncio.run(scenario())
+    # Nginx's own account of where it sent the two upgrades: one to each instance.
+    assert sorted(nginx.upgrades(2)) == sorted(f"127.0.0.1:{s.port}" for s in (a, b))
+    wait_until(lambda: [row["status"] for row in cluster.db.rows()] == ["ended"], explain=cluster.db.rows)
+    [row] = cluster.db.rows()
+    assert (row["session_id"], row["end_reason"], row["initiated_by"]) == (
+        sid,
+        "user_terminated",
+        "driver-1",
+    ), row
+    assert row["node_id"] == owner[0] and row["connected_at"] is not None, row
+    # The owner logs both joins, the relayed one with the address the other
+    # instance took from X-Real-IP; the address a client sent is nowhere.
+    lines = cluster.instances[owner[0]].log.splitlines()
+    for role in ("driver", "passenger"):
+        joined = [line for line in lines if f"participant joined session={sid} role={role} ip=" in line]
+        assert [line.rpartition(" ip=")[2] for line in joined] == ["127.0.0.1"], lines
+    assert "198.51.100.7" not in a.log + b.log
+    assert "[error]" not in nginx.log, nginx.log
