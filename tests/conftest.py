@@ -642,19 +642,26 @@ async def authenticate(ws: ClientConnection, session: dict[str, Any], user_id: s
     return first
 
 
-async def join(server: Endpoint, session: dict[str, Any], user_id: str) -> tuple[ClientConnection, list]:
-    """Open a socket, authenticate, return it with the messages up to
-    ``session_joined``."""
-    ws = await server.ws()
+async def join(
+    server: Endpoint, session: dict[str, Any], user_id: str, headers: dict[str, str] | None = None
+) -> tuple[ClientConnection, list]:
+    """Open a socket (``headers`` added to its upgrade request),
+    authenticate, return it with the messages up to ``session_joined``."""
+    ws = await server.ws(additional_headers=headers or {})
     return ws, await authenticate(ws, session, user_id)
 
 
 async def connected_call(
-    server: Endpoint, session: dict[str, Any], driver: str = "driver-1", passenger: str = "passenger-1"
+    server: Endpoint,
+    session: dict[str, Any],
+    driver: str = "driver-1",
+    passenger: str = "passenger-1",
+    headers: dict[str, str] | None = None,
 ) -> tuple[ClientConnection, ClientConnection]:
-    """Both participants joined and told of each other: an active call."""
-    d, _ = await join(server, session, driver)
-    p, _ = await join(server, session, passenger)
+    """Both participants joined (the driver first, with ``headers`` added
+    to both upgrade requests) and told of each other: an active call."""
+    d, _ = await join(server, session, driver, headers)
+    p, _ = await join(server, session, passenger, headers)
     assert await recv_json(p) == {"type": "participant_joined", "role": "driver"}
     assert await recv_json(d) == {"type": "participant_joined", "role": "passenger"}
     return d, p
@@ -690,18 +697,31 @@ async def closed_with(ws: ClientConnection, timeout: float = 5.0) -> int | None:
     return ws.close_code
 
 
-async def relay_and_end(driver: ClientConnection, passenger: ClientConnection) -> None:
-    """The rest of a call once both joined: an offer, an answer and a
-    candidate relayed exactly, then ``end_call`` ending it for both (1000)."""
+def ice_candidate(n: int) -> dict[str, Any]:
+    """The ``n``-th (from 1) of a participant's host candidates, as an app sends it."""
+    line = f"candidate:{n} 1 udp 1 10.0.0.{n} {4999 + n} typ host"
+    return {"candidate": line, "sdpMid": "0", "sdpMLineIndex": 0}
+
+
+async def relay_and_end(
+    driver: ClientConnection, passenger: ClientConnection, candidates: int = 1, driver_candidates: int = 0
+) -> None:
+    """The rest of a call once both joined: an offer, an answer, then
+    ``candidates`` ICE candidates from the passenger and
+    ``driver_candidates`` from the driver (each side's sent back to back),
+    all relayed exactly and in order; then ``end_call`` ending it for both
+    (1000)."""
     offer = {"type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\n"}
     await send_json(driver, offer)
     assert await recv_json(passenger) == offer
     answer = {"type": "answer", "sdp": "v=0\r\nanswer"}
     await send_json(passenger, answer)
     assert await recv_json(driver) == answer
-    candidate = {"candidate": "candidate:1 1 udp 1 10.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}
-    await send_json(passenger, {"type": "ice_candidate", "candidate": candidate})
-    assert await recv_json(driver) == {"type": "ice_candidate", "candidate": candidate}
+    for sender, receiver, count in ((passenger, driver, candidates), (driver, passenger, driver_candidates)):
+        sent = [{"type": "ice_candidate", "candidate": ice_candidate(n)} for n in range(1, count + 1)]
+        for message in sent:
+            await send_json(sender, message)
+        assert [await recv_json(receiver) for _ in sent] == sent
     await send_json(driver, {"type": "end_call"})
     assert await recv_json(driver) == {"type": "call_ended", "reason": "user_terminated"}
     assert await recv_json(passenger) == {"type": "call_ended", "reason": "user_terminated"}

@@ -1,13 +1,16 @@
-"""The Nginx block of docs/operations.md in front of the real daemon.
+"""The Nginx blocks of docs/operations.md in front of the real daemon.
 
-The ```nginx block is read from docs/operations.md, section "Nginx and TLS",
-at test time and changed only as far as a loopback test without TLS needs:
-the port-80 redirect server is dropped, ``listen 443 ssl`` becomes a free
-loopback port, the ``ssl_*`` lines go, and ``proxy_pass`` points at the test
-daemon. The ``map`` and every ``location`` directive are kept verbatim, so
-an edit of the documentation that breaks the block breaks these tests. A
-real ``nginx`` binary is required (``.ci/run`` installs it); the tests fail,
-not skip, without one.
+The ```nginx blocks are read from docs/operations.md at test time: the one
+of section "Nginx and TLS", changed only as far as a loopback test without
+TLS needs (the port-80 redirect server is dropped, ``listen 443 ssl``
+becomes a free loopback port, the ``ssl_*`` lines go, and ``proxy_pass``
+points at the test daemon), and the ``upstream`` of section "Several
+instances", whose ``server`` lines become the test instances' ports and
+whose name the server block's ``proxy_pass`` then names, as that section
+says. The ``map``, every ``location`` directive and every other upstream
+directive are kept verbatim, so an edit of the documentation that breaks a
+block breaks these tests. A real ``nginx`` binary is required (``.ci/run``
+installs it); the tests fail, not skip, without one.
 """
 
 from __future__ import annotations
@@ -21,35 +24,59 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import API_KEY, Endpoint, attempt, connected_call, free_port, relay_and_end, wait_until
+from conftest import (
+    API_KEY,
+    Endpoint,
+    attempt,
+    connected_call,
+    free_port,
+    health,
+    relay_and_end,
+    ride,
+    wait_until,
+)
 
-#: Where the documented Nginx block lives (it used to be README.md).
+#: Where the documented Nginx blocks live (they used to be in README.md).
 OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 NGINX_SECTION = "## Nginx and TLS"
+CLUSTER_SECTION = "## Several instances"
 #: The documented upstream; replaced by the test daemon's port.
 README_UPSTREAM = "proxy_pass http://127.0.0.1:47880;"
 REFUSED = "connection refused reason=ip_rate_limited ip="
+#: What Nginx logs of a WebSocket upgrade it proxied (once the socket closed).
+UPGRADE = '"GET /ws HTTP/1.1" 101 '
 
 
-# -- the README block and its loopback variant --------------------------------
+# -- the documented blocks and their loopback variants -------------------------
+
+
+def docs_nginx_block(section: str) -> str:
+    """The one fenced ```nginx block of ``section`` of docs/operations.md.
+    Every ```nginx block of the file is in one of the two sections these
+    tests read, so none goes untested."""
+    text = OPERATIONS.read_text(encoding="utf-8")
+    assert re.search(rf"^{section}$", text, re.M), f"docs/operations.md lost its {section!r} section"
+    part = text.split(f"\n{section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```nginx\n(.*?)^```$", part, flags=re.M | re.S)
+    assert len(blocks) == 1, f"expected exactly one ```nginx block in {section!r}, found {len(blocks)}"
+    everywhere = re.findall(r"^```nginx\n", text, flags=re.M)
+    tested = (NGINX_SECTION, CLUSTER_SECTION)
+    assert len(everywhere) == len(tested), (
+        f"expected one ```nginx block in each of {tested} and none elsewhere in docs/operations.md: "
+        f"found {len(everywhere)}"
+    )
+    return blocks[0]
 
 
 def readme_nginx_block() -> str:
-    """The one fenced ```nginx block of docs/operations.md, in its "Nginx and
-    TLS" section (the other one, of "Several instances", is its upstream)."""
-    text = OPERATIONS.read_text(encoding="utf-8")
-    lost = f"docs/operations.md lost its {NGINX_SECTION!r} section"
-    assert re.search(rf"^{NGINX_SECTION}$", text, re.M), lost
-    section = text.split(f"\n{NGINX_SECTION}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"^```nginx\n(.*?)^```$", section, flags=re.M | re.S)
-    assert len(blocks) == 1, f"expected exactly one ```nginx block in {NGINX_SECTION!r}, found {len(blocks)}"
-    return blocks[0]
+    """The block of "Nginx and TLS"."""
+    return docs_nginx_block(NGINX_SECTION)
 
 
 def _code(line: str) -> str:
@@ -76,8 +103,9 @@ def top_level_blocks(config: str) -> list[str]:
     return blocks
 
 
-def loopback_config(block: str, listen_port: int, upstream_port: int) -> str:
-    """The README block, minimally changed for plain HTTP on loopback."""
+def loopback_config(block: str, listen_port: int, upstream: str) -> str:
+    """The README block, minimally changed for plain HTTP on loopback,
+    proxying to ``upstream`` (``127.0.0.1:<port>``, or an upstream's name)."""
     blocks = top_level_blocks(block)
     maps = [b for b in blocks if _code(b.splitlines()[0]).startswith("map $http_upgrade $connection_upgrade")]
     assert len(maps) == 1, f"README nginx block: expected one map $http_upgrade $connection_upgrade: {blocks}"
@@ -103,7 +131,7 @@ def loopback_config(block: str, listen_port: int, upstream_port: int) -> str:
             seen["ssl"] += 1
         elif code == README_UPSTREAM:
             seen["proxy_pass"] += 1
-            lines.append(f"{indent}proxy_pass http://127.0.0.1:{upstream_port};")
+            lines.append(f"{indent}proxy_pass http://{upstream};")
         else:
             lines.append(line)
     assert seen["listen"] == 1 and seen["proxy_pass"] == 1, f"README nginx block changed shape: {seen}"
@@ -114,6 +142,37 @@ def loopback_config(block: str, listen_port: int, upstream_port: int) -> str:
     for directive in kept:
         assert directive in server, f"README nginx block lost {directive!r}"
     return f"{maps[0]}\n\n{server}\n"
+
+
+def upstream_config(block: str, ports: Sequence[int]) -> tuple[str, str]:
+    """The block of "Several instances" with its ``server`` lines on
+    ``ports``, in order: ``(the upstream block, its name)``. The section says
+    to name the upstream in the server block's ``proxy_pass``: the block
+    must spell that line out."""
+    blocks = top_level_blocks(block)
+    assert len(blocks) == 1, f"{CLUSTER_SECTION!r}: expected one upstream block, found {blocks}"
+    lines = blocks[0].splitlines()
+    head = re.fullmatch(r"upstream (\w+) \{", _code(lines[0]))
+    assert head, f"{CLUSTER_SECTION!r}: not an upstream block:\n{blocks[0]}"
+    name = head.group(1)
+    assert f"proxy_pass http://{name};" in block, f"{CLUSTER_SECTION!r}: no 'proxy_pass http://{name};'"
+    assert "least_conn;" in map(_code, lines), f"{CLUSTER_SECTION!r}: no least_conn:\n{blocks[0]}"
+    servers = [n for n, line in enumerate(lines) if re.fullmatch(r"server 127\.0\.0\.1:\d+;", _code(line))]
+    assert len(servers) == len(ports), f"{CLUSTER_SECTION!r}: expected {len(ports)} servers:\n{blocks[0]}"
+    for n, port in zip(servers, ports, strict=True):
+        indent = lines[n][: len(lines[n]) - len(lines[n].lstrip())]
+        lines[n] = f"{indent}server 127.0.0.1:{port};"
+    return "\n".join(lines) + "\n", name
+
+
+def http_config(listen_port: int, upstream_ports: Sequence[int]) -> str:
+    """What the test puts in Nginx's ``http`` block: the "Nginx and TLS"
+    block in front of the one daemon on ``upstream_ports``, or, for
+    several, in front of the "Several instances" upstream of them."""
+    if len(upstream_ports) == 1:
+        return loopback_config(readme_nginx_block(), listen_port, f"127.0.0.1:{upstream_ports[0]}")
+    upstream, name = upstream_config(docs_nginx_block(CLUSTER_SECTION), upstream_ports)
+    return f"{upstream}\n{loopback_config(readme_nginx_block(), listen_port, name)}"
 
 
 # -- a real Nginx -------------------------------------------------------------
@@ -131,9 +190,11 @@ def nginx_binary() -> str:
 
 
 class NginxProcess(Endpoint):
-    """Nginx in the foreground with the README block, proxying to ``upstream_port``."""
+    """Nginx in the foreground with the documented blocks, proxying to the
+    daemons on ``upstream_ports`` (:func:`http_config`), with ``workers``
+    worker processes. Its access log names the upstream of each request."""
 
-    def __init__(self, upstream_port: int, prefix: Path) -> None:
+    def __init__(self, upstream_ports: Sequence[int], prefix: Path, workers: int = 1) -> None:
         self.binary = nginx_binary()
         self.prefix = prefix
         prefix.mkdir()
@@ -143,17 +204,18 @@ class NginxProcess(Endpoint):
         self.conf = prefix / "nginx.conf"
         kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
         temp = "\n".join(f"    {kind}_temp_path {prefix / kind};" for kind in kinds)
-        http_block = loopback_config(readme_nginx_block(), self.port, upstream_port)
+        http_block = http_config(self.port, upstream_ports)
         self.conf.write_text(
             f"daemon off;\n"
             f"master_process on;\n"
-            f"worker_processes 1;\n"
+            f"worker_processes {workers};\n"
             f"worker_shutdown_timeout 2s;\n"
             f"pid {prefix / 'nginx.pid'};\n"
             f"error_log {self.error_log} notice;\n"
             f"events {{ worker_connections 64; }}\n"
             f"http {{\n"
-            f"    access_log {self.access_log};\n"
+            f"    log_format upstream '[$time_local] \"$request\" $status upstream=$upstream_addr';\n"
+            f"    access_log {self.access_log} upstream;\n"
             f"{temp}\n\n"
             f"{http_block}"
             f"}}\n",
@@ -162,7 +224,7 @@ class NginxProcess(Endpoint):
         args = [self.binary, "-p", f"{prefix}/", "-e", str(self.error_log), "-c", str(self.conf)]
         check = subprocess.run([*args, "-t"], capture_output=True, text=True, timeout=15)
         assert check.returncode == 0, (
-            f"nginx -t rejects the README block:\n{check.stderr}\n--- {self.conf}:\n{self.conf.read_text()}"
+            f"nginx -t rejects the docs' blocks:\n{check.stderr}\n--- {self.conf}:\n{self.conf.read_text()}"
         )
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_listening(timeout=10)
@@ -184,6 +246,20 @@ class NginxProcess(Endpoint):
     def log(self) -> str:
         return self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
 
+    def upgrades(self, count: int) -> list[str]:
+        """The upstreams (``127.0.0.1:<port>``) of the ``count`` WebSocket
+        upgrades Nginx proxied (101), waiting for them: it logs each once
+        its socket closed, and there must be no more."""
+
+        def logged() -> list[str]:
+            access = self.access_log.read_text() if self.access_log.exists() else ""
+            return [line for line in access.splitlines() if UPGRADE in line]
+
+        wait_until(lambda: len(logged()) >= count, timeout=15, explain=logged)
+        lines = logged()
+        assert len(lines) == count, lines
+        return [line.rpartition(" upstream=")[2] for line in lines]
+
     def stop(self) -> int:
         """Graceful stop (SIGQUIT), then fast (SIGTERM), then kill."""
         for sig, wait in ((signal.SIGQUIT, 5), (signal.SIGTERM, 5)):
@@ -199,11 +275,13 @@ class NginxProcess(Endpoint):
 
 @pytest.fixture
 def nginx_factory(tmp_path: Path, server_factory: Any) -> Iterator[Any]:
-    """``nginx_factory(server)`` starts Nginx in front of a daemon; stopped before the daemon is."""
+    """``nginx_factory(server, ..., workers=1)`` starts Nginx in front of
+    one daemon, or of several instances through the documented upstream;
+    stopped before the daemons are."""
     started: list[NginxProcess] = []
 
-    def start(server: Any) -> NginxProcess:
-        nginx = NginxProcess(server.port, tmp_path / f"nginx-{len(started)}")
+    def start(*servers: Any, workers: int = 1) -> NginxProcess:
+        nginx = NginxProcess([server.port for server in servers], tmp_path / f"nginx-{len(started)}", workers)
         started.append(nginx)
         return nginx
 
@@ -219,12 +297,23 @@ def nginx_factory(tmp_path: Path, server_factory: Any) -> Iterator[Any]:
 
 def test_readme_block_is_loopback_testable() -> None:
     """docs/operations.md, "Nginx and TLS": the block keeps the map, the upgrade headers and X-Real-IP."""
-    config = loopback_config(readme_nginx_block(), 12345, 23456)
+    config = loopback_config(readme_nginx_block(), 12345, "127.0.0.1:23456")
     assert "listen 127.0.0.1:12345;" in config
     assert "proxy_pass http://127.0.0.1:23456;" in config
     assert "proxy_set_header Upgrade $http_upgrade;" in config
     assert "proxy_set_header Connection $connection_upgrade;" in config
     assert "47880" not in config and "ssl_certificate" not in config
+
+
+def test_upstream_block_is_loopback_testable() -> None:
+    """docs/operations.md, "Several instances": the upstream keeps least_conn and
+    the zone its worker processes share; its servers become the test instances'."""
+    upstream, name = upstream_config(docs_nginx_block(CLUSTER_SECTION), [12345, 23456])
+    assert name == "intaleq_signal"
+    assert "server 127.0.0.1:12345;" in upstream and "server 127.0.0.1:23456;" in upstream
+    assert "4788" not in upstream
+    assert re.search(rf"^\s*zone {name} \d+k;", upstream, re.M), upstream
+    assert f"proxy_pass http://{name};" in http_config(34567, [12345, 23456])
 
 
 def test_post_sessions_through_nginx(server_factory, nginx_factory) -> None:
@@ -257,13 +346,7 @@ def test_full_call_through_nginx(server_factory, nginx_factory) -> None:
 
     asyncio.run(scenario())
     # Both sockets really went through Nginx: it logs the two upgrades (101) once they close.
-    deadline = time.monotonic() + 5
-    while True:
-        access = nginx.access_log.read_text() if nginx.access_log.exists() else ""
-        if access.count('"GET /ws HTTP/1.1" 101 ') >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert access.count('"GET /ws HTTP/1.1" 101 ') == 2, access
+    assert nginx.upgrades(2) == [f"127.0.0.1:{server.port}"] * 2
     server.wait_for_log("call ended")
 
 
@@ -304,3 +387,62 @@ def test_connection_limit_counts_nginx_x_real_ip(server_factory, nginx_factory) 
     assert len(refused) == 2, refused
     assert all(line.endswith(REFUSED + "127.0.0.1") for line in refused), refused
     assert "198.51.100.1" not in server.log
+
+
+@pytest.mark.cluster
+def test_call_through_nginx_upstream_on_two_instances(cluster, nginx_factory) -> None:
+    """docs/operations.md, "Several instances": the documented upstream
+    (``least_conn``) in front of two instances, behind the block of
+    docs/operations.md, "Nginx and TLS": POST /sessions, then a call whose
+    driver and passenger land on different instances (the offer, the
+    answer and ICE candidates both ways relayed in order, ``end_call``
+    reaching both), its row ended ``user_terminated``; every address the
+    instances log is the X-Real-IP Nginx sets, never one a client sent.
+
+    Where the sockets land is up to ``least_conn`` alone, and certain: the
+    driver's socket is open (joined) before the passenger's upgrade, so the
+    instance without it has fewer connections and gets the passenger's
+    (which instance takes the driver's, both being idle, is Nginx's
+    choice; the test finds out). Nginx runs two worker processes, as
+    ``worker_processes auto`` does on two cores: either may accept either
+    upgrade, and the counts ``least_conn`` goes by are the ones they share
+    through the block's ``zone``.
+    """
+    a, b = cluster.start("a"), cluster.start("b")
+    nginx = nginx_factory(a, b, workers=2)
+    spoofed = {"X-Real-IP": "198.51.100.7"}  # Nginx replaces it with $remote_addr
+    status, session = nginx.post_session(ride(), headers=spoofed)
+    assert status == 200, (status, session, a.log, b.log)
+    sid = session["session_id"]
+    owner = wait_until(
+        lambda: [n for n, s in cluster.instances.items() if f"session created session={sid}" in s.log]
+    )
+    assert len(owner) == 1, owner
+    (other,) = set(cluster.instances) - set(owner)
+
+    async def scenario() -> None:
+        driver, passenger = await connected_call(nginx, session, headers=spoofed)
+        # One socket on each: the instance that does not run the session
+        # holds exactly one, whose messages it relays to the owner.
+        assert health(cluster.instances[other])["connections"] == 1
+        await relay_and_end(driver, passenger, candidates=4, driver_candidates=3)
+
+    asyncio.run(scenario())
+    # Nginx's own account of where it sent the two upgrades: one to each instance.
+    assert sorted(nginx.upgrades(2)) == sorted(f"127.0.0.1:{s.port}" for s in (a, b))
+    wait_until(lambda: [row["status"] for row in cluster.db.rows()] == ["ended"], explain=cluster.db.rows)
+    [row] = cluster.db.rows()
+    assert (row["session_id"], row["end_reason"], row["initiated_by"]) == (
+        sid,
+        "user_terminated",
+        "driver-1",
+    ), row
+    assert row["node_id"] == owner[0] and row["connected_at"] is not None, row
+    # The owner logs both joins, the relayed one with the address the other
+    # instance took from X-Real-IP; the address a client sent is nowhere.
+    lines = cluster.instances[owner[0]].log.splitlines()
+    for role in ("driver", "passenger"):
+        joined = [line for line in lines if f"participant joined session={sid} role={role} ip=" in line]
+        assert [line.rpartition(" ip=")[2] for line in joined] == ["127.0.0.1"], lines
+    assert "198.51.100.7" not in a.log + b.log
+    assert "[error]" not in nginx.log, nginx.log
