@@ -107,6 +107,16 @@ def parse_authenticate(obj: dict[str, Any]) -> tuple[str, str]:
     return session_id, user_id  # type: ignore[return-value]
 
 
+def authenticate_session(text: str) -> str | None:
+    """The ``session_id`` of ``text`` when it is a well-formed
+    ``authenticate``, else None (the engine answers anything else)."""
+    try:
+        kind, obj = decode(text)
+        return parse_authenticate(obj)[0] if kind == "authenticate" else None
+    except MessageError:
+        return None
+
+
 def parse_token(obj: dict[str, Any]) -> str | None:
     """The optional ``token`` of an ``authenticate`` message (docs/protocol.md,
     "Participant tokens"): None when absent or null.

@@ -83,6 +83,16 @@ class Server:
         #: The shared state of several instances (``REDIS_URL``), or None.
         self.cluster: Any = None
 
+    def connections(self) -> int:
+        """Open WebSocket connections of this process: the engine's, but
+        for sockets of other instances in sessions run here, plus this
+        process's sockets whose sessions other instances run."""
+        cluster = self.cluster
+        count = len(self.signaling.clients)
+        if cluster is not None:
+            count += cluster.edges - cluster.remote_connections
+        return count
+
     def health(self) -> tuple[int, dict[str, Any]]:
         """``/health``: 200 with figures while serving, 503 while stopping."""
         if self.stopping:
@@ -93,14 +103,13 @@ class Server:
             "uptime_seconds": int(time.monotonic() - self.started),
             "sessions": signaling.sessions.live,
             "active_calls": signaling.sessions.active_calls(),
-            "connections": len(signaling.clients),
+            "connections": self.connections(),
             "database": self.calllog.health(),
             "journal": self.calllog.journal_backlog,
             "journal_writable": self.calllog.journal_writable,
         }
         cluster = self.cluster
         if cluster is not None:
-            document["connections"] += cluster.edges
             document["redis"] = "ok" if cluster.available else "unavailable"
         return 200, document
 
@@ -345,7 +354,7 @@ class Server:
         self.metrics.bind(
             sessions_live=lambda: signaling.sessions.live,
             calls_active=signaling.sessions.active_calls,
-            connections_open=lambda: len(signaling.clients),
+            connections_open=self.connections,
             calllog=self.calllog,
         )
 

@@ -19,7 +19,6 @@ from typing import Any, cast
 from . import messages as msg
 from .exceptions import Unavailable
 from .lifecycle import ConnectionState
-from .messages import MessageError
 from .signaling import Client, Signaling
 from .wire import HTTPServerConnection
 
@@ -145,7 +144,7 @@ class Route:
             return
         client = self.client
         if client.lifecycle.state is ConnectionState.CONNECTED and type(message) is str:
-            session_id = _session_of(message)
+            session_id = msg.authenticate_session(message)
             if session_id is not None and client.engine.sessions.get(session_id) is None:
                 self.pending = [message]
                 self.task = asyncio.get_running_loop().create_task(self._locate(session_id))
@@ -189,15 +188,3 @@ class Route:
         self.edge = edge = self.cluster.hand_over(client, self.ws, owner, pending[0])
         for message in pending[1:]:
             self.cluster.edge_message(edge, message)
-
-
-def _session_of(text: str) -> str | None:
-    """The ``session_id`` of a well-formed ``authenticate``, else None (the
-    engine answers anything else)."""
-    try:
-        kind, obj = msg.decode(text)
-        if kind != "authenticate":
-            return None
-        return msg.parse_authenticate(obj)[0]
-    except MessageError:
-        return None

@@ -423,6 +423,7 @@ class Signaling:
             return self._refuse(client, "invalid_message")
         session = self.sessions.get(session_id)
         if session is None:
+            log.info("unknown session=%s ip=%s", session_id, client.ip)
             return self._refuse(client, "session_not_found")
         if session.state is SessionState.ENDED:
             expired = session.lifecycle.end_reason is EndReason.EXPIRED

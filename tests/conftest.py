@@ -443,6 +443,8 @@ class Cluster:
         self.db = db
         self.prefix = f"test-{uuid.uuid4().hex[:12]}:"
         self.instances: dict[str, ServerProcess] = {}
+        #: Every process started, restarted instances' earlier ones too.
+        self.started: list[tuple[str, ServerProcess]] = []
 
     def env(self, name: str, **env: Any) -> dict[str, Any]:
         return {
@@ -457,6 +459,7 @@ class Cluster:
     def start(self, name: str, **env: Any) -> ServerProcess:
         server = self.factory(**self.env(name, **env))
         self.instances[name] = server
+        self.started.append((name, server))
         return server
 
     def keys(self) -> list[str]:

@@ -20,6 +20,7 @@ from conftest import (
     free_port,
     health,
     join,
+    metric,
     recv_json,
     run_daemon,
     send_json,
@@ -48,6 +49,9 @@ def test_driver_and_passenger_on_two_instances_relay_in_order(cluster):
         assert [m["type"] for m in greeting_p] == ["authenticated", "session_joined"], greeting_p
         assert (await recv_json(p))["type"] == "participant_joined"
         assert (await recv_json(d)) == {"type": "participant_joined", "role": "passenger"}
+        # Each socket is counted where it is open (docs/protocol.md, "GET /health").
+        assert [health(a)["connections"], health(b)["connections"]] == [1, 1]
+        assert [metric(a, "intaleq_connections_open"), metric(b, "intaleq_connections_open")] == [1, 1]
 
         async def send(ws, tag: str) -> None:
             # Within the message rate (docs/protocol.md, rule 7): a burst of
@@ -397,7 +401,19 @@ def test_rolling_restart_of_three_instances_under_50_calls_ends_none(cluster):
             await asyncio.to_thread(cluster.start, name, SERVER_ADDR=f"127.0.0.1:{ports[name]}", **env)
         for call in calls:  # everybody is back (on some instance)
             for p in call:
-                await asyncio.wait_for(p.joined.wait(), 20)
+                try:
+                    await asyncio.wait_for(p.joined.wait(), 20)
+                except TimeoutError:
+                    sid = p.session["session_id"]
+                    logs = "\n".join(
+                        f"{name}: {line}"
+                        for name, server in cluster.started
+                        for line in server.log.splitlines()
+                        if sid in line or "released" in line or "lease" in line
+                    )
+                    raise AssertionError(
+                        f"{p.user_id} not back: {p.closes} {p.received[-6:]}\n{logs}"
+                    ) from None
         for _, passenger in calls:
             await send_json(passenger.ws, {"type": "answer", "sdp": "after-restarts"})
         for driver, _ in calls:
@@ -417,3 +433,23 @@ def test_rolling_restart_of_three_instances_under_50_calls_ends_none(cluster):
     wait_until(lambda: all(row["status"] == "ended" for row in cluster.db.rows()), 20)
     rows = cluster.db.rows()
     assert len(rows) == 50 and {row["end_reason"] for row in rows} == {"user_terminated"}
+
+
+def test_sigterm_right_after_a_call_ended_stops_at_once(cluster):
+    """SIGTERM a moment after a call across instances ended (the inbox
+    reader busy with the ending's entries): each instance exits 0, within
+    the stop timeout (a cancellation redis-py swallowed once kept it
+    waiting forever)."""
+    for attempt in range(3):
+        a, b = cluster.start(f"a{attempt}"), cluster.start(f"b{attempt}")
+        session = a.new_session()
+
+        async def scenario(a=a, b=b, session=session) -> None:
+            d, p = await join(a, session, "driver-1"), await join(b, session, "passenger-1")
+            await recv_until(d[0], "participant_joined")
+            await send_json(p[0], {"type": "end_call"})
+            await recv_until(d[0], "call_ended")
+
+        asyncio.run(scenario())
+        assert a.stop(timeout=10) == 0, a.log[-3000:]
+        assert b.stop(timeout=10) == 0, b.log[-3000:]

@@ -476,3 +476,18 @@ def test_relay_property_valid_messages_relayed_exactly(value):
     else:
         expected = {"type": value["type"], "sdp": value["sdp"]}
     assert relay(value) == expected
+
+
+@pytest.mark.parametrize(
+    "text, session_id",
+    [
+        ('{"type": "authenticate", "session_id": "s-1", "user_id": "u"}', "s-1"),
+        ('{"type": "authenticate", "session_id": "", "user_id": "u"}', None),
+        ('{"type": "offer", "sdp": "x"}', None),
+        ("not json", None),
+        ("[]", None),
+    ],
+)
+def test_authenticate_session(text, session_id):
+    """The session an authenticate asks for, as routing reads it (docs/design.md, "Several instances")."""
+    assert m.authenticate_session(text) == session_id

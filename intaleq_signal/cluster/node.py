@@ -123,12 +123,13 @@ class _Outbox:
 class _Edge:
     """A socket of this instance whose session another instance runs."""
 
-    __slots__ = ("conn", "ws", "owner")
+    __slots__ = ("conn", "ws", "owner", "incarnation")
 
-    def __init__(self, conn: str, ws: HTTPServerConnection, owner: str) -> None:
+    def __init__(self, conn: str, ws: HTTPServerConnection, owner: str, incarnation: str) -> None:
         self.conn = conn
         self.ws = ws
         self.owner = owner
+        self.incarnation = incarnation  # the owner's process this socket is routed to
 
 
 class Cluster:
@@ -150,6 +151,9 @@ class Cluster:
         self.engine = engine
         self.calllog = calllog
         self.node = config.node_id
+        #: This process among the lives of ``NODE_ID``: the value of its
+        #: lease, and part of its connections' ids.
+        self.incarnation = uuid.uuid4().hex[:12]
         self.keys = Keys(config.redis_prefix)
         self.redis = redis_client or aioredis.Redis.from_url(
             config.redis_url,
@@ -170,6 +174,7 @@ class Cluster:
         self._outboxes: dict[str, _Outbox] = {}
         self._remote: dict[str, RemotePeer] = {}  # conn -> peer, sessions run here
         self._edges: dict[str, _Edge] = {}  # conn -> socket, sessions run elsewhere
+        self._waiting: dict[str, list[Entry]] = {}  # conn -> entries behind an open being located
         self._numbers = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -194,7 +199,7 @@ class Cluster:
         """
         deadline = time.monotonic() + NODE_LEASE + 1
         try:
-            while not await self.redis.set(self.keys.node(self.node), str(uuid.uuid4()), nx=True,
+            while not await self.redis.set(self.keys.node(self.node), self.incarnation, nx=True,
                                            px=int(NODE_LEASE * 1000)):  # fmt: skip
                 if time.monotonic() > deadline:
                     raise RedisError(
@@ -204,13 +209,21 @@ class Cluster:
                 await asyncio.sleep(0.2)
             await self.redis.sadd(self.keys.prefix + "nodes", self.node)
             await self.redis.delete(self.keys.inbox(self.node))
-            records = await self._records(await self.redis.smembers(self.keys.owned(self.node)))
+            records = []
+            for session_id in await self.redis.smembers(self.keys.owned(self.node)):
+                # Only what is still this instance's (not adopted while it was down).
+                adopted, *_ = await self._adopt(
+                    keys=[self.keys.session(session_id), self.keys.owned(self.node)],
+                    args=[self.node, self.keys.prefix, session_id],
+                )
+                if int(adopted):
+                    records.extend(await self._records([session_id]))
         except self._errors as exc:
             raise RedisError(f"REDIS_URL: cannot use Redis at {self.config.redis_url}: {exc}") from exc
         self.available = True
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read_inbox())
-        self._watcher: asyncio.Task[None] | None = loop.create_task(self._watch())
+        self._watcher = loop.create_task(self._watch())
         return records
 
     async def depart(self) -> None:
@@ -219,8 +232,7 @@ class Cluster:
         watcher within a second); no longer renew it."""
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
-            watcher.cancel()
-            await asyncio.wait([watcher], timeout=REDIS_TIMEOUT)
+            await _cancel(watcher, REDIS_TIMEOUT)
         try:
             await asyncio.wait_for(self.redis.delete(self.keys.node(self.node)), REDIS_TIMEOUT)
         except self._errors as exc:
@@ -241,11 +253,9 @@ class Cluster:
                 await asyncio.wait_for(asyncio.shield(self._mirror_task), REDIS_TIMEOUT)
             except (TimeoutError, asyncio.CancelledError):
                 pass
-        tasks = [task for task in (self._reader, self._watcher) if task is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=REDIS_TIMEOUT)
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                await _cancel(task, REDIS_TIMEOUT)
         try:
             await asyncio.wait_for(self.redis.delete(self.keys.node(self.node)), REDIS_TIMEOUT)
             await asyncio.wait_for(self.redis.aclose(), REDIS_TIMEOUT)
@@ -318,10 +328,10 @@ class Cluster:
                 records.append(record)
         return records
 
-    async def locate(self, session_id: str) -> str | None:
+    async def locate(self, session_id: str) -> tuple[str, str] | None:
         """Where the session is run: ``None`` when here (now: a session of
         a dead or departed instance is adopted, an ended one remembered
-        here) or unknown; else the owner's node id.
+        here) or unknown; else the owner's node id and incarnation.
 
         Raises:
             Unavailable: Redis unreachable.
@@ -336,7 +346,7 @@ class Cluster:
             return None
         if record.owner and record.owner != self.node:
             try:
-                adopted = await self._adopt(
+                adopted, incarnation, *fields = await self._adopt(
                     keys=[self.keys.session(session_id), self.keys.owned(self.node)],
                     args=[self.node, self.keys.prefix, session_id],
                 )
@@ -344,8 +354,10 @@ class Cluster:
                 self._lost(exc)
                 raise Unavailable() from exc
             if not int(adopted):
-                return record.owner
-            record = await self.record(session_id) or record
+                return (record.owner, incarnation) if incarnation else None
+            # Restored before this task yields: Redis names this instance
+            # the owner from now, and an open routed here must find it.
+            record = Record.from_hash(session_id, dict(zip(fields[::2], fields[1::2], strict=True))) or record
         if self.engine.sessions.get(session_id) is None:
             log.info("session adopted session=%s from=%s", session_id, record.owner or "-")
             self._backfill(record)
@@ -447,14 +459,17 @@ class Cluster:
 
     # -- sockets: edge side -------------------------------------------------------
 
-    def hand_over(self, client: Client, ws: HTTPServerConnection, owner: str, first: str) -> _Edge:
-        """Route a socket of this instance to the session's owner: its
-        authenticate first, then every message and frame it sends."""
-        conn = f"{self.node}/{next(self._numbers)}"
-        edge = _Edge(conn, ws, owner)
+    def hand_over(
+        self, client: Client, ws: HTTPServerConnection, owner: tuple[str, str], first: str
+    ) -> _Edge:
+        """Route a socket of this instance to the session's owner (node id,
+        incarnation): its authenticate first, then every message and frame
+        it sends."""
+        conn = f"{self.node}/{self.incarnation}.{next(self._numbers)}"
+        edge = _Edge(conn, ws, *owner)
         self._edges[conn] = edge
         self.engine.handed_over(client)
-        self.post_to(owner, Entry("open", conn, first, ip=client.ip))
+        self.post_to(edge.owner, Entry("open", conn, first, ip=client.ip))
         return edge
 
     def edge_message(self, edge: _Edge, message: str | bytes) -> None:
@@ -522,14 +537,23 @@ class Cluster:
                 edge.ws.close_soon(entry.code or 1000, entry.text)
             return
         engine = self.engine
+        waiting = self._waiting.get(entry.conn)
+        if waiting is not None:  # its open waits for the session to be taken in here
+            waiting.append(entry)
+            return
         if kind == "open":
             if not engine.accepting:  # stopping: the app reconnects and finds the session's next owner
                 self.post(Entry("close", entry.conn, "service restart", code=CLOSE_SERVICE_RESTART))
                 return
-            peer = RemotePeer(self, entry.conn, entry.ip)
-            self._remote[entry.conn] = peer
-            peer.client = client = engine.connected(peer)
-            client.message_received(entry.text)
+            session_id = msg.authenticate_session(entry.text)
+            if session_id is not None and engine.sessions.get(session_id) is None:
+                # Routed here by Redis before this process's own adoption
+                # of the session came back to it (two connections, no
+                # order between them): look it up first.
+                self._waiting[entry.conn] = []
+                asyncio.get_running_loop().create_task(self._open_located(entry, session_id))
+                return
+            self._open(entry)
             return
         peer = self._remote.get(entry.conn)
         if peer is None or peer.client is None:
@@ -542,6 +566,28 @@ class Cluster:
             del self._remote[entry.conn]
             peer.open = False
             engine.closed(peer.client)
+
+    def _open(self, entry: Entry) -> None:
+        peer = RemotePeer(self, entry.conn, entry.ip)
+        self._remote[entry.conn] = peer
+        peer.client = client = self.engine.connected(peer)
+        client.message_received(entry.text)
+
+    async def _open_located(self, entry: Entry, session_id: str) -> None:
+        """An open for a session this engine does not hold: taken in here
+        when Redis says so (then the entries that came behind it), else
+        the socket is closed with 1012 and its app reconnects."""
+        try:
+            elsewhere = await self.locate(session_id)
+        except Unavailable:
+            elsewhere = None  # the engine answers as it can (session_not_found)
+        queued = self._waiting.pop(entry.conn, [])
+        if elsewhere is not None:
+            self.post(Entry("close", entry.conn, "service restart", code=CLOSE_SERVICE_RESTART))
+            return
+        self._open(entry)
+        for later in queued:
+            self._received(later)
 
     # -- streams ------------------------------------------------------------------
 
@@ -616,10 +662,12 @@ class Cluster:
             await asyncio.sleep(LEASE_RENEW if self.available else 0.5)
             try:
                 renewed = await self.redis.set(
-                    self.keys.node(self.node), "1", xx=True, px=int(NODE_LEASE * 1000)
+                    self.keys.node(self.node), self.incarnation, xx=True, px=int(NODE_LEASE * 1000)
                 )
                 if not renewed:  # Redis lost it (restarted, flushed): take it again, write our sessions again
-                    await self.redis.set(self.keys.node(self.node), "1", px=int(NODE_LEASE * 1000))
+                    await self.redis.set(
+                        self.keys.node(self.node), self.incarnation, px=int(NODE_LEASE * 1000)
+                    )
                     await self.redis.sadd(self.keys.prefix + "nodes", self.node)
                     await self._republish()
                     self._settled = time.monotonic() + NODE_LEASE + LEASE_RENEW
@@ -661,22 +709,29 @@ class Cluster:
         )
 
     async def _dead_instances(self) -> None:
+        """A process is alive while its lease holds its incarnation: sockets
+        routed to a process that died or was restarted (same node id, new
+        incarnation: the entries sent to the old one are lost) close with
+        1012; sockets of such a process in sessions run here are gone."""
         nodes = await self.redis.smembers(self.keys.prefix + "nodes")
-        alive = {self.node}
+        alive = {self.node: self.incarnation}
         for node in nodes:
-            if node != self.node and await self.redis.exists(self.keys.node(node)):
-                alive.add(node)
+            if node != self.node:
+                lease = await self.redis.get(self.keys.node(node))
+                if lease:
+                    alive[node] = lease
         for edge in list(self._edges.values()):
-            if edge.owner not in alive:
+            if alive.get(edge.owner) != edge.incarnation:
                 self._edges.pop(edge.conn, None)
                 edge.ws.close_soon(CLOSE_SERVICE_RESTART, "service restart")
         for peer in list(self._remote.values()):
-            if peer.conn.rpartition("/")[0] not in alive:
+            entry = Entry("gone", peer.conn)
+            if alive.get(entry.edge) != entry.edge_incarnation:
                 del self._remote[peer.conn]
                 peer.open = False
                 if peer.client is not None:
                     self.engine.closed(peer.client)
-        for node in set(nodes) - alive:
+        for node in set(nodes) - set(alive):
             owned = await self.redis.smembers(self.keys.owned(node))
             for session_id in owned:
                 await self.locate(session_id)
@@ -684,7 +739,25 @@ class Cluster:
                 await self.redis.srem(self.keys.prefix + "nodes", node)
                 await self.redis.delete(self.keys.inbox(node))
 
+    @property
+    def remote_connections(self) -> int:
+        """Sockets of other instances in the sessions run here (counted
+        where they are open, as edges)."""
+        return len(self._remote)
+
     def _lost(self, exc: BaseException) -> None:
         if self.available:
             log.warning("redis unreachable: %s", exc)
         self.available = False
+
+
+async def _cancel(task: asyncio.Task[Any], timeout: float) -> None:
+    """Cancel ``task`` and wait for it, at most ``timeout`` seconds. The
+    cancellation is repeated until the task ends: on Python 3.11,
+    ``asyncio.wait_for`` (which redis-py wraps around a command when a
+    socket timeout is set) can swallow one."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait([task], timeout=0.05)

@@ -5,7 +5,7 @@ instances"). No I/O here.
 
 Keys (``P`` is ``REDIS_PREFIX``)::
 
-    P node:<node_id>        lease of a live instance ("1", expires after NODE_LEASE)
+    P node:<node_id>        lease of a live instance: its incarnation (expires after NODE_LEASE)
     P session:<session_id>  hash: the session record (owner, ids, times, status)
     P ride:<ride_id>        the ride's live session id
     P owned:<node_id>       set: the sessions an instance owns
@@ -156,7 +156,7 @@ class Entry:
 
     Args:
         kind: one of :data:`EDGE_KINDS` or :data:`OWNER_KINDS`.
-        conn: the connection, ``<edge node_id>/<number>``.
+        conn: the connection, ``<edge node_id>/<edge incarnation>.<number>``.
         text: the message (``open``, ``msg``, ``send``), the close reason
             (``close``), else empty.
         ip: the client's address (``open``).
@@ -173,6 +173,11 @@ class Entry:
     def edge(self) -> str:
         """The node id of the instance holding the socket."""
         return self.conn.rpartition("/")[0]
+
+    @property
+    def edge_incarnation(self) -> str:
+        """Which process of that instance holds it (its lease's value)."""
+        return self.conn.rpartition("/")[2].partition(".")[0]
 
 
 def encode_entry(entry: Entry) -> dict[str, str]:
@@ -233,16 +238,22 @@ return {1, ARGV[1]}
 
 #: Take over a session whose owner is dead (its lease lapsed) or gone.
 #: KEYS: session, new owner's owned set. ARGV: new owner, prefix,
-#: session_id. Returns 1 when this caller is the owner now, else 0.
+#: session_id. Returns {1, '', field, value, ...} when this caller is the
+#: owner now (with the record, so that it is restored before anything else
+#: runs), {0, incarnation} when a live owner runs it (the value of its
+#: lease), {0, ''} when there is no such session.
 ADOPT = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if not owner then return 0 end
-if owner == ARGV[1] then return 1 end
-if owner ~= '' and redis.call('EXISTS', ARGV[2] .. 'node:' .. owner) == 1 then return 0 end
+if not owner then return {0, ''} end
+if owner == ARGV[1] then return {1, '', unpack(redis.call('HGETALL', KEYS[1]))} end
+if owner ~= '' then
+  local lease = redis.call('GET', ARGV[2] .. 'node:' .. owner)
+  if lease then return {0, lease} end
+end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 if owner ~= '' then redis.call('SREM', ARGV[2] .. 'owned:' .. owner, ARGV[3]) end
 redis.call('SADD', KEYS[2], ARGV[3])
-return 1
+return {1, '', unpack(redis.call('HGETALL', KEYS[1]))}
 """
 
 #: A session ended. KEYS: session, ride, owned set. ARGV: session_id,
