@@ -6,9 +6,9 @@ bench-cluster``; docs/performance.md, "Several instances"); not a test.
 Each scenario of the benchmark harness's load generator (``relay_light``:
 50 calls at 10 msg/s per socket, the latency a relay between instances adds
 when nothing queues; ``relay``: 200 calls at 10 msg/s; ``relay_heavy``: 1000
-calls at 15 msg/s, below one instance's saturation, the CPU-per-message
-figure; ``saturate``: 1000 calls as fast as allowed, the ceiling) runs
-against three set-ups, each started fresh:
+calls at 15 msg/s, below one instance's saturation on a quiet machine, the
+CPU-per-message figure; ``saturate``: 1000 calls as fast as allowed, the
+ceiling) runs against three set-ups, each started fresh:
 
 - ``one``: one instance, no Redis (the single-process deployment);
 - ``same``: two instances sharing sessions through Redis, each call whole
@@ -22,8 +22,10 @@ generator for all three); ``tests/bench_cluster_route.js``, preloaded into
 it, points worker *i* at instance *i* and, for ``cross``, the passengers at
 the other one. CPU is read from ``/proc/<pid>/stat`` of the daemons, of
 ``redis-server`` and of the load generator at the start and end of the
-measured window; CPU per message counts the daemons and Redis. Each run
-uses its own ``REDIS_PREFIX`` and deletes its keys afterwards.
+measured window; CPU per message counts the daemons and Redis. Redis is
+a redis-server started for the benchmark (so that the Redis CPU counted is
+its alone) unless ``REDIS_URL`` / ``--redis-url`` names one; each run uses
+its own ``REDIS_PREFIX`` and deletes its keys afterwards.
 Results: one JSON line per run in ``$RESULTS`` (default under /tmp), and a
 table of medians on stdout.
 """
