@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 COMPAT_PINS := websockets==14.2 PyMySQL==1.1.0
 
-.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-memory bench-calllog install schema docs
+.PHONY: run test lint unit e2e fuzz soak test-compat clean bench bench-memory bench-calllog bench-cluster install schema docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -122,7 +122,7 @@ BENCH_DIR := ../shared/bench
 BENCH_BASE_PORT ?= 20100
 
 ifeq ($(wildcard $(BENCH_DIR)/run.sh),)
-bench bench-memory bench-calllog:
+bench bench-memory bench-calllog bench-cluster:
 	@echo "make $@: skipped: the benchmark harness is not checked out at $(BENCH_DIR) (see docs/performance.md)"
 else
 ## bench: the side-by-side benchmark against PeerJS, with and without uvloop;
@@ -148,4 +148,10 @@ bench-memory: $(VENV)/.installed
 ## bench-calllog: session creation and loop lag with no store, SQLite and MySQL
 bench-calllog: $(VENV)/.installed
 	BENCH_DIR=$(BENCH_DIR) tests/bench_calllog.sh
+
+## bench-cluster: one instance against two sharing sessions through Redis
+## (REDIS_URL, default the machine's), calls whole on one instance and calls
+## relayed between the two; REPEAT=3 by default, QUICK=1 for a smoke run
+bench-cluster: $(VENV)/.installed
+	BENCH_DIR=$(BENCH_DIR) $(PY) tests/bench_cluster.py --base-port $(BENCH_BASE_PORT)
 endif
