@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from intaleq_signal.cluster.records import Entry, Keys, Record, decode_entry, encode_entry
+from intaleq_signal.cluster.records import Entry, Keys, Record, pack, unpack
 
 FIELDS = {
     "ride_id": "ride-1",
@@ -52,30 +52,32 @@ def test_incomplete_or_broken_records_are_none(drop):
     assert Record.from_hash("s-1", {**FIELDS, "deadline": "soon"}) is None
 
 
-@pytest.mark.parametrize(
-    "entry",
-    [
-        Entry("open", "b/1", '{"type":"authenticate"}', ip="2001:db8::1"),
-        Entry("msg", "b/2", "héllo"),
-        Entry("frame", "b/3"),
-        Entry("gone", "host:47881/4"),
-        Entry("send", "b/5", '{"type":"pong"}'),
-        Entry("close", "b/6", "replaced", code=4002),
-    ],
-)
-def test_entries_round_trip(entry):
-    fields = encode_entry(entry)
-    assert decode_entry(fields) == entry
-    assert decode_entry({k.encode(): v.encode() for k, v in fields.items()}) == entry
-    assert entry.edge == entry.conn.rpartition("/")[0]
+ENTRIES = [
+    Entry("open", "b/1f2e.1", '{"type":"authenticate"}', ip="2001:db8::1"),
+    Entry("msg", "b/1f2e.2", "héllo\nwith a newline and \x1f inside 😀"),
+    Entry("frame", "b/1f2e.3"),
+    Entry("gone", "host name:47881/1f2e.4"),
+    Entry("send", "b/1f2e.5", '{"type":"pong"}'),
+    Entry("close", "b/1f2e.6", "replaced", code=4002),
+]
+
+
+def test_entries_pack_into_one_field_and_back_in_order():
+    assert unpack(pack(ENTRIES)) == ENTRIES
+    assert unpack(pack([])) == []
+    assert [e.edge for e in ENTRIES] == ["b", "b", "b", "host name:47881", "b", "b"]
+    assert ENTRIES[0].edge_incarnation == "1f2e"
 
 
 @pytest.mark.parametrize(
-    "fields",
-    [{}, {"k": "teleport", "c": "b/1"}, {"k": "msg", "c": "no-slash"}, {"k": "close", "c": "b/1", "n": "x"}],
-)
-def test_malformed_entries_are_skipped(fields):
-    assert decode_entry(fields) is None
+    "tail",
+    ["teleport\x1fb/1\x1f\x1f0\x1f0\n", "msg\x1fno-slash\x1f\x1f0\x1f0\n", "msg\x1fb/1\x1f\x1fx\x1f0\n",
+     "msg\x1fb/1\x1f\x1f0\x1f99999\nshort", "msg\x1fb/1\n", "no newline"],
+)  # fmt: skip
+def test_a_malformed_entry_ends_the_batch(tail):
+    """What another version wrote: the entries before it are read, it and
+    the rest are skipped."""
+    assert unpack(pack(ENTRIES[:2]) + tail + pack(ENTRIES[2:])) == ENTRIES[:2]
 
 
 def test_keys_share_one_prefix():

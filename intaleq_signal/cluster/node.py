@@ -46,8 +46,8 @@ from .records import (
     Entry,
     Keys,
     Record,
-    decode_entry,
-    encode_entry,
+    pack,
+    unpack,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,8 +61,11 @@ log = logging.getLogger("intaleq_signal.cluster")
 
 #: Bound on one Redis command (seconds): past it Redis counts as unreachable.
 REDIS_TIMEOUT = 2.0
-#: Entries kept per inbox stream at most (approximate trimming).
-INBOX_MAXLEN = 100_000
+#: Stream entries (batches) kept per inbox at most (approximate trimming,
+#: on every write: read ones go with it).
+INBOX_MAXLEN = 10_000
+#: Inbox entries packed into one stream entry at most.
+BATCH_MAX = 1000
 #: Entries waiting for one destination while Redis is unreachable; past it
 #: the oldest are dropped (and counted).
 OUTBOX_MAX = 100_000
@@ -116,7 +119,7 @@ class _Outbox:
 
     def __init__(self, stream: str) -> None:
         self.stream = stream
-        self.pending: deque[dict[str, str]] = deque()
+        self.pending: deque[Entry] = deque()
         self.task: asyncio.Task[None] | None = None
 
 
@@ -598,21 +601,21 @@ class Cluster:
         if len(box.pending) >= OUTBOX_MAX:
             box.pending.popleft()
             self.dropped += 1
-        box.pending.append(encode_entry(entry))
+        box.pending.append(entry)
         if box.task is None:
             box.task = asyncio.get_running_loop().create_task(self._flush(box))
 
     async def _flush(self, box: _Outbox) -> None:
-        """Write the destination's entries in order, in pipelined batches;
-        on an error the same batch again (order kept)."""
+        """Write the destination's entries in order: what is queued when
+        the task runs goes as one stream entry (:func:`pack`); on an error
+        the same batch again (order kept)."""
         try:
             while box.pending:
-                batch = list(itertools.islice(box.pending, 512))
-                pipe = self.redis.pipeline(transaction=False)
-                for fields in batch:
-                    pipe.xadd(box.stream, fields, maxlen=INBOX_MAXLEN, approximate=True)
+                batch = list(itertools.islice(box.pending, BATCH_MAX))
                 try:
-                    await pipe.execute()
+                    await self.redis.xadd(
+                        box.stream, {"b": pack(batch)}, maxlen=INBOX_MAXLEN, approximate=True
+                    )
                 except self._errors as exc:
                     self._lost(exc)
                     await asyncio.sleep(0.2)
@@ -635,21 +638,14 @@ class Cluster:
                 self._lost(exc)
                 await asyncio.sleep(0.5)
                 continue
-            for _, entries in answer or ():
-                for entry_id, fields in entries:
+            for _, batches in answer or ():
+                for entry_id, fields in batches:
                     last = entry_id
-                    entry = decode_entry(fields)
-                    if entry is None:
-                        continue
-                    try:
-                        self._received(entry)
-                    except Exception:
-                        log.exception("inbox entry failed kind=%s conn=%s", entry.kind, entry.conn)
-            if answer:
-                try:
-                    await self.redis.xtrim(stream, minid=last, approximate=True)
-                except self._errors:
-                    pass
+                    for entry in unpack(fields.get("b", "")):
+                        try:
+                            self._received(entry)
+                        except Exception:
+                            log.exception("inbox entry failed kind=%s conn=%s", entry.kind, entry.conn)
 
     # -- leases and dead instances ---------------------------------------------------
 

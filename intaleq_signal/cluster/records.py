@@ -30,8 +30,8 @@ __all__ = [
     "Keys",
     "NODE_LEASE",
     "Record",
-    "decode_entry",
-    "encode_entry",
+    "pack",
+    "unpack",
 ]
 
 #: A live instance renews its lease every LEASE_RENEW seconds; one that
@@ -180,30 +180,46 @@ class Entry:
         return self.conn.rpartition("/")[2].partition(".")[0]
 
 
-def encode_entry(entry: Entry) -> dict[str, str]:
-    """The fields of ``XADD`` for ``entry``."""
-    fields = {"k": entry.kind, "c": entry.conn}
-    if entry.text:
-        fields["t"] = entry.text
-    if entry.ip:
-        fields["i"] = entry.ip
-    if entry.code:
-        fields["n"] = str(entry.code)
-    return fields
+#: Between the header fields of a packed entry: a control character, so
+#: never part of a node id (printable), an address, a kind or a number.
+_SEP = "\x1f"
 
 
-def decode_entry(fields: dict[Any, Any]) -> Entry | None:
-    """The entry of an ``XREAD`` answer's fields, or None when malformed
-    (written by another version: skipped)."""
-    data = {_text(k): _text(v) for k, v in fields.items()}
-    kind, conn = data.get("k", ""), data.get("c", "")
-    if kind not in EDGE_KINDS and kind not in OWNER_KINDS or "/" not in conn:
-        return None
-    try:
-        code = int(data.get("n", "0"))
-    except ValueError:
-        return None
-    return Entry(kind, conn, data.get("t", ""), data.get("i", ""), code)
+def pack(entries: list[Entry]) -> str:
+    """Several entries as the one field of one stream entry (one ``XADD``
+    per batch, not per message): for each, a header line
+    ``kind SEP conn SEP ip SEP code SEP length`` then ``length`` code
+    points of text."""
+    parts = []
+    for entry in entries:
+        text = entry.text
+        parts.append(
+            f"{entry.kind}{_SEP}{entry.conn}{_SEP}{entry.ip}{_SEP}{entry.code}{_SEP}{len(text)}\n{text}"
+        )
+    return "".join(parts)
+
+
+def unpack(data: str) -> list[Entry]:
+    """The entries of :func:`pack`, in order; it stops at the first
+    malformed one (written by another version: the rest skipped)."""
+    entries = []
+    end = len(data)
+    at = 0
+    while at < end:
+        newline = data.find("\n", at)
+        if newline < 0:
+            break
+        fields = data[at:newline].split(_SEP)
+        if len(fields) != 5 or not fields[3].isdigit() or not fields[4].isdigit():
+            break
+        kind, conn, ip, code, length = fields
+        if kind not in EDGE_KINDS and kind not in OWNER_KINDS or "/" not in conn:
+            break
+        at = newline + 1 + int(length)
+        if at > end:
+            break
+        entries.append(Entry(kind, conn, data[newline + 1 : at], ip, int(code)))
+    return entries
 
 
 # -- Lua scripts ---------------------------------------------------------------
