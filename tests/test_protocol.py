@@ -43,13 +43,36 @@ pytestmark = pytest.mark.compat
 # -- helpers -----------------------------------------------------------------
 
 
-@pytest.fixture(params=["one instance", pytest.param("two instances", marks=pytest.mark.cluster)])
+#: The rules between the two participants of a call (relay, holds,
+#: replacement, lifecycle and its timers, endings, disconnects): their tests
+#: also run with the participants on two instances.
+BETWEEN_PARTICIPANTS = (
+    "test_reconnect_",
+    "test_lifecycle_",
+    "test_relay_",
+    "test_end_call_",
+    "test_disconnect_",
+    "test_heartbeat_timeout_in_call",
+    "test_auth_session_ended_after_end_call",
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server" not in metafunc.fixturenames:
+        return
+    topologies: list[Any] = ["one instance"]
+    if metafunc.function.__name__.startswith(BETWEEN_PARTICIPANTS):
+        topologies.append(pytest.param("two instances", marks=pytest.mark.cluster))
+    metafunc.parametrize("server", topologies, indirect=True)
+
+
+@pytest.fixture
 def server(request: pytest.FixtureRequest, server_factory: Any) -> Any:
     """The daemon of docs/protocol.md, with ``@pytest.mark.daemon(...)``
-    settings: one process, or two instances sharing the sessions through
-    Redis with the participants on different instances
-    (:class:`conftest.TwoInstances`; docs/operations.md, "Several
-    instances"): every rule holds the same."""
+    settings: one process, or (for the rules between the participants) two
+    instances sharing the sessions through Redis with the participants on
+    different instances (:class:`conftest.TwoInstances`; docs/operations.md,
+    "Several instances"): every rule holds the same."""
     marker = request.node.get_closest_marker("daemon")
     env = {k: str(v) for k, v in (marker.kwargs if marker else {}).items()}
     if request.param == "one instance":
