@@ -41,7 +41,7 @@ async def recv_until(ws, kind: str, timeout: float = 10.0) -> dict:
 def test_driver_and_passenger_on_two_instances_relay_in_order(cluster):
     a, b = cluster.start("a"), cluster.start("b")
     session = a.new_session(ride_id="ride-cluster-order")
-    count = 1000
+    count = 500  # each way: 1,000 relayed messages
 
     async def scenario() -> None:
         d, greeting_d = await join(a, session, "driver-1")
@@ -440,7 +440,7 @@ def test_sigterm_right_after_a_call_ended_stops_at_once(cluster):
     reader busy with the ending's entries): each instance exits 0, within
     the stop timeout (a cancellation redis-py swallowed once kept it
     waiting forever)."""
-    for attempt in range(3):
+    for attempt in range(2):
         a, b = cluster.start(f"a{attempt}"), cluster.start(f"b{attempt}")
         session = a.new_session()
 

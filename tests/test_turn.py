@@ -11,6 +11,7 @@ certificate. The real calls through the relay are in tests/test_webrtc.py."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 import time
 from typing import Any
@@ -100,9 +101,9 @@ def test_credentials_from_session_joined_allocate_a_relay(server_factory, coturn
     turn: Coturn = coturn_factory(SECRET)
     server = server_factory(TZ="America/Los_Angeles", ICE_SERVERS=turn.url, TURN_SECRET=SECRET)
     seen = ice_credentials(server, "ride-turn-ok")
-    for role, entry in seen.items():
+    results = allocate_each(*((turn, entry) for entry in seen.values()))
+    for (role, entry), result in zip(seen.items(), results, strict=True):
         assert entry["urls"] == [turn.url], entry
-        result = turn.allocate(entry["username"], entry["credential"])
         assert relayed(result), f"{role}: {result.stdout}{result.stderr}\ncoturn:\n{turn.log}"
     assert seen["driver_again"]["username"].endswith(":driver")
 
@@ -125,6 +126,13 @@ def test_credentials_minted_with_another_secret_are_refused(server_factory, cotu
         wait_until(lambda: re.search(answer, turn.log), explain=lambda: turn.log)
     else:
         assert "error 401" not in turn.log, turn.log
+
+
+def allocate_each(*jobs: tuple[Coturn, dict[str, Any]]) -> list[Any]:
+    """``Coturn.allocate`` for each ``(coturn, ice_servers entry)``, all at
+    once: a relayed run takes seconds of turnutils_uclient's own pacing."""
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: job[0].allocate(job[1]["username"], job[1]["credential"]), jobs))
 
 
 @needs_coturn
@@ -151,12 +159,13 @@ def test_rotating_the_secret_both_secrets_work(server_factory, coturn_factory):
     turn = coturn_factory(SECRET, more_secrets=(new_secret,))
     server = server_factory(ICE_SERVERS=turn.url, TURN_SECRET=new_secret)
     entry = ice_credentials(server, "ride-turn-rotation")["driver"]
-    assert relayed(result := turn.allocate(entry["username"], entry["credential"])), result
     old = mint(SECRET, turn.url, expiry_from_now=600)
-    assert relayed(result := turn.allocate(old["username"], old["credential"])), result
     after = coturn_factory(new_secret)
-    assert refused(result := after.allocate(old["username"], old["credential"])), result
-    assert relayed(result := after.allocate(entry["username"], entry["credential"])), result
+    new_before, old_before, new_after, old_after = allocate_each(
+        (turn, entry), (turn, old), (after, entry), (after, old)
+    )
+    assert relayed(new_before) and relayed(old_before), (new_before, old_before)
+    assert relayed(new_after) and refused(old_after), (new_after, old_after)
 
 
 @needs_coturn
