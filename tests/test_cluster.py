@@ -30,6 +30,16 @@ from conftest import (
 pytestmark = pytest.mark.cluster
 
 
+async def call_on(driver_at, passenger_at, session: dict) -> tuple:
+    """The driver joined on ``driver_at``, the passenger on ``passenger_at``
+    (instances), each told of the other: ``(driver socket, passenger socket)``."""
+    d, _ = await join(driver_at, session, "driver-1")
+    p, _ = await join(passenger_at, session, "passenger-1")
+    await recv_until(d, "participant_joined")
+    await recv_until(p, "participant_joined")
+    return d, p
+
+
 async def recv_until(ws, kind: str, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -101,10 +111,7 @@ def test_newer_socket_on_another_instance_replaces_the_old_one(cluster):
     session = a.new_session(ride_id="ride-cluster-replace")
 
     async def scenario() -> None:
-        d_old, _ = await join(b, session, "driver-1")
-        p, _ = await join(a, session, "passenger-1")
-        await recv_until(d_old, "participant_joined")
-        await recv_until(p, "participant_joined")
+        d_old, p = await call_on(b, a, session)
         d_new, greeting = await join(a, session, "driver-1")
         assert greeting[-1]["type"] == "session_joined"
         assert await recv_json(d_old) == {
@@ -157,17 +164,11 @@ def test_killed_instance_holding_the_driver_the_call_goes_on(cluster):
     session = a.new_session(ride_id="ride-cluster-kill")
 
     async def scenario() -> None:
-        d, _ = await join(a, session, "driver-1")
-        p, _ = await join(b, session, "passenger-1")
-        await recv_until(d, "participant_joined")
-        await recv_until(p, "participant_joined")
+        d, p = await call_on(a, b, session)
         a.kill()
         await p.wait_closed()
         assert p.close_code == 1012, p.close_code
-        d2, _ = await join(b, session, "driver-1")
-        p2, _ = await join(b, session, "passenger-1")
-        await recv_until(d2, "participant_joined")
-        await recv_until(p2, "participant_joined")
+        d2, p2 = await call_on(b, b, session)
         await send_json(d2, {"type": "offer", "sdp": "again"})
         assert await recv_until(p2, "offer") == {"type": "offer", "sdp": "again"}
         await send_json(p2, {"type": "end_call"})
@@ -259,12 +260,8 @@ def test_redis_down_for_ten_seconds(cluster, private_redis):
     later = a.new_session(ride_id="ride-outage-later")
 
     async def scenario() -> None:
-        d1, _ = await join(a, across, "driver-1")
-        p1, _ = await join(b, across, "passenger-1")
-        d2, _ = await join(a, local, "driver-1")
-        p2, _ = await join(a, local, "passenger-1")
-        for ws in (d1, p1, d2, p2):
-            await recv_until(ws, "participant_joined")
+        d1, p1 = await call_on(a, b, across)
+        d2, p2 = await call_on(a, a, local)
         private_redis.stop()
         await asyncio.to_thread(wait_until, lambda: health(b).get("redis") == "unavailable", 10)
         status, body = await asyncio.to_thread(b.post_session, "ride-outage-new")
@@ -445,10 +442,9 @@ def test_sigterm_right_after_a_call_ended_stops_at_once(cluster):
         session = a.new_session()
 
         async def scenario(a=a, b=b, session=session) -> None:
-            d, p = await join(a, session, "driver-1"), await join(b, session, "passenger-1")
-            await recv_until(d[0], "participant_joined")
-            await send_json(p[0], {"type": "end_call"})
-            await recv_until(d[0], "call_ended")
+            d, p = await call_on(a, b, session)
+            await send_json(p, {"type": "end_call"})
+            await recv_until(d, "call_ended")
 
         asyncio.run(scenario())
         assert a.stop(timeout=10) == 0, a.log[-3000:]
