@@ -37,6 +37,7 @@ from .. import messages as msg
 from ..calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
 from ..exceptions import Capacity, RedisError, RideConflict, Unavailable
 from ..lifecycle import SessionState
+from ..signaling import CLOSE_INTERNAL, CLOSE_SERVICE_RESTART
 from .records import (
     ADOPT,
     CREATE,
@@ -69,9 +70,6 @@ BATCH_MAX = 1000
 #: Entries waiting for one destination while Redis is unreachable; past it
 #: the oldest are dropped (and counted).
 OUTBOX_MAX = 100_000
-#: Seconds between looks for dead instances (their sessions, their sockets).
-WATCH_EVERY = 1.0
-CLOSE_SERVICE_RESTART = 1012
 
 
 class RemotePeer:
@@ -500,7 +498,7 @@ class Cluster:
                 continue
             if now - ws.last_received >= timeout:
                 self.edge_gone(edge)
-                ws.close_soon(1011, "heartbeat timeout")
+                ws.close_soon(CLOSE_INTERNAL, "heartbeat timeout")
             elif ping:
                 ws.send_ping()
 
