@@ -662,9 +662,11 @@ class Cluster:
                     await self.redis.set(
                         self.keys.node(self.node), self.incarnation, px=int(NODE_LEASE * 1000)
                     )
-                    await self.redis.sadd(self.keys.prefix + "nodes", self.node)
                     await self._republish()
                     self._settled = time.monotonic() + NODE_LEASE + LEASE_RENEW
+                # Every time: another instance may have taken this one off
+                # the list while it restarted.
+                await self.redis.sadd(self.keys.prefix + "nodes", self.node)
                 if not self.available:
                     log.info("redis available again")
                     # Other instances take their leases again within a
