@@ -112,7 +112,8 @@ install:
 	-systemctl daemon-reload
 	@echo "make install: edit $(SYSCONFDIR)/intaleq-signal.env (API_KEY, DB_*), then" \
 	      "systemctl enable --now intaleq-signal.socket intaleq-signal" \
-	      "(or without socket activation: systemctl enable --now intaleq-signal)"
+	      "(or without socket activation: systemctl enable --now intaleq-signal;" \
+	      "several instances: EXTRAS=fast,redis and intaleq-signal@PORT, docs/operations.md)"
 
 # -- benchmarks (docs/performance.md) ---------------------------------------
 # The harness (Node.js load generator, PeerJS baseline) is not part of this

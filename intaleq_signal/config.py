@@ -354,11 +354,25 @@ def _parse_node_id(text: str) -> str:
     return text
 
 
+def redacted_url(url: str) -> str:
+    """``url`` fit for a log line: a password (``user:password@``) replaced
+    by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user + ':' if user else ''}***@{host}"
+
+
 def _parse_redis_url(text: str) -> str | None:
-    """``REDIS_URL``: empty (one process), or a ``redis://``, ``rediss://``
-    (TLS) or ``unix://`` URL as redis-py reads them."""
+    """``REDIS_URL``: empty (one process), or a ``redis://host[:port][/db]``,
+    ``rediss://`` (TLS) or ``unix:///path`` URL; a password goes in it as
+    ``redis://:password@host`` and is never logged. No query parameters
+    (the daemon sets its own timeouts)."""
     if not text:
         return None
+    shown = redacted_url(text)[:80]
     scheme, sep, rest = text.partition("://")
     if (
         not sep
@@ -366,7 +380,16 @@ def _parse_redis_url(text: str) -> str | None:
         or not rest.strip("/")
         or any(c.isspace() for c in text)
     ):
-        raise ConfigError(f"REDIS_URL={text[:80]!r} must be a redis://, rediss:// or unix:// URL")
+        raise ConfigError(f"REDIS_URL={shown!r} must be a redis://, rediss:// or unix:// URL")
+    if "?" in rest or "#" in rest:
+        raise ConfigError(f"REDIS_URL={shown!r}: no query parameters (the daemon sets its own)")
+    if scheme != "unix":
+        where, _, database = rest.rpartition("@")[2].partition("/")
+        host, colon, port = where.rpartition(":") if not where.endswith("]") else (where, "", "")
+        if colon and (not port.isdigit() or not 0 < int(port) < 65536):
+            raise ConfigError(f"REDIS_URL={shown!r}: the port must be a number from 1 to 65535")
+        if database and not database.isdigit():
+            raise ConfigError(f"REDIS_URL={shown!r}: the database after '/' must be a number")
     return text
 
 

@@ -26,7 +26,7 @@ from .front import FrontFactory
 from .http_api import HTTPAPI, upgrade_admission
 from .metrics import Metrics
 from .serving import EngineDriver, LoopClock
-from .signaling import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART, CLOSE_TIMEOUT, Signaling
+from .signaling import CLOSE_SERVICE_RESTART, CLOSE_TIMEOUT, Signaling
 from .systemd import LISTEN_BACKLOG, Notifier, take_listen_socket
 
 __all__ = ["ListenError", "run", "run_event_loop", "Server"]
@@ -316,8 +316,9 @@ class Server:
                 await cluster.depart()  # the others take the sessions over from now
             self.signaling.shutdown(handoff)
             if cluster is not None:
-                code = CLOSE_SERVICE_RESTART if handoff else CLOSE_GOING_AWAY
-                cluster.close_edges(code, "service restart" if handoff else "server stopping")
+                # Their sessions go on where they are run: the apps reconnect
+                # (1012), with ON_STOP=end too.
+                cluster.close_edges(CLOSE_SERVICE_RESTART, "service restart")
                 if not handoff:
                     await cluster.depart()
                 await cluster.stop(handoff)

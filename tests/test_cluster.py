@@ -282,10 +282,18 @@ def test_redis_down_for_ten_seconds(cluster, private_redis):
             assert await recv_until(d1, "answer", 15) == {"type": "answer", "sdp": f"across-during-{i}"}
         await send_json(d1, {"type": "offer", "sdp": "across-after"})
         assert await recv_until(p1, "offer") == {"type": "offer", "sdp": "across-after"}
-        # The waiting socket tries again; the session is known again.
-        await send_json(waiting, auth_msg(later, "driver-1"))
-        retried = await recv_json(waiting, 10)
-        assert retried["type"] == "authenticated", (retried, b.log[-4000:], a.log[-3000:])
+        # The waiting socket tries again, a second apart, as apps are told
+        # to (unavailable while the instances take their leases again, at
+        # most a few seconds); then the session is known again.
+        answers = []
+        for _ in range(10):
+            await send_json(waiting, auth_msg(later, "driver-1"))
+            answers.append(await recv_json(waiting, 10))
+            if answers[-1]["type"] != "error":
+                break
+            await asyncio.sleep(1)
+        assert answers[-1]["type"] == "authenticated", (answers, b.log[-4000:])
+        assert all(m.get("code") == "unavailable" for m in answers[:-1]), answers
         for ender, ride in ((d1, across), (d2, local), (waiting, later)):
             await send_json(ender, {"type": "end_call"})
             assert (await recv_until(ender, "call_ended"))["reason"] == "user_terminated", ride
@@ -449,3 +457,39 @@ def test_sigterm_right_after_a_call_ended_stops_at_once(cluster):
         asyncio.run(scenario())
         assert a.stop(timeout=10) == 0, a.log[-3000:]
         assert b.stop(timeout=10) == 0, b.log[-3000:]
+
+
+def test_unreachable_redis_at_start_is_one_line_without_the_password(tmp_path):
+    """docs/operations.md, "Several instances": the password in REDIS_URL
+    is never shown; an unreachable Redis at start is one line, exit 1 (a
+    restart may cure it), no traceback."""
+    env = daemon_env(tmp_path, REDIS_URL=f"redis://:s3cretpass@127.0.0.1:{free_port()}/0")
+    result = run_daemon(env)
+    assert result.returncode == 1, result.stderr
+    assert "REDIS_URL: cannot use Redis at redis://***@127.0.0.1:" in result.stderr, result.stderr
+    assert "s3cretpass" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_stopping_instance_with_on_stop_end_hands_routed_sockets_on(cluster):
+    """An instance stopping with ON_STOP=end closes the sockets it relays
+    for sessions run elsewhere with 1012 (their calls go on there), not 1001
+    ("do not reconnect"); the driver comes back through the other instance
+    and the call ends normally."""
+    a = cluster.start("a", RECONNECT_GRACE="20s", SESSION_DURATION="10m")
+    b = cluster.start("b", RECONNECT_GRACE="20s", SESSION_DURATION="10m", ON_STOP="end")
+    session = a.new_session(ride_id="ride-cluster-end-edge")
+
+    async def scenario() -> None:
+        d, p = await call_on(b, a, session)
+        assert await asyncio.to_thread(b.stop) == 0
+        await d.wait_closed()
+        assert d.close_code == 1012, d.close_code
+        assert await recv_until(p, "participant_left") == {"type": "participant_left", "role": "driver"}
+        d2, _ = await join(a, session, "driver-1")
+        await recv_until(p, "participant_joined")
+        await send_json(d2, {"type": "end_call"})
+        assert (await recv_until(p, "call_ended"))["reason"] == "user_terminated"
+
+    asyncio.run(scenario())
+    wait_until(lambda: cluster.db.rows()[0]["status"] == "ended")
+    assert cluster.db.rows()[0]["end_reason"] == "user_terminated"

@@ -20,6 +20,7 @@ from intaleq_signal.config import (
     load_env_file,
     parse_duration,
     parse_server_addr,
+    redacted_url,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -579,11 +580,34 @@ def test_journal_path_default_and_override():
 
 @pytest.mark.parametrize(
     "url",
-    ["localhost:6379", "http://redis:6379", "redis://", "redis:// host", "memcached://x"],
+    [
+        "localhost:6379",
+        "http://redis:6379",
+        "redis://",
+        "redis:// host",
+        "memcached://x",
+        "redis://127.0.0.1:abc",
+        "redis://127.0.0.1:99999",
+        "redis://127.0.0.1:6379/abc",
+        "redis://127.0.0.1:6379?socket_timeout=abc",
+        "redis://127.0.0.1:6379/0?foo=bar",
+    ],
 )
 def test_bad_redis_url_names_the_variable(url):
     with pytest.raises(ConfigError, match="REDIS_URL"):
         Config.from_env({**BASE, "REDIS_URL": url})
+
+
+def test_redis_password_is_never_shown():
+    """A password in REDIS_URL (the way to give one) stays out of every line."""
+    with pytest.raises(ConfigError) as refused:
+        Config.from_env({**BASE, "REDIS_URL": "redis://user:s3cretpass@127.0.0.1:abc"})
+    assert "s3cretpass" not in str(refused.value) and "user:***@" in str(refused.value)
+    assert redacted_url("redis://:pw@h:1/0") == "redis://***@h:1/0"
+    assert redacted_url("rediss://u:p:w@h") == "rediss://u:***@h"
+    assert redacted_url("redis://h:6379/0") == "redis://h:6379/0"
+    config = Config.from_env({**BASE, "REDIS_URL": "redis://:pw@[::1]:6379/2"})
+    assert config.redis_url == "redis://:pw@[::1]:6379/2"
 
 
 def test_redis_settings():

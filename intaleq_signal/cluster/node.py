@@ -35,6 +35,7 @@ from redis.backoff import ExponentialBackoff
 
 from .. import messages as msg
 from ..calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from ..config import redacted_url
 from ..exceptions import Capacity, RedisError, RideConflict, Unavailable
 from ..lifecycle import SessionState
 from ..signaling import CLOSE_INTERNAL, CLOSE_SERVICE_RESTART
@@ -60,8 +61,10 @@ __all__ = ["Cluster", "RemotePeer"]
 
 log = logging.getLogger("intaleq_signal.cluster")
 
-#: Bound on one Redis command (seconds): past it Redis counts as unreachable.
-REDIS_TIMEOUT = 2.0
+#: Bound on one Redis command (seconds): past it Redis counts as
+#: unreachable (one retry on a new connection: about twice this at worst
+#: before a client gets ``unavailable``).
+REDIS_TIMEOUT = 1.0
 #: Stream entries (batches) kept per inbox at most (approximate trimming,
 #: on every write: read ones go with it).
 INBOX_MAXLEN = 10_000
@@ -164,7 +167,7 @@ class Cluster:
             health_check_interval=10,
             # A pooled connection that Redis closed (it restarted) fails
             # once: the command goes again on a new connection.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
             retry_on_error=[aioredis.ConnectionError],
         )
         self._errors = (aioredis.RedisError, OSError, asyncio.TimeoutError)
@@ -203,8 +206,9 @@ class Cluster:
             while not await self.redis.set(self.keys.node(self.node), self.incarnation, nx=True,
                                            px=int(NODE_LEASE * 1000)):  # fmt: skip
                 if time.monotonic() > deadline:
+                    where = redacted_url(self.config.redis_url)
                     raise RedisError(
-                        f"NODE_ID={self.node!r} is in use by a live instance on {self.config.redis_url}: "
+                        f"NODE_ID={self.node!r} is in use by a live instance on {where}: "
                         "every instance needs its own NODE_ID"
                     )
                 await asyncio.sleep(0.2)
@@ -215,12 +219,13 @@ class Cluster:
                 # Only what is still this instance's (not adopted while it was down).
                 adopted, *_ = await self._adopt(
                     keys=[self.keys.session(session_id), self.keys.owned(self.node)],
-                    args=[self.node, self.keys.prefix, session_id],
+                    args=[self.node, self.keys.prefix, session_id, self.incarnation],
                 )
-                if int(adopted):
+                if int(adopted) > 0:
                     records.extend(await self._records([session_id]))
         except self._errors as exc:
-            raise RedisError(f"REDIS_URL: cannot use Redis at {self.config.redis_url}: {exc}") from exc
+            where = redacted_url(self.config.redis_url)
+            raise RedisError(f"REDIS_URL: cannot use Redis at {where}: {exc}") from exc
         self.available = True
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read_inbox())
@@ -276,6 +281,7 @@ class Cluster:
             Unavailable: Redis unreachable.
         """
         engine = self.engine
+        self._check_settled()
         session_id = str(uuid.uuid4())
         now = time.time()
         deadline = now + self.config.session_duration
@@ -289,11 +295,14 @@ class Cluster:
             outcome, existing = await self._create(
                 keys=[self.keys.ride(ride_id), self.keys.session(session_id)],
                 args=[session_id, ride_id, driver_id, passenger_id, self.node, repr(now), repr(deadline),
-                      repr(now), ttl, self.keys.owned(self.node), self.keys.prefix + "session:", room],
+                      repr(now), ttl, self.keys.owned(self.node), self.keys.prefix + "session:", room,
+                      self.keys.node(self.node), self.incarnation],
             )  # fmt: skip
         except self._errors as exc:
             self._lost(exc)
             raise Unavailable() from exc
+        if int(outcome) == -3:
+            raise Unavailable()
         if int(outcome) == -1:
             raise RideConflict(ride_id)
         if int(outcome) == -2:
@@ -339,28 +348,32 @@ class Cluster:
         """
         if self.engine.sessions.get(session_id) is not None:
             return None
+        self._check_settled()
         record = await self.record(session_id)
         if record is None:
             return None
         if record.status == "ended":
             self.engine.restore([record.row()])
             return None
+        previous = record.owner
         if record.owner and record.owner != self.node:
             try:
                 adopted, incarnation, *fields = await self._adopt(
                     keys=[self.keys.session(session_id), self.keys.owned(self.node)],
-                    args=[self.node, self.keys.prefix, session_id],
+                    args=[self.node, self.keys.prefix, session_id, self.incarnation],
                 )
             except self._errors as exc:
                 self._lost(exc)
                 raise Unavailable() from exc
+            if int(adopted) < 0:
+                raise Unavailable()  # this instance's lease is gone: wait for the watcher to take it again
             if not int(adopted):
                 return (record.owner, incarnation) if incarnation else None
             # Restored before this task yields: Redis names this instance
             # the owner from now, and an open routed here must find it.
             record = Record.from_hash(session_id, dict(zip(fields[::2], fields[1::2], strict=True))) or record
         if self.engine.sessions.get(session_id) is None:
-            log.info("session adopted session=%s from=%s", session_id, record.owner or "-")
+            log.info("session adopted session=%s from=%s", session_id, previous or "-")
             self._backfill(record)
             self.engine.restore([record.row()])
         return None
@@ -438,6 +451,9 @@ class Cluster:
         await self.redis.sadd(self.keys.owned(self.node), session.session_id)
 
     def _queue(self, step: Callable[..., Any], *args: Any) -> None:
+        if len(self._mirror) >= OUTBOX_MAX:  # Redis away for long: the oldest change goes
+            self._mirror.popleft()
+            self.dropped += 1
         self._mirror.append((step, args))
         if self._mirror_task is None:
             self._mirror_task = asyncio.get_running_loop().create_task(self._write_mirror())
@@ -581,7 +597,7 @@ class Cluster:
         try:
             elsewhere = await self.locate(session_id)
         except Unavailable:
-            elsewhere = None  # the engine answers as it can (session_not_found)
+            elsewhere = ("", "")  # cannot tell now: the app reconnects and asks again
         queued = self._waiting.pop(entry.conn, [])
         if elsewhere is not None:
             self.post(Entry("close", entry.conn, "service restart", code=CLOSE_SERVICE_RESTART))
@@ -659,19 +675,16 @@ class Cluster:
                     self.keys.node(self.node), self.incarnation, xx=True, px=int(NODE_LEASE * 1000)
                 )
                 if not renewed:  # Redis lost it (restarted, flushed): take it again, write our sessions again
+                    self._settled = time.monotonic() + NODE_LEASE + LEASE_RENEW
                     await self.redis.set(
                         self.keys.node(self.node), self.incarnation, px=int(NODE_LEASE * 1000)
                     )
                     await self._republish()
-                    self._settled = time.monotonic() + NODE_LEASE + LEASE_RENEW
                 # Every time: another instance may have taken this one off
                 # the list while it restarted.
                 await self.redis.sadd(self.keys.prefix + "nodes", self.node)
                 if not self.available:
                     log.info("redis available again")
-                    # Other instances take their leases again within a
-                    # renewal: none is judged dead before then.
-                    self._settled = time.monotonic() + NODE_LEASE + LEASE_RENEW
                 self.available = True
                 if time.monotonic() >= self._settled:
                     await self._dead_instances()
@@ -729,11 +742,28 @@ class Cluster:
                     self.engine.closed(peer.client)
         for node in set(nodes) - set(alive):
             owned = await self.redis.smembers(self.keys.owned(node))
+            log.info("instance gone node=%s sessions=%d", node, len(owned))
             for session_id in owned:
-                await self.locate(session_id)
+                try:
+                    await self.locate(session_id)
+                except Unavailable:
+                    return  # this instance's own lease is in question: next round
             if not await self.redis.scard(self.keys.owned(node)):
                 await self.redis.srem(self.keys.prefix + "nodes", node)
                 await self.redis.delete(self.keys.inbox(node))
+
+    def _check_settled(self) -> None:
+        """Right after this instance found its lease gone (Redis restarted
+        empty, or was out of reach longer than a lease, so every lease
+        lapsed), leases and sessions are being written again, within a
+        renewal: a missing record or lease means nothing yet, so no session
+        is created, adopted or refused as unknown until then.
+
+        Raises:
+            Unavailable: within that time.
+        """
+        if time.monotonic() < self._settled:
+            raise Unavailable()
 
     @property
     def remote_connections(self) -> int:

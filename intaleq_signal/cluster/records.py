@@ -228,10 +228,14 @@ def unpack(data: str) -> list[Entry]:
 #: KEYS: ride, new session. ARGV: session_id, ride_id, driver_id,
 #: passenger_id, owner, created_at, deadline, now, record ttl (ms),
 #: owned set key, prefix of session keys, "1" when this instance can take a
-#: new session. Returns {1, id} created; {0, id} the ride's live session
-#: with the same participants; {-1, id} another live session of the ride;
-#: {-2, ""} no new session can be taken here (MAX_SESSIONS, stopping).
+#: new session, this instance's node key, its incarnation. Returns {1, id}
+#: created; {0, id} the ride's live session with the same participants;
+#: {-1, id} another live session of the ride; {-2, ""} no new session can be
+#: taken here (MAX_SESSIONS, stopping); {-3, ""} this instance's lease is
+#: not in Redis (Redis lost its data, or every lease lapsed): nothing there
+#: can be trusted until the leases are taken again.
 CREATE = """
+if redis.call('GET', ARGV[13]) ~= ARGV[14] then return {-3, ''} end
 local existing = redis.call('GET', KEYS[1])
 if existing then
   local rec = redis.call('HMGET', ARGV[11] .. existing, 'driver_id', 'passenger_id', 'status', 'deadline')
@@ -254,11 +258,14 @@ return {1, ARGV[1]}
 
 #: Take over a session whose owner is dead (its lease lapsed) or gone.
 #: KEYS: session, new owner's owned set. ARGV: new owner, prefix,
-#: session_id. Returns {1, '', field, value, ...} when this caller is the
+#: session_id, the new owner's incarnation. Returns {-1, ''} when the
+#: caller's own lease is not in Redis (it cannot tell a dead owner from
+#: lost data), else {1, '', field, value, ...} when this caller is the
 #: owner now (with the record, so that it is restored before anything else
 #: runs), {0, incarnation} when a live owner runs it (the value of its
 #: lease), {0, ''} when there is no such session.
 ADOPT = """
+if redis.call('GET', ARGV[2] .. 'node:' .. ARGV[1]) ~= ARGV[4] then return {-1, ''} end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then return {0, ''} end
 if owner == ARGV[1] then return {1, '', unpack(redis.call('HGETALL', KEYS[1]))} end
