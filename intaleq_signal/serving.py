@@ -167,16 +167,11 @@ class Route:
         client = self.client
         try:
             owner = await self.cluster.locate(session_id)
-        except Unavailable as exc:
+        except Exception as exc:  # Unavailable; anything else is a bug, logged, answered the same
+            if not isinstance(exc, Unavailable):
+                logging.getLogger("intaleq_signal.cluster").exception("session lookup failed")
             pending, self.pending = self.pending or [], None
-            client.send(msg.error_message(exc))
-            for message in pending[1:]:
-                self.message(message)
-            return
-        except Exception:
-            pending, self.pending = self.pending or [], None
-            logging.getLogger("intaleq_signal.cluster").exception("session lookup failed")
-            client.send(msg.error("unavailable", "the shared state is unreachable; retry in a moment"))
+            client.send(msg.error_message(Unavailable()))  # the authenticate may be sent again
             for message in pending[1:]:
                 self.message(message)
             return
