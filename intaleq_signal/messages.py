@@ -194,6 +194,9 @@ def _optional_string(value: Any, name: str) -> str:
 # Server → client messages (docs/protocol.md, "Server → client").
 
 PONG = encode({"type": "pong"})
+UNSUPPORTED_FRAME = encode(
+    {"type": "error", "code": "unsupported_frame", "message": "binary frames are not supported"}
+)
 CALL_TIMEOUT = encode({"type": "call_timeout", "reason": "max_duration_reached"})
 
 

@@ -321,7 +321,7 @@ class Server:
                 cluster.close_edges(CLOSE_SERVICE_RESTART, "service restart")
                 if not handoff:
                     await cluster.depart()
-                await cluster.stop(handoff)
+                await cluster.stop()
             await self.driver.drain(CLOSE_TIMEOUT + 1)
             server.close(close_connections=True)
             try:

@@ -336,7 +336,7 @@ class Signaling:
             if not client.bucket.take(self._now()):
                 return self._rate_limited(client)
             if type(message) is not str:
-                return client.send(msg.error("unsupported_frame", "binary frames are not supported"))
+                return client.send(msg.UNSUPPORTED_FRAME)
             try:
                 kind, obj = msg.decode(message)
                 if kind in msg.RELAYED_TYPES:
@@ -681,10 +681,7 @@ class Signaling:
         self.accepting = False
         if handoff:
             for session in self.sessions.live_sessions():
-                for timer in (session.timer, session.driver.grace, session.passenger.grace):
-                    if timer is not None:
-                        timer.cancel()
-                session.timer = session.driver.grace = session.passenger.grace = None
+                _cancel_timers(session)
             code, reason = CLOSE_SERVICE_RESTART, "service restart"
         else:
             for session in self.sessions.live_sessions():
@@ -703,10 +700,7 @@ class Signaling:
         taken for dead; docs/design.md, "Several instances"): its sockets
         here close with 1012, so the apps reconnect and reach the session
         where it is run; nothing ends, nothing is recorded."""
-        for timer in (session.timer, session.driver.grace, session.passenger.grace):
-            if timer is not None:
-                timer.cancel()
-        session.timer = session.driver.grace = session.passenger.grace = None
+        _cancel_timers(session)
         for seat in (session.driver, session.passenger):
             conn = seat.conn
             if conn is not None:
@@ -774,6 +768,15 @@ class Signaling:
             return
         self.sessions.add(session)
         session.timer = self.clock.call_at(forget_at, self.sessions.forget, session)
+
+
+def _cancel_timers(session: Session) -> None:
+    """No timer of ``session`` left to fire: its deadline (or forget) timer
+    and both seats' grace timers."""
+    for timer in (session.timer, session.driver.grace, session.passenger.grace):
+        if timer is not None:
+            timer.cancel()
+    session.timer = session.driver.grace = session.passenger.grace = None
 
 
 def _end_reason(text: str | None) -> EndReason:

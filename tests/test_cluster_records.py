@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from intaleq_signal.cluster.records import Entry, Keys, Record, pack, unpack
+from intaleq_signal.cluster.records import Entry, Keys, Record, holder, pack, unpack
 
 FIELDS = {
     "ride_id": "ride-1",
@@ -24,6 +24,7 @@ FIELDS = {
 def test_record_from_a_hash_and_as_a_row():
     record = Record.from_hash("s-1", {k.encode(): v.encode() for k, v in FIELDS.items()})
     assert record is not None
+    assert Record.from_pairs("s-1", [x for pair in FIELDS.items() for x in pair]) == record
     assert (record.owner, record.creator, record.status) == ("b", "a", "active")
     row = record.row()
     assert (row.session_id, row.ride_id, row.status, row.initiated_by) == (
@@ -66,7 +67,7 @@ def test_entries_pack_into_one_field_and_back_in_order():
     assert unpack(pack(ENTRIES)) == ENTRIES
     assert unpack(pack([])) == []
     assert [e.edge for e in ENTRIES] == ["b", "b", "b", "host name:47881", "b", "b"]
-    assert ENTRIES[0].edge_incarnation == "1f2e"
+    assert holder(ENTRIES[0].conn) == ("b", "1f2e")
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ from .records import (
     Entry,
     Keys,
     Record,
+    holder,
     pack,
     unpack,
 )
@@ -217,12 +218,13 @@ class Cluster:
             records = []
             for session_id in await self.redis.smembers(self.keys.owned(self.node)):
                 # Only what is still this instance's (not adopted while it was down).
-                adopted, *_ = await self._adopt(
+                adopted, _, *fields = await self._adopt(
                     keys=[self.keys.session(session_id), self.keys.owned(self.node)],
                     args=[self.node, self.keys.prefix, session_id, self.incarnation],
                 )
-                if int(adopted) > 0:
-                    records.extend(await self._records([session_id]))
+                record = Record.from_pairs(session_id, fields) if int(adopted) > 0 else None
+                if record is not None:
+                    records.append(record)
         except self._errors as exc:
             where = redacted_url(self.config.redis_url)
             raise RedisError(f"REDIS_URL: cannot use Redis at {where}: {exc}") from exc
@@ -245,9 +247,9 @@ class Cluster:
             self._lost(exc)
         log.debug("stopping: lease given up")
 
-    async def stop(self, handoff: bool) -> None:
-        """Flush what is queued for other instances, give up the lease (so
-        that others adopt this instance's sessions at once), stop."""
+    async def stop(self) -> None:
+        """After :meth:`depart`: flush what is queued for other instances
+        and the record changes, stop reading, close the connections."""
         for box in list(self._outboxes.values()):
             if box.task is not None:
                 try:
@@ -262,8 +264,7 @@ class Cluster:
         for task in (self._reader, self._watcher):
             if task is not None:
                 await _cancel(task, REDIS_TIMEOUT)
-        try:
-            await asyncio.wait_for(self.redis.delete(self.keys.node(self.node)), REDIS_TIMEOUT)
+        try:  # the lease went with depart()
             await asyncio.wait_for(self.redis.aclose(), REDIS_TIMEOUT)
         except self._errors:
             pass
@@ -285,7 +286,7 @@ class Cluster:
         session_id = str(uuid.uuid4())
         now = time.time()
         deadline = now + self.config.session_duration
-        ttl = int((deadline - now + self.config.session_duration + 60) * 1000)
+        ttl = int((2 * self.config.session_duration + 60) * 1000)  # its time to run, then its tombstone
         try:
             engine.check_capacity()
             room = "1"
@@ -329,15 +330,6 @@ class Cluster:
             raise Unavailable() from exc
         return Record.from_hash(session_id, fields) if fields else None
 
-    async def _records(self, session_ids: Any) -> list[Record]:
-        records = []
-        for session_id in session_ids:
-            fields = await self.redis.hgetall(self.keys.session(session_id))
-            record = Record.from_hash(session_id, fields) if fields else None
-            if record is not None:
-                records.append(record)
-        return records
-
     async def locate(self, session_id: str) -> tuple[str, str] | None:
         """Where the session is run: ``None`` when here (now: a session of
         a dead or departed instance is adopted, an ended one remembered
@@ -371,7 +363,7 @@ class Cluster:
                 return (record.owner, incarnation) if incarnation else None
             # Restored before this task yields: Redis names this instance
             # the owner from now, and an open routed here must find it.
-            record = Record.from_hash(session_id, dict(zip(fields[::2], fields[1::2], strict=True))) or record
+            record = Record.from_pairs(session_id, fields) or record
         if self.engine.sessions.get(session_id) is None:
             log.info("session adopted session=%s from=%s", session_id, previous or "-")
             self._backfill(record)
@@ -491,7 +483,7 @@ class Cluster:
 
     def edge_message(self, edge: _Edge, message: str | bytes) -> None:
         if type(message) is not str:
-            edge.ws.send_text(msg.error("unsupported_frame", "binary frames are not supported"))
+            edge.ws.send_text(msg.UNSUPPORTED_FRAME)
             self.post_to(edge.owner, Entry("frame", edge.conn))  # it counts against the rate all the same
             return
         self.post_to(edge.owner, Entry("msg", edge.conn, message))
@@ -734,8 +726,8 @@ class Cluster:
                 self._edges.pop(edge.conn, None)
                 edge.ws.close_soon(CLOSE_SERVICE_RESTART, "service restart")
         for peer in list(self._remote.values()):
-            entry = Entry("gone", peer.conn)
-            if alive.get(entry.edge) != entry.edge_incarnation:
+            node, incarnation = holder(peer.conn)
+            if alive.get(node) != incarnation:
                 del self._remote[peer.conn]
                 peer.open = False
                 if peer.client is not None:

@@ -30,6 +30,7 @@ __all__ = [
     "Keys",
     "NODE_LEASE",
     "Record",
+    "holder",
     "pack",
     "unpack",
 ]
@@ -86,6 +87,12 @@ class Record:
     end_reason: str | None = None
     ended_at: float | None = None
     creator: str = ""
+
+    @classmethod
+    def from_pairs(cls, session_id: str, flat: list[Any]) -> Record | None:
+        """The record of a flat ``field, value, ...`` list (what the Lua
+        scripts return of ``HGETALL``), or None."""
+        return cls.from_hash(session_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     @classmethod
     def from_hash(cls, session_id: str, fields: dict[Any, Any]) -> Record | None:
@@ -172,12 +179,14 @@ class Entry:
     @property
     def edge(self) -> str:
         """The node id of the instance holding the socket."""
-        return self.conn.rpartition("/")[0]
+        return holder(self.conn)[0]
 
-    @property
-    def edge_incarnation(self) -> str:
-        """Which process of that instance holds it (its lease's value)."""
-        return self.conn.rpartition("/")[2].partition(".")[0]
+
+def holder(conn: str) -> tuple[str, str]:
+    """``(node id, incarnation)`` of the process holding the socket
+    ``conn`` (``<node_id>/<incarnation>.<number>``)."""
+    node, _, rest = conn.rpartition("/")
+    return node, rest.partition(".")[0]
 
 
 #: Between the header fields of a packed entry: a control character, so
