@@ -24,6 +24,7 @@ from .exceptions import Capacity, RideConflict
 from .lifecycle import EndReason, SessionLifecycle, SessionState
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .media import Media
     from .signaling import Client, Timer
 
 __all__ = ["Capacity", "RideConflict", "Registry", "Seat", "Session", "SessionStore", "new_session_id"]
@@ -85,7 +86,9 @@ class Session:
 
     ``created``, ``connected`` and ``ended`` are the engine's clock
     (monotonic seconds); ``deadline`` is when it expires (never active) or
-    is cut (active, ``SESSION_DURATION`` after ``connected``).
+    is cut (active, ``SESSION_DURATION`` after ``connected``). ``media``
+    is what the participants reported of their peer connection
+    (docs/protocol.md, "media_state"), None until the first report.
     """
 
     __slots__ = (
@@ -100,6 +103,7 @@ class Session:
         "deadline",
         "initiated_by",
         "timer",
+        "media",
     )
 
     def __init__(
@@ -116,6 +120,7 @@ class Session:
         self.deadline = now + duration
         self.initiated_by: str | None = None
         self.timer: Timer | None = None  # the deadline (or, once ended, forget) timer
+        self.media: Media | None = None
 
     @property
     def state(self) -> SessionState:
