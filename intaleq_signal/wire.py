@@ -256,14 +256,27 @@ class HTTPServerConnection(ServerConnection):
             self._partial = None
             partial += data
             data = partial  # type: ignore[assignment]
-        library = super().data_received
         limit = self._limit
         protocol = self.protocol
+        size = len(data)
+        if size > 6 and data[0] == 0x81 and protocol.state is _OPEN and self._fragments is None:
+            # One whole simple frame (most chunks of a call): read without the loop below.
+            second = data[1]
+            if 0x80 < second < 0xFE:
+                length, mask = second & 0x7F, 2
+            elif second == 0xFE:
+                length, mask = (data[2] << 8) | data[3], 4
+            else:
+                length, mask = -1, 0
+            if 0 <= length <= limit and size == mask + 4 + length:
+                self._deliver(_TEXT, apply_mask(data[mask + 4 :], data[mask : mask + 4]))
+                return
+        library = super().data_received
         if limit < 0 or protocol.state is not _OPEN:  # the handshake request; after a close
             library(data)
             return
         simple: list[tuple[int, int]] = []
-        at, size, others = 0, len(data), False
+        at, others = 0, False
         while at < size:
             kind, mask, end = frame_at(data, at, limit)
             if kind == PARTIAL:

@@ -9,12 +9,14 @@ gives the engine the same messages as the library alone would."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame
 from websockets.server import ServerProtocol
@@ -182,7 +184,7 @@ class _Server:
 
 def open_connection(fast: bool) -> tuple[HTTPServerConnection, list[Any], Transport]:
     """An upgraded connection (OPEN, started) whose messages and other frames
-    are recorded; ``fast=False`` makes it hand every byte to the library."""
+    are recorded; ``fast=False`` makes it hand every chunk to the library."""
     protocol = ServerProtocol(max_size=LIMIT)
     connection = HTTPServerConnection(protocol, _Server(), close_timeout=10)
     transport = Transport()
@@ -198,8 +200,8 @@ def open_connection(fast: bool) -> tuple[HTTPServerConnection, list[Any], Transp
     connection.start(seen.append, lambda: seen.append("frame"), lambda: seen.append("closing"))
     # The handshake request went to the library without giving up the relay path.
     assert connection._limit == LIMIT
-    if not fast:
-        connection._limit = -1
+    if not fast:  # every chunk straight to the library's parser, as before wire.frame_at
+        connection._receive = functools.partial(ServerConnection.data_received, connection)
     return connection, seen, transport
 
 
@@ -276,3 +278,13 @@ def test_one_byte_at_a_time(size: int) -> None:
         return seen
 
     assert asyncio.run(run()) == ["z" * size]
+
+
+@pytest.mark.parametrize("size", [1, 125, 126, 200, LIMIT, LIMIT + 1])
+@pytest.mark.parametrize("wide", [0, 2, 8])
+@pytest.mark.parametrize("masked", [True, False])
+def test_one_frame_per_chunk(size: int, wide: int, masked: bool) -> None:
+    """A chunk that is one frame (how most relayed messages arrive), in every
+    length form, within and over the limit, masked or not."""
+    frame = raw_frame(0x81, b"m" * size, wide=wide, masked=masked)
+    assert asyncio.run(feed(True, [frame, frame])) == asyncio.run(feed(False, [frame, frame]))
