@@ -3,7 +3,7 @@
 Layout (one job per module):
 
 - ``config``     settings from the environment, validated up front
-- ``front``      each connection's HTTP request, answered or handed on
+- ``front``      each connection's HTTP requests (kept alive), answered or handed on
 - ``wire``       the WebSocket connection after the upgrade
 - ``http_api``   ``process_request``: /sessions, /health, /metrics
 - ``signaling``  the protocol engine, sans I/O: auth, relay, endings,

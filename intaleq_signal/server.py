@@ -35,7 +35,8 @@ log = logging.getLogger("intaleq_signal")
 
 #: Bound on the opening handshake, HTTP request bodies included (seconds):
 #: slow or idle HTTP clients are dropped after it (docs/protocol.md,
-#: "Anything else").
+#: "Anything else"); on a kept connection it runs from the first byte of
+#: each later request (front.KEEPALIVE_TIMEOUT bounds the wait for it).
 OPEN_TIMEOUT = 10.0
 #: Bound on reading the sessions to restore at start (seconds), the
 #: journal's events reaching the database included.
@@ -185,15 +186,15 @@ class Server:
         else:
             where = {"host": config.host, "port": config.port}
             place = f"{config.host}:{config.port}"
+        # Every accepted connection's first protocol; told when stopping.
+        self.front = FrontFactory(self.api.process_request, self.api.process_response, OPEN_TIMEOUT)
         try:
             server = await serve(
                 self.driver.handler,
                 **where,
                 process_request=self.api.process_request,
                 process_response=self.api.process_response,
-                create_connection=FrontFactory(
-                    self.api.process_request, self.api.process_response, OPEN_TIMEOUT
-                ),
+                create_connection=self.front,
                 compression=None,
                 max_size=config.max_message_bytes,
                 ping_interval=None,  # our own heartbeat sweep (docs/protocol.md, "Heartbeats")
@@ -297,16 +298,22 @@ class Server:
         await stop.wait()
 
     async def shutdown(self, server: Any) -> None:
-        """Refuse new sessions; hand the calls over (``ON_STOP=handoff``:
-        close 1012, nothing ends) or end them (``end``: ``server_shutdown``,
-        close 1001); close the sockets; flush the call log (to the
-        database, else to the journal)."""
+        """Close the idle kept-alive HTTP connections (every HTTP answer
+        from now on closes its connection); refuse new sessions; hand the
+        calls over (``ON_STOP=handoff``: close 1012, nothing ends) or end
+        them (``end``: ``server_shutdown``, close 1001); close the sockets;
+        flush the call log (to the database, else to the journal)."""
         handoff = self.config.on_stop == "handoff"
         if handoff:
             # Accept nothing more: connections made from now on wait for the
             # next process (in the socket's backlog under socket activation)
             # instead of getting 503 from this one.
             server.server.close()
+        # Kept-alive connections waiting for their next request are closed
+        # now (RFC 9112 §9.6): the client sends that request on a new
+        # connection (to the next process) instead of getting 503 here, and
+        # none is left for wait_closed() below to wait for.
+        self.front.shutdown()
         log.info("stopping: %s", "handing the calls over (close 1012)" if handoff else "ending live calls")
         self.notifier.stopping()
         self.stopping = True

@@ -11,7 +11,9 @@ and WebSocket clients to talk to it. One of each:
   start-up failures.
 - HTTP: :meth:`Endpoint.request` and friends, :func:`health`,
   :func:`metric` (parsed as Prometheus text); by hand, :func:`connect_raw`,
-  :func:`read_until_closed`, :func:`parse_response`.
+  :func:`read_answer` (one answer: the daemon keeps a connection for the
+  next request unless the answer says ``Connection: close``),
+  :func:`answered`, :func:`read_until_closed`, :func:`parse_response`.
 - WebSocket, a library client (websockets): :func:`join`,
   :func:`connected_call`, :func:`recv_json` / :func:`send_json`,
   :func:`closed_with`; :class:`Clients` (the ``clients`` fixture) keeps
@@ -611,6 +613,69 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n", re.IGNORECASE)
+_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close[ \t]*\r\n", re.IGNORECASE)
+
+
+def answer_end(data: bytes, head: bool = False) -> tuple[int, bool] | None:
+    """Where the first whole answer in ``data`` ends, and whether it says
+    ``Connection: close``; None while it is not whole. Any ``100 Continue``
+    before it is skipped; a ``101`` is whole at the end of its head, and so
+    is the answer to a HEAD request (``head``: it has no body, RFC 9110
+    §9.3.2); any other answer once its ``Content-Length`` body is in."""
+    start = 0
+    while True:
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0:
+            return None
+        block = data[start : end + 2]
+        if block.startswith(b"HTTP/1.1 100 "):
+            start = end + 4
+            continue
+        closes = _CLOSE.search(block) is not None
+        if head or block.startswith(b"HTTP/1.1 101 "):
+            return end + 4, closes
+        length = _CONTENT_LENGTH.search(block)
+        if length is None or len(data) < end + 4 + int(length[1]):
+            return None
+        return end + 4 + int(length[1]), closes
+
+
+def answered(data: bytes, head: bool = False) -> bool:
+    """A whole answer is in ``data`` (:func:`answer_end`)."""
+    return answer_end(data, head) is not None
+
+
+def read_answer(
+    sock: socket.socket, timeout: float = 5.0, head: bool = False, data: bytes = b""
+) -> tuple[bytes, bool]:
+    """Read one whole answer (after ``data``, what was read before; ``head``:
+    the answer to a HEAD request). An answer that says ``Connection:
+    close`` is read on until the server closes, as one that never became
+    whole; a kept answer (RFC 9112 §9.3) is returned as soon as it is
+    whole. ``(data, closed)``: everything read, and whether the server
+    closed the connection (False for a kept answer, or at ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while (found := answer_end(data, head)) is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return data, False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return data, False
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+    if not found[1]:
+        return data, False
+    rest, closed = read_until_closed(sock, max(0.01, deadline - time.monotonic()))
+    return data + rest, closed
 
 
 def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -189,11 +189,12 @@ class Daemon(ServerProcess):
 async def http_request(
     port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:
-    """One HTTP/1.1 request on its own connection (the daemon closes it after
-    answering), without blocking the event loop: ``(status, body)``."""
+    """One HTTP/1.1 request on its own connection (``Connection: close``: the
+    daemon closes it after answering), without blocking the event loop:
+    ``(status, body)``."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), STEP_TIMEOUT)
     try:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+        lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]

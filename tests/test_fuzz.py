@@ -23,10 +23,13 @@ real daemon process. What is fuzzed, and the oracle (docs/protocol.md):
   the same session, 409).
 - Raw HTTP requests (methods, targets, versions, headers, Content-Length and
   Transfer-Encoding variants, line endings, pipelining, delivery in pieces or
-  byte by byte): exactly one well-formed HTTP/1.1 answer, JSON (``/metrics``:
+  byte by byte): a well-formed HTTP/1.1 answer, JSON (``/metrics``:
   text), status among those "HTTP API" and "Anything else" give for it,
-  then close. Truncated requests: a clean close, at once after a half-close,
-  else within the daemon's 10 s open timeout.
+  then the connection closed exactly when "HTTP API" says so (HTTP/1.0,
+  ``Connection: close``, refused framing, a malformed head, an upgrade),
+  else kept, a request pipelined behind it answered in turn. Truncated
+  requests: a clean close, at once after a half-close, else within the
+  daemon's 10 s open timeout (5 s idle timeout on a kept connection).
 
 The focused properties at the end pin, each with its exact answer, the
 deviations from docs/protocol.md and the RFCs this fuzzing found; their docstrings say what was wrong
@@ -62,7 +65,16 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from conftest import API_KEY, RawWebSocket, client_frame, connect_raw, read_until_closed, upgrade_head
+from conftest import (
+    API_KEY,
+    RawWebSocket,
+    answered,
+    client_frame,
+    connect_raw,
+    read_answer,
+    read_until_closed,
+    upgrade_head,
+)
 from intaleq_signal.tokens import TokenMinter
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
@@ -1074,14 +1086,24 @@ class Answer:
         assert len(values) <= 1, (name, values)
         return values[0] if values else None
 
+    @property
+    def closes(self) -> bool:
+        """The answer says ``Connection: close`` (docs/protocol.md, "HTTP API"); else it keeps
+        its connection and says ``Keep-Alive: timeout=5``, never both nor neither."""
+        closes = self.header("connection") == "close"
+        assert closes != (self.header("keep-alive") == "timeout=5"), self.headers
+        assert closes or self.header("connection") is None, self.headers
+        return closes
+
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9]) [\x20-\x7e]*")
 _FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+): ?([\x20-\x7e]*)")
 
 
-def parse_answers(data: bytes, head: bool = False) -> Answer:
-    """Exactly one well-formed HTTP/1.1 answer (after any 100 Continue) and
-    nothing after it. ``head``: a HEAD request, whose answer may omit the body."""
+def take_answer(data: bytes, head: bool = False) -> tuple[Answer, bytes]:
+    """The first well-formed HTTP/1.1 answer in ``data`` (after any 100
+    Continue), and what follows it. ``head``: a HEAD request, whose answer
+    may omit the body."""
     interim = []
     rest = data
     while True:
@@ -1103,15 +1125,28 @@ def parse_answers(data: bytes, head: bool = False) -> Answer:
     answer = Answer(status, headers, rest, interim)
     length = answer.header("content-length")
     assert length is not None and length.isdigit(), f"no Content-Length: {data[:400]!r}"
-    if not (head and rest == b""):
-        assert len(rest) == int(length), f"body is not Content-Length long (or a 2nd answer): {data[:600]!r}"
+    size = int(length)
+    if head and (rest == b"" or not answer.closes or len(rest) != size):
+        size = 0  # a HEAD answer has no body; one to a refused head (closing) may have it
+    assert len(rest) >= size, f"body shorter than Content-Length: {data[:600]!r}"
+    answer.body = rest[:size]
+    return answer, rest[size:]
+
+
+def parse_answers(data: bytes, head: bool = False) -> Answer:
+    """Exactly one well-formed HTTP/1.1 answer (after any 100 Continue) and
+    nothing after it. ``head``: a HEAD request, whose answer may omit the body."""
+    answer, rest = take_answer(data, head)
+    assert rest == b"", f"body is not Content-Length long (or a 2nd answer): {data[:600]!r}"
     return answer
 
 
 def check_answer(answer: Answer, path: bytes = b"") -> Any:
     """docs/protocol.md, "HTTP API": the status is one it defines; JSON (``/metrics``: text); errors
-    are ``{"error", "message"}``. The parsed body (None when there is none)."""
+    are ``{"error", "message"}``; the connection is kept or closed, and the answer says which.
+    The parsed body (None when there is none)."""
     assert answer.status in STATUSES, (answer.status, answer.body[:300])
+    assert answer.closes in (True, False)
     content_type = answer.header("content-type") or ""
     if answer.status == 200 and path.split(b"?")[0] == b"/metrics":
         assert content_type.startswith("text/plain"), answer
@@ -1153,33 +1188,55 @@ def read_until(sock: socket.socket, enough: Any, timeout: float) -> bytes:
     return data
 
 
-def answered(data: bytes) -> bool:
-    """A whole answer is in: a 101 head, or a final head and its body."""
-    head, sep, rest = data.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    if head.startswith(b"HTTP/1.1 101 ") or head.startswith(b"HTTP/1.1 100 ") and answered(rest):
-        return True
-    length = re.search(rb"\r\ncontent-length: *([0-9]+)", head, re.IGNORECASE)
-    return length is not None and len(rest) >= int(length[1])
+def read_answers(sock: socket.socket, heads: list[bool], timeout: float) -> tuple[list[Answer], bytes, bool]:
+    """The answers to requests pipelined on ``sock`` (``heads``: which were
+    HEAD requests), in order, until one closes the connection, ``timeout``
+    passes or all are in: ``(answers, what follows them, closed)``."""
+    deadline = time.monotonic() + timeout
+    found: list[Answer] = []
+    data, closed = b"", False
+    for head in heads:
+        data, closed = read_answer(sock, max(0.01, deadline - time.monotonic()), head, data)
+        if not answered(data, head):
+            break
+        answer, data = take_answer(data, head)
+        found.append(answer)
+        if closed:
+            break
+    return found, data, closed
+
+
+def send(sock: socket.socket, pieces: list[bytes]) -> None:
+    """Write ``pieces`` one after the other (separate writes)."""
+    for piece in pieces:
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            break  # answered and closed before the rest: read the answer
+
+
+def is_head(request: bytes) -> bool:
+    return request.lstrip(b"\r\n").startswith(b"HEAD ")
 
 
 def exchange(
     server: Any, pieces: list[bytes], *, half_close: bool = False, timeout: float = OPEN_TIMEOUT + 2
 ) -> tuple[bytes, bool, float]:
-    """Send ``pieces`` (separate writes), then read until closed."""
+    """Send ``pieces`` (separate writes) on a new connection, then read one
+    answer (:func:`conftest.read_answer`: on until closed if it says
+    ``Connection: close``), or, after a half-close, read until closed:
+    ``(data, closed, seconds)``."""
     with connect_raw(server) as sock:
-        for piece in pieces:
-            try:
-                sock.sendall(piece)
-            except (BrokenPipeError, ConnectionResetError):
-                break  # answered and closed before the rest: read the answer
+        send(sock, pieces)
         if half_close:
             try:
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        return read_all(sock, timeout)
+            return read_all(sock, timeout)
+        started = time.monotonic()
+        data, closed = read_answer(sock, timeout, is_head(b"".join(pieces)))
+        return data, closed, time.monotonic() - started
 
 
 def split(data: bytes, cuts: list[int], bytewise: bool) -> list[bytes]:
@@ -1342,9 +1399,12 @@ def test_post_sessions_bodies(server: Any, record_property: Any) -> None:
         headers.append((b"Content-Length", str(len(body)).encode()))
         request = post(body, headers, version)
         data, closed, seconds = exchange(server, split(request, *delivery))
-        assert closed and seconds < 3, (closed, seconds, data)
+        assert answered(data) and seconds < 3, (closed, seconds, data)
         answer = parse_answers(data)
         rides.check(body, answer)
+        # docs/protocol.md, "HTTP API": HTTP/1.0 and a body over the limit (413: not read) close
+        closes = version == b"HTTP/1.0" or len(body) > MAX_BODY
+        assert (answer.closes, closed) == (closes, closes), (answer, closed)
         tally.saw((answer.status,))
 
     body()
@@ -1440,9 +1500,12 @@ def test_post_sessions_headers(server: Any, record_property: Any) -> None:
             request = request.replace(b"\r\n", b"\r\n" + bad_line + b"\r\n", 1)
         note(f"request: {request[:600]!r}")
         data, closed, seconds = exchange(server, split(request, *delivery))
-        assert closed and seconds < 3, (closed, seconds, data)
+        assert answered(data) and seconds < 3, (closed, seconds, data)
         answer = parse_answers(data)
         document = check_answer(answer, b"/sessions")
+        # docs/protocol.md, "HTTP API": a malformed head, a body over the limit, Connection: close
+        closes = bad_line is not None or body_kind == "huge" or says_close(fields)
+        assert (answer.closes, closed) == (closes, closes), (answer, closed)
         if bad_line is not None:
             assert (answer.status, document["error"]) == (400, "bad_request"), document
         elif key not in RIGHT_KEYS:
@@ -1454,6 +1517,14 @@ def test_post_sessions_headers(server: Any, record_property: Any) -> None:
     headers()
     normal_call(server)
     tally.report(record_property)
+
+
+def says_close(fields: Any) -> bool:
+    """A ``Connection`` header among ``fields`` lists ``close`` (RFC 9110 §7.6.1)."""
+    return any(
+        name.lower() == b"connection" and b"close" in [t.strip(b" \t").lower() for t in value.split(b",")]
+        for name, value in fields
+    )
 
 
 def session_bodies_valid() -> bytes:
@@ -1611,6 +1682,45 @@ class Request:
             return statuses | ({400, 411, 413} if self.framed() else set())
         return {404}
 
+    def closes(self) -> bool:
+        """Whether its answer closes the connection (docs/protocol.md, "HTTP API"): a head
+        refused before any route (malformed, or past a limit: 400, 414, 431),
+        body framing refused (Transfer-Encoding: 411; an invalid
+        Content-Length: 400; over 16 KiB: 413; POST without it: 411),
+        HTTP/1.0, ``Connection: close``, or an upgrade request handed to
+        websockets (which answers and closes). Else the connection is kept."""
+        fields = self.all_headers()
+        line, *lines = self.head_lines()
+        if (
+            len(b"\r\n".join([line, *lines])) > 16 * 1024
+            or len(line) > 8190
+            or len(lines) >= 128
+            or any(len(x) > 8190 for x in lines)
+        ):
+            return True
+        well_formed = (
+            self.gap == b" "
+            and self.version in (b"HTTP/1.1", b"HTTP/1.0")
+            and ORIGIN.fullmatch(self.target)
+            and self.bad_line is None
+            and all(TOKEN.fullmatch(n) and VALUE.fullmatch(v) for n, v in fields)
+            and METHOD.fullmatch(self.method)
+        )
+        if not well_formed or self.version == b"HTTP/1.0" or says_close(fields):
+            return True
+        names = {name.lower() for name, _ in fields}
+        if b"transfer-encoding" in names or self.bad_length():
+            return True
+        lengths = {int(v.strip(b" \t")) for n, v in fields if n.lower() == b"content-length"}
+        if lengths and max(lengths) > MAX_BODY or not lengths and self.method == b"POST":
+            return True
+        return b"upgrade" in names and not any(lengths)  # handed on: no body read
+
+    def leftover(self) -> bytes:
+        """What the daemon reads after the request, as the next one: the
+        body when no Content-Length frames it, and the trailer."""
+        return (self.body if self.framing == "none" else b"") + self.trailer
+
     def framed(self) -> bool:
         """The head announces a body: Transfer-Encoding, or a Content-Length
         other than zero (valid or not)."""
@@ -1673,10 +1783,18 @@ def requests(framings: list[str] = FRAMINGS, trailers: list[bytes] = TRAILERS) -
     )
 
 
+#: What a kept connection answers to the bytes behind a request (``Request.leftover``), when
+#: they are one whole request: ``(status, closes)``.
+FOLLOWING = {b"GET /health HTTP/1.1\r\n\r\n": (200, False), b"garbage\r\n\r\n": (400, True)}
+
+
 def test_raw_http_requests(server: Any, record_property: Any) -> None:
     """docs/protocol.md, "HTTP API" and "Anything else": any complete request, however it is
-    delivered, gets one well-formed HTTP/1.1 answer with a status those
-    sections define for it (JSON, ``/metrics`` text), promptly, then close."""
+    delivered, gets a well-formed HTTP/1.1 answer with a status those
+    sections define for it (JSON, ``/metrics`` text), promptly; the
+    connection is closed exactly when "HTTP API" says (then nothing follows
+    the answer), else kept, and a request behind the first (pipelined) is
+    answered in turn."""
     tally = Tally("raw HTTP requests")
 
     @fuzz(500)
@@ -1685,12 +1803,30 @@ def test_raw_http_requests(server: Any, record_property: Any) -> None:
         tally.tick()
         data = request.build()
         note(f"request: {data[:700]!r}")
-        answer_bytes, closed, seconds = exchange(server, split(data, *delivery))
-        assert closed and seconds < 3, f"no prompt answer and close ({seconds:.1f}s): {answer_bytes[:300]!r}"
-        answer = parse_answers(answer_bytes, head=request.method == b"HEAD")
-        check_answer(answer, request.target if request.method in (b"GET", b"HEAD") else b"")
-        assert answer.status in request.expected(), f"{answer.status}, allowed {request.expected()}"
-        tally.saw((answer.status,))
+        head = request.method == b"HEAD"
+        with connect_raw(server) as sock:
+            send(sock, split(data, *delivery))
+            started = time.monotonic()
+            answer_bytes, closed = read_answer(sock, 5, head)
+            seconds = time.monotonic() - started
+            assert answered(answer_bytes, head) and seconds < 3, (
+                f"no prompt answer ({seconds:.1f}s): {answer_bytes[:300]!r}"
+            )
+            answer, rest = take_answer(answer_bytes, head)
+            check_answer(answer, request.target if request.method in (b"GET", b"HEAD") else b"")
+            assert answer.status in request.expected(), f"{answer.status}, allowed {request.expected()}"
+            closes = request.closes()
+            assert answer.closes == closes, f"Connection: close is {answer.closes}, the rules say {closes}"
+            if closes:
+                assert closed and rest == b"", (closed, rest[:300])
+            elif request.leftover() in FOLLOWING:
+                status, then_closes = FOLLOWING[request.leftover()]
+                rest, closed = read_answer(sock, 5, data=rest)
+                following = parse_answers(rest)
+                check_answer(following)
+                assert (following.status, following.closes, closed) == (status, then_closes, then_closes)
+                tally.saw(("pipelined", following.status))
+        tally.saw((answer.status, "close" if closes else "kept"))
 
     raw()
     normal_call(server)
@@ -1751,10 +1887,18 @@ class CloseWatcher:
 
 def check_partial_answer(prefix: bytes, data: bytes) -> None:
     """After a truncated request (``prefix``, which may hold a whole head):
-    nothing, only 100 Continue, or one answer."""
+    nothing, only 100 Continue, or one answer; when that answer keeps the
+    connection, the bytes behind the head (a body no Content-Length frames)
+    are read as a next request, which may get its own 400 (a bare LF)."""
     if data and data.rstrip(b"\r\n") != b"HTTP/1.1 100 Continue":
         method, _, rest = prefix.lstrip(b"\r\n").partition(b" ")
-        check_answer(parse_answers(data, head=method == b"HEAD"), rest.partition(b" ")[0])
+        answer, behind = take_answer(data, head=method == b"HEAD")
+        check_answer(answer, rest.partition(b" ")[0])
+        if behind:
+            assert not answer.closes, data[:600]
+            following = parse_answers(behind)
+            check_answer(following)
+            assert (following.status, following.closes) == (400, True), following
 
 
 def valid_post(_: Any) -> bytes:
@@ -2075,10 +2219,11 @@ def test_bytes_behind_an_upgrade_header_are_answered(server: Any, record_propert
     tally.report(record_property)
 
 
-def test_bytes_after_the_head_are_discarded(server: Any, record_property: Any) -> None:
-    """Bytes arriving in later segments after the head was handed on (a
-    refused body: 400 bad Content-Length, 411 chunked, 413 over 16 KiB; or
-    more requests behind one) are dropped and the answer still goes out.
+def test_bytes_after_the_head_lose_no_answer(server: Any, record_property: Any) -> None:
+    """Bytes arriving in later segments after the head (a refused body: 400
+    bad Content-Length, 411 chunked, 413 over 16 KiB) are dropped and the
+    answer still goes out, closing the connection; more requests behind one
+    are each answered, in order (the connection is kept, RFC 9112 §9.3).
     Found: wire.py dropped them by rebinding ``self.data_received =
     self._discard``, which uvloop (the loop of the ``[fast]`` extra) ignores:
     it keeps the ``data_received`` it saw when the transport was made
@@ -2108,17 +2253,85 @@ def test_bytes_after_the_head_are_discarded(server: Any, record_property: Any) -
         ),
     }
 
+    def answers(pieces: list[bytes], count: int) -> tuple[list[Answer], bool]:
+        with connect_raw(server) as sock:
+            send(sock, pieces)
+            found, _, closed = read_answers(sock, [False] * count, 5)
+        return found, closed
+
     @fuzz(20)
     @given(case=st.sampled_from(sorted(cases)), piece=st.sampled_from([10, 100, 1000]))
     def after_head(case: str, piece: int) -> None:
         tally.tick()
         head, rest = cases[case]
         pieces = [head] + [rest[i : i + piece] for i in range(0, len(rest), piece)]
-        lost = sum(not exchange(server, pieces, timeout=3)[0] for _ in range(5))
-        assert not lost, f"{case}, then {piece}-byte writes: no answer {lost} times in 5"
+        count = 1 + rest.count(b"HTTP/1.1") if case.startswith("requests") else 1
+        for _ in range(5):
+            found, closed = answers(pieces, count)
+            assert len(found) == count, f"{case}, then {piece}-byte writes: {len(found)} of {count} answers"
+            if count == 1:
+                assert found[0].closes and closed, found
+            else:
+                assert [(a.status, a.closes) for a in found] == [(200, False)] * count, found
 
     after_head()
     assert "Traceback" not in server.log, server.log
+    tally.report(record_property)
+
+
+_BAD_BODY = b"POST /sessions HTTP/1.1\r\nX-API-Key: %s\r\nContent-Length: 2\r\n\r\n[]" % K
+#: Requests to pipeline (docs/protocol.md, "Persistent connections"):
+#: ``(bytes, HEAD?, status, closes)``.
+PIPELINED = {
+    "health": (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", False, 200, False),
+    "head": (b"HEAD /health HTTP/1.1\r\n\r\n", True, 200, False),
+    "not-found": (b"GET /nope HTTP/1.1\r\n\r\n", False, 404, False),
+    "no-upgrade": (b"GET /ws HTTP/1.1\r\n\r\n", False, 426, False),
+    "put": (b"PUT /sessions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", False, 405, False),
+    "bad-body": (_BAD_BODY, False, 400, False),
+    "close": (b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", False, 200, True),
+    "http-1.0": (b"GET /nope HTTP/1.0\r\n\r\n", False, 404, True),
+    "no-length": (b"POST /sessions HTTP/1.1\r\nX-API-Key: %s\r\n\r\n" % K, False, 411, True),
+    "garbage": (b"garbage\r\n\r\n", False, 400, True),
+}  # fmt: skip
+
+
+def test_pipelined_requests_are_answered_in_order(server: Any, record_property: Any) -> None:
+    """RFC 9112 §9.3.2, docs/protocol.md, "HTTP API": requests sent back to back on one
+    connection, however the bytes are cut, are answered in order, each on
+    a kept connection, up to the first whose answer closes it (HTTP/1.0,
+    ``Connection: close``, refused framing, a malformed head); nothing
+    after it is answered. A session created in the middle is a real one."""
+    tally = Tally("pipelined requests")
+
+    @fuzz(60)
+    @given(
+        names=st.lists(st.sampled_from(sorted(PIPELINED)), min_size=1, max_size=6),
+        create=st.integers(0, 6),
+        delivery=deliveries,
+    )
+    def pipelined(names: list[str], create: int, delivery: Any) -> None:
+        tally.tick()
+        ride_id = f"ride-pipe-{uuid.uuid4()}"
+        body = json.dumps({"ride_id": ride_id, "driver_id": "d", "passenger_id": "p"}).encode()
+        session = post(body, [(b"X-API-Key", K), (b"Content-Length", b"%d" % len(body))])
+        chosen = [PIPELINED[name] for name in names]
+        chosen.insert(min(create, len(chosen)), (session, False, 200, False))
+        note(f"requests: {[c[0][:40] for c in chosen]}")
+        last = next((i for i, (_, _, _, closes) in enumerate(chosen) if closes), len(chosen) - 1)
+        with connect_raw(server) as sock:
+            send(sock, split(b"".join(c[0] for c in chosen), *delivery))
+            found, rest, closed = read_answers(sock, [c[1] for c in chosen], 5)
+            assert [(a.status, a.closes) for a in found] == [(c[2], c[3]) for c in chosen[: last + 1]], found
+            assert closed == chosen[last][3] and rest == b"", (closed, rest[:200])
+        for answer in found:
+            document = check_answer(answer)
+            if document is not None and "ride_id" in document:
+                assert document["ride_id"] == ride_id, document
+        tally.saw((len(found), "closed" if closed else "kept"))
+
+    pipelined()
+    normal_call(server)
     tally.report(record_property)
 
 

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 import uuid
+from contextlib import closing
 from typing import Any
 
 import pytest
@@ -27,8 +28,10 @@ from websockets.exceptions import InvalidStatus
 
 from conftest import (
     API_KEY,
+    answer_end,
     attempt,
     authenticate,
+    client_frame,
     closed_with,
     connect_raw,
     daemon_env,
@@ -36,6 +39,7 @@ from conftest import (
     health,
     join,
     parse_response,
+    read_answer,
     read_until_closed,
     recv_json,
     ride,
@@ -92,13 +96,25 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> byte
 
 
 def exchange(server: Any, *pieces: bytes, delay: float = 0.0, timeout: float = 5.0) -> tuple[bytes, bool]:
-    """Send ``pieces`` (``delay`` seconds apart), then read until closed."""
+    """Send ``pieces`` (``delay`` seconds apart) on a new connection, then
+    read one answer (:func:`conftest.read_answer`): ``(data, closed)``,
+    ``closed`` telling whether the daemon closed the connection after it."""
     with connect_raw(server) as sock:
         for index, piece in enumerate(pieces):
             if index and delay:
                 time.sleep(delay)
             sock.sendall(piece)
-        return read_until_closed(sock, timeout)
+        return read_answer(sock, timeout, head=b"".join(pieces).startswith(b"HEAD "))
+
+
+def kept_alive(headers: dict[str, str]) -> bool:
+    """docs/protocol.md, "HTTP API": an answer that keeps its connection
+    says ``Keep-Alive: timeout=5``; one that closes it ``Connection: close``."""
+    if headers.get("connection") == "close":
+        assert "keep-alive" not in headers, headers
+        return False
+    assert "connection" not in headers and headers["keep-alive"] == "timeout=5", headers
+    return True
 
 
 def post_head(length: int | None, *extra: str, key: str = API_KEY) -> bytes:
@@ -363,8 +379,8 @@ def test_http_1_0_requests_are_answered(server) -> None:
     close."""
     data, closed = exchange(server, b"GET /health HTTP/1.0\r\n\r\n")
     assert closed, data
-    status, _, body = parse_response(data.replace(b"HTTP/1.0 ", b"HTTP/1.1 ", 1))
-    assert status == 200, data
+    status, headers, body = parse_response(data.replace(b"HTTP/1.0 ", b"HTTP/1.1 ", 1))
+    assert status == 200 and not kept_alive(headers), data
     assert json.loads(body)["status"] == "ok"
     data, closed = exchange(server, post_head(None).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
     assert closed, data
@@ -417,14 +433,14 @@ def test_expect_100_continue(server) -> None:
         assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
         final = interim.partition(b"\r\n\r\n")[2]
         sock.sendall(body)
-        data, closed = read_until_closed(sock, 5)
-    assert closed
-    status, headers, answer = parse_response(final + data)
-    assert status == 200, answer
+        data, closed = read_answer(sock, 5, data=final)
+    assert not closed
+    status, headers, answer = parse_response(data)
+    assert status == 200 and kept_alive(headers), answer
     assert json.loads(answer)["ride_id"] == ride_id
     # a client that does not wait for the interim answer works as well
     data, closed = exchange(server, post_head(len(body), "Expect: 100-continue") + session_body(ride()))
-    assert closed
+    assert not closed
     interim, _, final = data.partition(b"\r\n\r\n")
     assert interim == b"HTTP/1.1 100 Continue", data
     assert parse_response(final)[0] == 200, data
@@ -439,11 +455,91 @@ def test_body_sent_in_several_tcp_pieces(server) -> None:
     head = post_head(len(body))
     pieces = [head[:7], head[7:40], head[40:-2], head[-2:] + body[:3], body[3:20], body[20:]]
     data, closed = exchange(server, *pieces, delay=0.15)
-    assert closed, data
+    assert not closed, data
     status, headers, answer = parse_response(data)
-    assert status == 200, answer
+    assert status == 200 and kept_alive(headers), answer
     assert headers["content-type"].startswith("application/json")
     assert json.loads(answer)["ride_id"] == ride_id
+
+
+# -- persistent connections (docs/protocol.md, "HTTP API"; RFC 9112 §9.3) -------------------
+
+
+@pytest.mark.compat
+def test_keep_alive_serves_several_requests_on_one_connection(server) -> None:
+    """docs/protocol.md, "HTTP API": an HTTP/1.1 client (http.client, as PHP's curl) sends its next
+    request on the same connection: two POST /sessions and a GET /health on one socket."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        sockets = []
+        for ride_id in (ride(), ride()):
+            conn.request("POST", "/sessions", session_body(ride_id), JSON_HEADERS)
+            response = conn.getresponse()
+            headers = {k.lower(): v for k, v in response.getheaders()}
+            assert (response.status, json.loads(response.read())["ride_id"]) == (200, ride_id)
+            assert kept_alive(headers) and not response.will_close
+            sockets.append(conn.sock)
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())["status"]) == (200, "ok")
+        assert sockets[0] is not None and sockets[0] is sockets[1] is conn.sock
+    finally:
+        conn.close()
+
+
+@pytest.mark.compat
+def test_connection_close_is_honoured(server) -> None:
+    """docs/protocol.md, "HTTP API": a request with `Connection: close` (a token list, any case)
+    gets `Connection: close` and the connection is closed after the answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("POST", "/sessions", session_body(ride()), {**JSON_HEADERS, "Connection": "close"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.will_close
+        assert not kept_alive({k.lower(): v for k, v in response.getheaders()})
+        response.read()
+    finally:
+        conn.close()
+    # on a connection kept after a first request, then with a request behind it
+    first = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    closing_request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: TE, Close\r\n\r\n"
+    with connect_raw(server) as sock:
+        sock.sendall(first + closing_request + b"GET /health HTTP/1.1\r\n\r\n")
+        data, closed = read_answer(sock)
+        end, closes = answer_end(data)  # type: ignore[misc]
+        assert not (closed or closes), data
+        data, closed = read_answer(sock, data=data[end:])
+    assert closed, data
+    status, headers, body = parse_response(data)
+    assert status == 200 and not kept_alive(headers), data
+    assert b"HTTP/1.1" not in body  # the request behind it was not answered
+
+
+@pytest.mark.compat
+def test_pipelined_requests_then_an_upgrade_on_one_connection(server) -> None:
+    """RFC 9112 §9.3.2: requests sent back to back on one connection are answered in order;
+    a WebSocket upgrade after them on the same connection is handed on (101, then frames)."""
+    ride_id = ride()
+    body = session_body(ride_id)
+    with connect_raw(server) as sock:
+        sock.sendall(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" + post_head(len(body)) + body)
+        first, closed = read_answer(sock)
+        end, closes = answer_end(first)  # type: ignore[misc]  # the 200 may be in the same read
+        assert not (closed or closes), first
+        data, closed = read_answer(sock, data=first[end:])
+        assert not closed
+        assert_error(parse_response(first[:end]), 404, "not_found")
+        status, headers, answer = parse_response(data)
+        assert status == 200 and kept_alive(headers), data
+        session = json.loads(answer)
+        assert session["ride_id"] == ride_id
+        sock.sendall(upgrade_head())
+        assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101 ")
+        payload = json.dumps(
+            {"type": "authenticate", "session_id": session["session_id"], "user_id": "driver-1"}
+        ).encode()
+        sock.sendall(client_frame(0x1, payload))
+        assert b'"user_id":"driver-1"' in read_until(sock, b"session_joined")
 
 
 # -- POST /sessions: one live session per ride, capacity -------------------------
@@ -578,9 +674,9 @@ def test_health_get_and_head(server) -> None:
     assert (document["sessions"], document["active_calls"], document["connections"]) == (0, 0, 0)
     # HEAD: the status and headers, no body bytes at all
     data, closed = exchange(server, b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    assert closed, data
+    assert not closed, data
     status, headers, rest = parse_response(data)
-    assert status == 200 and rest == b"", data
+    assert status == 200 and rest == b"" and kept_alive(headers), data
     assert headers["content-type"].startswith("application/json")
     assert server.request("HEAD", "/health")[0] == 200
 
@@ -773,6 +869,7 @@ def test_malformed_http_is_400_and_close(server, request_bytes: bytes) -> None:
     assert data.startswith(b"HTTP/1.1 400 "), data
     status, headers, body = parse_response(data)
     assert_error((status, headers, body), 400)
+    assert not kept_alive(headers)
 
 
 @pytest.mark.compat
@@ -1037,8 +1134,12 @@ def test_sigterm_ends_active_call_with_server_shutdown(server) -> None:
 
 def test_while_stopping_sessions_and_health_are_503(server) -> None:
     """docs/operations.md, "Shutdown"; docs/protocol.md, "HTTP API": while stopping, POST /sessions and new
-    upgrades → 503, /health → 503 shutting_down."""
-    with connect_raw(server) as lingering:
+    upgrades → 503, /health → 503 shutting_down, each answer closing its connection; a kept-alive
+    connection waiting for its next request is closed as the stop begins."""
+    kept = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    with connect_raw(server) as lingering, closing(kept):
+        kept.request("GET", "/health")
+        assert kept.getresponse().read()
         # a WebSocket client that never answers the closing handshake keeps the
         # server in its stopping phase for the close timeout
         lingering.sendall(upgrade_head())
@@ -1046,9 +1147,13 @@ def test_while_stopping_sessions_and_health_are_503(server) -> None:
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         server.wait_for_log("stopping: ending live calls")
-        assert_error(post_raw_body(server, session_body(ride())), 503)
+        # closed now, not when the process exits (the requests below are answered after it)
+        assert read_until_closed(kept.sock, 5) == (b"", True)
+        answer = post_raw_body(server, session_body(ride()))
+        assert_error(answer, 503)
+        assert not kept_alive(answer[1])  # docs/protocol.md, "HTTP API": no connection kept while stopping
         status, headers, body = server.request("GET", "/health")
-        assert status == 503, body
+        assert status == 503 and not kept_alive(headers), body
         assert json.loads(body) == {"status": "shutting_down"}
         assert asyncio.run(attempt(server)) == 503
         # the lingering client was sent a close frame with 1001
@@ -1080,16 +1185,22 @@ def test_sigint_ends_waiting_session_and_exits_0(server) -> None:
 
 
 def test_sigterm_with_idle_http_client_exits_promptly(server_factory) -> None:
-    """docs/operations.md, "Shutdown": SIGTERM exits 0 within a few seconds, call log flushed, even with an
-    idle HTTP client open."""
+    """docs/operations.md, "Shutdown": SIGTERM exits 0 within a few seconds, call log flushed, even with
+    idle HTTP clients open: one that sent nothing, one that sent half a request, one whose connection
+    was kept after its answer (closed cleanly; test_while_stopping_sessions_and_health_are_503 shows
+    it closed as the stop begins)."""
     server = server_factory(LOG_LEVEL="info")
     session = server.new_session()
     address = ("127.0.0.1", server.port)
-    with socket.create_connection(address), socket.create_connection(address) as half:
+    kept = http.client.HTTPConnection(*address, timeout=10)
+    with socket.create_connection(address), socket.create_connection(address) as half, closing(kept):
+        kept.request("GET", "/health")
+        assert kept.getresponse().read()
         half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         time.sleep(0.2)
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
+        assert read_until_closed(kept.sock, 6) == (b"", True)
         try:
             code = server.proc.wait(6)
         except subprocess.TimeoutExpired:
