@@ -30,10 +30,13 @@ class TokenMinter:
             asks for at least 32 characters).
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_keyed",)
 
     def __init__(self, api_key: str) -> None:
-        self._key = hmac.new(api_key.encode("utf-8", "surrogatepass"), _CONTEXT, hashlib.sha256).digest()
+        key = hmac.new(api_key.encode("utf-8", "surrogatepass"), _CONTEXT, hashlib.sha256).digest()
+        # HMAC's keyed inner and outer states, computed once and copied per
+        # token (RFC 2104 §4: they depend on the key alone).
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def token(self, session_id: str, role: str) -> str:
         """The token of ``role`` (``driver`` or ``passenger``) in the
@@ -45,7 +48,9 @@ class TokenMinter:
         if role not in ROLES:
             raise ValueError(f"not a participant role: {role!r}")
         message = session_id.encode("utf-8", "surrogatepass") + b"\0" + role.encode()
-        digest = hmac.digest(self._key, message, hashlib.sha256)
+        mac = self._keyed.copy()
+        mac.update(message)
+        digest = mac.digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
     def check(self, session_id: str, role: str, token: str) -> bool:

@@ -30,6 +30,17 @@ def test_tokens_are_256_bit_url_safe_and_deterministic() -> None:
         MINTER.token("s", "observer")
 
 
+def test_tokens_stay_what_earlier_versions_minted() -> None:
+    """A restart or a rolling deploy keeps the tokens the backend already
+    handed out: the derivation never changes (a value minted by the first
+    version with tokens)."""
+    minter = TokenMinter("a" * 32 + "-known-answer")
+    token = minter.token("0b6f1c1e-2f0a-4d52-9e55-5d3c0c6f7a10", "passenger")
+    assert token == "9ld-Gs1ffW6fiBnqkQRmfsP3eqc85mtskb0PTPmr3CE"
+    # Its keyed state is copied per token, never used up.
+    assert minter.token("0b6f1c1e-2f0a-4d52-9e55-5d3c0c6f7a10", "passenger") == token
+
+
 @given(
     session_id=st.text(max_size=40),
     role=st.sampled_from(ROLES),
