@@ -7,6 +7,7 @@ rules are tested without sleeping.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import deque
 from collections.abc import Mapping
@@ -122,12 +123,16 @@ class SlidingWindow:
         return len(self._events)
 
 
+@functools.lru_cache(maxsize=4096)
 def limit_key(ip: str) -> str:
     """The key per-address limits count ``ip`` under: an IPv4 address as
     itself (also when written IPv4-mapped, ``::ffff:a.b.c.d``); an IPv6
     address as its /64 network, the block one subscriber gets (RFC 6177),
     so a client rotating through its /64 or writing its address another
-    way (case, zeros, a zone) is one client; anything else as given."""
+    way (case, zeros, a zone) is one client; anything else as given.
+    Remembered for the last 4,096 addresses (asked on every ``POST
+    /sessions`` and upgrade; parsing an address costs more than the rest
+    of the check)."""
     try:
         address = ipaddress.ip_address(ip.partition("%")[0])
     except ValueError:
