@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CALL_LOG_COLUMNS
+from conftest import CALL_LOG_COLUMNS, wait_until
 from intaleq_signal.calllog import (
     CallActive,
     CallEnded,
@@ -24,7 +24,13 @@ from intaleq_signal.calllog import (
 )
 from intaleq_signal.calllog.sql import utc_text
 from intaleq_signal.calllog.sqlite import SQLiteStore
-from intaleq_signal.calllog.writer import BACKOFF_FATAL, BACKOFF_FIRST, BACKOFF_MAX, MAX_BATCH
+from intaleq_signal.calllog.writer import (
+    BACKOFF_FATAL,
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    COMMIT_INTERVAL,
+    MAX_BATCH,
+)
 from intaleq_signal.media import Media
 
 
@@ -226,6 +232,27 @@ def test_batches_are_bounded():
     assert writer.close(5.0) == 0
     assert store.batches == [MAX_BATCH, 10]
     assert len(store.applied) == MAX_BATCH + 10
+
+
+def test_a_steady_flow_is_written_in_few_commits():
+    """An event after a quiet spell is written at once; events arriving one
+    every few milliseconds are gathered into a batch per COMMIT_INTERVAL
+    (one commit each), not a commit per event or two."""
+    store = FakeStore()
+    writer = make_writer(store)
+    writer.start()
+    writer.record(CallEnded("first", "expired", 60.0))
+    wait_until(lambda: store.batches or store.applied, timeout=10)
+    started = time.monotonic()
+    for n in range(40):
+        writer.record(CallEnded(f"s{n}", "expired", 60.0))
+        time.sleep(0.0025)
+    spell = time.monotonic() - started
+    assert writer.close(5.0) == 0
+    assert len(store.applied) == 41
+    # One commit per COMMIT_INTERVAL of the spell, and one for the first event.
+    commits = len(store.batches) + len(store.applied) - sum(store.batches)
+    assert commits <= 2 + spell / COMMIT_INTERVAL, (store.batches, spell)
 
 
 def test_state_unavailable_then_back():
