@@ -2,10 +2,14 @@
 it an upgrade request: whole messages handed to the signaling layer as they
 are parsed, and relayed frames written without the library's send path.
 
-The library's sans-I/O parser still checks every frame (masking, sizes,
-control frames, UTF-8); what this subclass changes is the delivery
-(callbacks instead of ``recv()``), the writing of text frames (batched per
-loop pass) and the memory an idle connection keeps.
+What this subclass changes is the delivery (callbacks instead of
+``recv()``), the reading of whole unfragmented text frames (:func:`frame_at`:
+the relayed messages, read without the library's generator-based parser),
+the writing of text frames (batched per loop pass) and the memory an idle
+connection keeps. Every other frame — control frames, fragments, binary,
+anything malformed or over the size limit — goes through the library's
+sans-I/O parser, whole frames at a time, so its checks and its answers
+(1002, 1009, pong, close) are the library's own.
 
 It also tells the signaling layer the moment a connection stops being open
 for sending (``on_closing``): a close frame received or sent, a protocol
@@ -25,10 +29,10 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
-from websockets.frames import CloseCode, Opcode
+from websockets.frames import CloseCode, Opcode, apply_mask
 from websockets.protocol import State
 
-__all__ = ["HTTPServerConnection", "MAX_UNREAD_BYTES"]
+__all__ = ["HTTPServerConnection", "MAX_UNREAD_BYTES", "frame_at"]
 
 #: Unsent output past which a peer is taken as not reading and dropped.
 MAX_UNREAD_BYTES = 256 * 1024
@@ -45,6 +49,48 @@ _flush_after: list[HTTPServerConnection] | None = None
 #: always in a batch begun in that chunk (see ``send_text``).
 _flush_soon: list[HTTPServerConnection] = []
 _LIBRARY_LOGGER = logging.getLogger("websockets.server")
+_NO_LIMIT = 1 << 63
+
+
+#: What :func:`frame_at` finds (see there).
+PARTIAL, SIMPLE, OTHER, UNREADABLE = 0, 1, 2, 3
+
+
+def frame_at(data: bytes, at: int, limit: int) -> tuple[int, int, int]:
+    """The client-to-server frame (RFC 6455 §5.2) that starts at offset
+    ``at`` of ``data``: ``(kind, mask, end)``.
+
+    ``kind`` is :data:`SIMPLE` for a whole frame this module reads itself —
+    FIN set, no RSV bit, opcode text (1), masked, payload at most ``limit``
+    bytes: its 4-byte masking key is at ``data[mask:mask + 4]`` and its
+    payload runs from ``mask + 4`` to ``end``; :data:`OTHER` for any other
+    whole frame (``data[at:end]``, for the library's parser);
+    :data:`PARTIAL` when ``data`` ends inside the frame (wait for more);
+    :data:`UNREADABLE` when the frame is not masked or its payload is over
+    ``limit``: the library's parser refuses it from its header (1002,
+    1009) and must read it and all that follows. ``mask`` and ``end`` are 0
+    unless whole.
+
+    Pure: no I/O, no state, nothing decoded (UTF-8 is checked where the
+    message is delivered).
+    """
+    size = len(data)
+    if size - at < 2:
+        return PARTIAL, 0, 0
+    second = data[at + 1]
+    length = second & 0x7F
+    mask = at + 2
+    if length >= 126:
+        mask += 2 if length == 126 else 8
+        if size < mask:
+            return PARTIAL, 0, 0
+        length = int.from_bytes(data[at + 2 : mask], "big")
+    if not second & 0x80 or length > limit:
+        return UNREADABLE, 0, 0
+    end = mask + 4 + length
+    if end > size:
+        return PARTIAL, 0, 0
+    return (SIMPLE if data[at] == 0x81 else OTHER), mask, end
 
 
 def _flush_queued() -> None:
@@ -112,6 +158,8 @@ class HTTPServerConnection(ServerConnection):
         "_out",
         "_closed",
         "_close_timer",
+        "_partial",
+        "_limit",
     )
 
     http_version = "1.1"  # the front hands on HTTP/1.1 requests only
@@ -141,6 +189,14 @@ class HTTPServerConnection(ServerConnection):
         self._out: list[bytes] | None = None  # frames waiting for this loop pass's write
         self._closed: asyncio.Future[None] | None = None  # see wait_closed()
         self._close_timer: asyncio.TimerHandle | None = None  # see close_soon()
+        self._partial: bytearray | None = None  # the start of a frame not yet whole (see _receive)
+        # The largest message payload read here (``max_size`` of the library:
+        # ``max_message_size`` since websockets 14.2's successors; None: no limit).
+        limit = getattr(self.protocol, "max_message_size", getattr(self.protocol, "max_size", None))
+        fragment = getattr(self.protocol, "max_fragment_size", None)
+        if fragment is not None:
+            limit = fragment if limit is None else min(limit, fragment)
+        self._limit = _NO_LIMIT if limit is None else limit
 
     def hold(self, data: bytes) -> None:
         """Keep ``data`` (what came behind the upgrade request) and what
@@ -164,13 +220,13 @@ class HTTPServerConnection(ServerConnection):
             # messages (which then never join a batch begun before).
             _flush_queued()
         if _flush_after is not None:  # already inside a chunk (not expected): theirs flushes
-            super().data_received(data)
+            self._receive(data)
             if self.protocol.state is not _OPEN:
                 self._closed_by_chunk()
             return
         touched = _flush_after = []
         try:
-            super().data_received(data)
+            self._receive(data)
             # The chunk held a close frame, or broke the protocol: the state
             # left OPEN as it was parsed, before its messages were handed on
             # (those before the close frame still count: they were sent).
@@ -180,6 +236,60 @@ class HTTPServerConnection(ServerConnection):
             _flush_after = None
             for connection in touched:
                 connection._flush()
+
+    def _receive(self, data: bytes) -> None:
+        """Read the whole frames of ``data``; keep the start of a frame not
+        yet whole for the next chunk.
+
+        A chunk of whole simple frames only (see :func:`frame_at`: the
+        relayed messages) is read here, each message handed to
+        :meth:`_deliver` in turn. A chunk with any other frame goes to the
+        library's parser whole, as it would without this path: the library
+        parses a chunk before handing any message on, so a close frame
+        behind an ``authenticate`` in one chunk closes the connection before
+        the ``authenticate`` is handled (it could not be answered). Once a
+        frame the library cannot take whole arrives (not masked, over the
+        size limit), and after the connection has failed, the library reads
+        every byte."""
+        partial = self._partial
+        if partial is not None:
+            self._partial = None
+            partial += data
+            data = partial  # type: ignore[assignment]
+        library = super().data_received
+        limit = self._limit
+        protocol = self.protocol
+        if limit < 0 or protocol.state is not _OPEN:  # the handshake request; after a close
+            library(data)
+            return
+        simple: list[tuple[int, int]] = []
+        at, size, others = 0, len(data), False
+        while at < size:
+            kind, mask, end = frame_at(data, at, limit)
+            if kind == PARTIAL:
+                break
+            if kind == UNREADABLE:  # the library reads it, and the rest of this connection
+                self._limit = -1
+                library(data)
+                return
+            if kind == SIMPLE:
+                simple.append((mask, end))
+            else:
+                others = True
+            at = end
+        if at < size:
+            self._partial = bytearray(data[at:]) if at or type(data) is bytes else data  # type: ignore[assignment]
+        if not at:
+            return
+        if others or self._fragments is not None or protocol.state is not _OPEN:
+            library(data[:at] if at < size else data)
+            return
+        for mask, end in simple:
+            self._deliver(_TEXT, apply_mask(data[mask + 4 : end], data[mask : mask + 4]))
+            if protocol.state is not _OPEN:  # failed (1007) or closed by the engine: the library
+                if end < at:  # reads what follows, as it would have (or discards it, after 1007)
+                    library(data[end:at])
+                return
 
     def _closed_by_chunk(self) -> None:
         """The chunk just handled left the connection not OPEN: bound the
@@ -260,6 +370,9 @@ class HTTPServerConnection(ServerConnection):
             return True  # keep the transport open for writing
         if self._out is not None:  # what was queued goes out before our end of stream
             self._flush()
+        partial, self._partial = self._partial, None
+        if partial is not None:  # the library sees the frame cut short by the end of stream
+            super().data_received(partial)
         keep_open = super().eof_received()
         if self.protocol.state is not _OPEN:  # CLOSED: an end of stream without a close frame
             self._stop_sending()

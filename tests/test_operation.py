@@ -285,7 +285,7 @@ def test_debug_logs_show_relayed_messages(server_factory) -> None:
     """docs/operations.md, "Logs": SDP and candidates appear only at debug level."""
     server = server_factory(LOG_LEVEL="debug")
     run_call(server, "ride-debug")
-    assert "secret-offer-marker" in server.log
+    server.wait_for_log("secret-offer-marker")
 
 
 def test_json_log_format_is_one_object_per_line(server_factory) -> None:
