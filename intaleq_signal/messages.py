@@ -29,6 +29,7 @@ __all__ = [
     "error",
     "error_message",
     "parse_authenticate",
+    "parse_media_state",
     "participant_joined",
     "participant_left",
     "relay_payload",
@@ -38,7 +39,15 @@ __all__ = [
 
 #: Types the server relays to the other participant (docs/protocol.md, rule 4).
 RELAYED_TYPES = frozenset({"offer", "answer", "ice_candidate"})
-KNOWN_TYPES = RELAYED_TYPES | {"authenticate", "heartbeat", "end_call"}
+KNOWN_TYPES = RELAYED_TYPES | {"authenticate", "heartbeat", "end_call", "media_state"}
+
+#: ``media_state`` ``state``: the values of ``RTCPeerConnection.connectionState``
+#: an app reports (docs/protocol.md, "media_state").
+MEDIA_STATES = frozenset({"connecting", "connected", "disconnected", "failed"})
+#: ``media_state`` ``candidate_type``: the type of the selected local ICE candidate.
+CANDIDATE_TYPES = frozenset({"host", "srflx", "prflx", "relay"})
+#: Largest ``media_state`` ``rtt_ms``, in milliseconds.
+MAX_RTT_MS = 60_000
 
 #: Longest ``session_id`` / ``user_id`` accepted in ``authenticate``, in code
 #: points; ids are created with at most 255 (``docs/protocol.md``, "POST /sessions").
@@ -131,6 +140,34 @@ def parse_token(obj: dict[str, Any]) -> str | None:
     if type(token) is not str or len(token) > MAX_ID_LENGTH:
         raise MessageError("invalid_message", "field 'token' must be a string")
     return token
+
+
+def parse_media_state(obj: dict[str, Any]) -> tuple[str, str | None]:
+    """``(state, candidate_type)`` of a ``media_state`` message
+    (docs/protocol.md, "media_state"): ``candidate_type`` None when absent
+    or null. ``rtt_ms`` (milliseconds, absent or null, or a number from 0
+    to :data:`MAX_RTT_MS`) is checked and not kept.
+
+    Raises:
+        MessageError: ``invalid_message`` naming the bad field.
+    """
+    state = obj.get("state")
+    if type(state) is not str or state not in MEDIA_STATES:
+        raise MessageError(
+            "invalid_message", "field 'state' must be one of connecting, connected, disconnected, failed"
+        )
+    candidate_type = obj.get("candidate_type")
+    if candidate_type is not None and (
+        type(candidate_type) is not str or candidate_type not in CANDIDATE_TYPES
+    ):
+        raise MessageError(
+            "invalid_message", "field 'candidate_type' must be one of host, srflx, prflx, relay"
+        )
+    rtt = obj.get("rtt_ms")
+    # bool is an int subclass, and 1e400 parses as infinity: both refused.
+    if rtt is not None and (type(rtt) not in (int, float) or not 0 <= rtt <= MAX_RTT_MS):
+        raise MessageError("invalid_message", "field 'rtt_ms' must be a number from 0 to 60000")
+    return state, candidate_type
 
 
 def relay_payload(kind: str, obj: dict[str, Any]) -> str:

@@ -22,6 +22,9 @@ __all__ = ["Histogram", "Metrics"]
 
 #: Relay latency buckets, seconds: relaying is sub-millisecond when healthy.
 RELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: Call start → media connected buckets, seconds: ICE over loopback takes
+#: a fraction of a second, a phone through a TURN relay a few seconds.
+MEDIA_CONNECT_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 
 
 class Histogram:
@@ -62,6 +65,13 @@ class Metrics:
         self.messages_relayed = 0
         self.connections_rejected: Counter[str] = Counter()  # by reason
         self.relay_latency = Histogram(RELAY_BUCKETS)
+        # media_state (docs/protocol.md, "media_state"): calls, not reports,
+        # except the failures.
+        self.media_connected_calls = 0
+        self.media_failed_calls = 0
+        self.media_failures = 0
+        self.media_candidates: Counter[str] = Counter()  # by candidate type
+        self.media_connect_time = Histogram(MEDIA_CONNECT_BUCKETS)
         self._read: list[tuple[str, str, str, Callable[[], float]]] = []
 
     def register(self, name: str, kind: str, help_text: str, read: Callable[[], float]) -> None:
@@ -163,6 +173,36 @@ class Metrics:
             "histogram",
             "Time from receiving a message to writing it to the peer's socket.",
             self.relay_latency.samples("intaleq_relay_latency_seconds"),
+        )
+        family(
+            "intaleq_media_connected_calls_total",
+            "counter",
+            "Calls whose two participants both reported media connected (once per call).",
+            [f"intaleq_media_connected_calls_total {self.media_connected_calls}"],
+        )
+        family(
+            "intaleq_media_failed_calls_total",
+            "counter",
+            "Calls with at least one media_state failed report (once per call).",
+            [f"intaleq_media_failed_calls_total {self.media_failed_calls}"],
+        )
+        family(
+            "intaleq_media_failures_total",
+            "counter",
+            "media_state failed reports.",
+            [f"intaleq_media_failures_total {self.media_failures}"],
+        )
+        family(
+            "intaleq_media_candidates_total",
+            "counter",
+            "Selected local ICE candidate types participants reported (each first one, then each change).",
+            labelled("intaleq_media_candidates_total", "candidate_type", self.media_candidates),
+        )
+        family(
+            "intaleq_media_connect_seconds",
+            "histogram",
+            "Time from the call becoming active to both participants reporting media connected.",
+            self.media_connect_time.samples("intaleq_media_connect_seconds"),
         )
         for name, kind, help_text, read in self._read:
             family(name, kind, help_text, [f"{name} {read()}"])

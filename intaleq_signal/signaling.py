@@ -31,12 +31,13 @@ participant that is not present is held or refused, never dropped
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import messages as msg
-from .calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from .calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, MediaReported, SessionCreated
 from .calllog.sql import SessionRow
 from .config import Config
 from .exceptions import Capacity, LifecycleError
@@ -49,6 +50,7 @@ from .lifecycle import (
     SessionEvent,
     SessionState,
 )
+from .media import Media, MediaChange
 from .messages import MessageError
 from .metrics import Metrics
 from .ratelimit import TokenBucket
@@ -330,7 +332,8 @@ class Signaling:
 
     def message_received(self, client: Client, message: str | bytes) -> None:
         """One whole message, ``str`` for a text frame, ``bytes`` for a
-        binary one (docs/protocol.md, rules 1, 2, 4, 5, 7, 8)."""
+        binary one (docs/protocol.md, rules 1, 2, 4, 5, 7, 8 and
+        "media_state")."""
         state = client.lifecycle.state
         if state is _AUTHENTICATED:
             if not client.bucket.take(self._now()):
@@ -341,6 +344,8 @@ class Signaling:
                 kind, obj = msg.decode(message)
                 if kind in msg.RELAYED_TYPES:
                     return self._relay(client, kind, obj)
+                if kind == "media_state":
+                    return self._media_state(client, obj)
             except MessageError as exc:
                 return client.send(msg.error(exc.code, exc.message))
             if kind == "heartbeat":
@@ -577,6 +582,46 @@ class Signaling:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("held %s session=%s from=%s: %s", kind, session.session_id, seat.role, payload)
 
+    # -- media_state ----------------------------------------------------------
+
+    def _media_state(self, client: Client, obj: dict[str, Any]) -> None:
+        """A participant's report of its peer connection (docs/protocol.md,
+        "media_state"): neither relayed nor answered; what it changes of the
+        session's media columns is recorded, with their values after it.
+
+        Raises:
+            MessageError: ``invalid_message`` (answered by the caller).
+        """
+        state, candidate_type = msg.parse_media_state(obj)
+        seat, session = client.seat, client.session
+        assert seat is not None and session is not None
+        media = session.media
+        if media is None:
+            media = session.media = Media()
+        change = media.report(seat.role, state, candidate_type, self.clock.wall())
+        if change is None:
+            return
+        self.calllog.record(MediaReported(session.session_id, **media.columns()))
+        self._count_media(session, seat.role, change)
+
+    def _count_media(self, session: Session, role: str, change: MediaChange) -> None:
+        """The media metrics (docs/protocol.md, "GET /metrics") and log
+        lines of one report's ``change``."""
+        metrics = self.metrics
+        if change.media_connected:
+            metrics.media_connected_calls += 1
+            started = session.connected
+            if started is not None:  # a call that never became active has no start to count from
+                metrics.media_connect_time.observe(max(0.0, self._now() - started))
+            log.info("media connected session=%s", session.session_id)
+        if change.candidate is not None:
+            metrics.media_candidates[change.candidate] += 1
+        if change.failures:
+            metrics.media_failures += 1
+            if change.failures == 1:
+                metrics.media_failed_calls += 1
+            log.info("media failed session=%s role=%s failures=%d", session.session_id, role, change.failures)
+
     # -- endings ------------------------------------------------------------
 
     def end(self, session: Session, reason: EndReason) -> None:
@@ -718,16 +763,19 @@ class Signaling:
         participant, absent, has ``RECONNECT_GRACE`` from now to come back
         (messages for it are held meanwhile); an ended one is remembered
         for ``SESSION_DURATION`` after its end, so a late join gets
-        ``session_ended`` / ``session_expired``. What fell due while no
-        process ran ends now, recorded with its own reason at its own time
-        (``expired`` at the expiry, ``max_duration_reached`` at the
-        deadline). Returns the number of live sessions restored."""
+        ``session_ended`` / ``session_expired``; the media progress goes on
+        from the row's (docs/protocol.md, "media_state"). What fell due
+        while no process ran ends now, recorded with its own reason at its
+        own time (``expired`` at the expiry, ``max_duration_reached`` at
+        the deadline). Returns the number of live sessions restored."""
         wall, now = self.clock.wall(), self._now()
         duration = self.config.session_duration
         live = 0
         for row in rows:
             session = Session(row.session_id, row.ride_id, row.driver_id, row.passenger_id, now, duration)
             session.initiated_by = row.initiated_by
+            if row.media is not None:
+                session.media = dataclasses.replace(row.media)  # its own copy: it changes
             session.created = now + (row.created_at - wall)
             if row.connected_at is not None:
                 session.connected = now + (row.connected_at - wall)

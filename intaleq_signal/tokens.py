@@ -45,7 +45,7 @@ class TokenMinter:
         if role not in ROLES:
             raise ValueError(f"not a participant role: {role!r}")
         message = session_id.encode("utf-8", "surrogatepass") + b"\0" + role.encode()
-        digest = hmac.new(self._key, message, hashlib.sha256).digest()
+        digest = hmac.digest(self._key, message, hashlib.sha256)
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
     def check(self, session_id: str, role: str, token: str) -> bool:

@@ -68,6 +68,12 @@ CALL_LOG_COLUMNS = [
     "connected_at",
     "ended_at",
     "node_id",
+    "media_connected_at",
+    "driver_candidate",
+    "passenger_candidate",
+    "media_failures",
+    "driver_media_at",
+    "passenger_media_at",
 ]
 #: The variables ``intaleq_signal/config.py`` reads (its quoted upper-case names).
 CONFIG_VARIABLES = frozenset(

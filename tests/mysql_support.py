@@ -61,6 +61,18 @@ class Database:
         with self.connect(database=None) as conn, conn.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS `{self.name}`")
 
+    def store(self) -> Any:
+        """The daemon's MySQL call-log store on this database (no daemon)."""
+        from intaleq_signal.calllog.mysql import MySQLStore
+
+        return MySQLStore(
+            host=MYSQL["host"],
+            port=MYSQL["port"],
+            user=MYSQL["user"],
+            password=MYSQL["password"],
+            database=self.name,
+        )
+
     def server_env(self, port: int | None = None) -> dict[str, str]:
         """Environment for a daemon logging to this database."""
         return {

@@ -13,10 +13,19 @@ from typing import Any
 import pytest
 
 from conftest import CALL_LOG_COLUMNS
-from intaleq_signal.calllog import CallActive, CallEnded, CallInitiated, CallLogWriter, SessionCreated, sql
+from intaleq_signal.calllog import (
+    CallActive,
+    CallEnded,
+    CallInitiated,
+    CallLogWriter,
+    MediaReported,
+    SessionCreated,
+    sql,
+)
 from intaleq_signal.calllog.sql import utc_text
 from intaleq_signal.calllog.sqlite import SQLiteStore
 from intaleq_signal.calllog.writer import BACKOFF_FATAL, BACKOFF_FIRST, BACKOFF_MAX, MAX_BATCH
+from intaleq_signal.media import Media
 
 
 def no_sleep(seconds: float) -> None:
@@ -488,7 +497,7 @@ def test_both_ddls_have_every_column_in_order():
     for ddl in (sql.mysql_ddl(), sql.sqlite_ddl()):
         table = ddl.split("CREATE TABLE IF NOT EXISTS call_logs (\n", 1)[1]
         assert [line.split()[0] for line in table.splitlines()][: len(names)] == names, ddl
-    assert [column.name for column in sql.ADDED_COLUMNS] == ["node_id"]
+    assert [column.name for column in sql.ADDED_COLUMNS] == ["node_id", *CALL_LOG_COLUMNS[12:]]
     assert [index.name for index in sql.late_indexes("mysql")] == ["idx_call_logs_node_status"]
     assert [index.name for index in sql.late_indexes("sqlite")] == ["idx_call_logs_node_status"]
 
@@ -520,6 +529,12 @@ def test_sqlite_every_event(sqlite_store):
         "connected_at": None,
         "ended_at": None,
         "node_id": "node-a",
+        "media_connected_at": None,
+        "driver_candidate": None,
+        "passenger_candidate": None,
+        "media_failures": 0,
+        "driver_media_at": None,
+        "passenger_media_at": None,
     }
     store.apply(conn, CallInitiated("s1", "drv"))
     assert only_row(store)["initiated_by"] == "drv"
@@ -594,6 +609,96 @@ def test_sqlite_sessions_are_separate_rows(sqlite_store):
         ("b", "ended"),
         ("c", "created"),
     ]
+
+
+#: A call's media reports as the engine records them (docs/protocol.md, "media_state"): the driver
+#: connected over host, a failure, the driver through TURN after an ICE restart, the passenger connected.
+MEDIA_EVENTS = [
+    MediaReported("s1", driver_media_at=T + 6, driver_candidate="host"),
+    MediaReported("s1", driver_media_at=T + 6, driver_candidate="host", media_failures=1),
+    MediaReported("s1", driver_media_at=T + 6, driver_candidate="relay", media_failures=1),
+    MediaReported("s1", T + 9, T + 6, T + 9, "relay", "srflx", 1),
+]
+#: The row's media columns after them.
+MEDIA_ROW = {
+    "media_connected_at": utc_text(T + 9),
+    "driver_candidate": "relay",
+    "passenger_candidate": "srflx",
+    "media_failures": 1,
+    "driver_media_at": utc_text(T + 6),
+    "passenger_media_at": utc_text(T + 9),
+}
+
+
+def media_columns(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: row[name] for name in MEDIA_ROW}
+
+
+def test_sqlite_media_columns(sqlite_store):
+    """docs/protocol.md, "Call log": the media columns as the reports set them, and back as a restart
+    restores them."""
+    store, conn = sqlite_store
+    for event in [*lifecycle_events("s1", T)[:3], *MEDIA_EVENTS]:
+        store.apply(conn, event)
+    assert media_columns(only_row(store)) == MEDIA_ROW
+    [restored] = store.load(conn, "", T - 60)
+    assert restored.media == Media(T + 9, T + 6, T + 9, "relay", "srflx", 1)
+
+
+def test_sqlite_media_replays_are_idempotent(sqlite_store):
+    """docs/operations.md, "Call log and journal": a replay — any event again, or the journal's events
+    again in their order after the later ones landed — leaves the media columns as they were: the times
+    set once, the failures an absolute count (never counted twice, never lowered)."""
+    store, conn = sqlite_store
+    store.apply(conn, SessionCreated("s1", "r", "d", "p", T))
+    for event in MEDIA_EVENTS:
+        store.apply(conn, event)
+        before = only_row(store)
+        store.apply(conn, event)
+        assert only_row(store) == before
+    final = only_row(store)
+    for start in range(len(MEDIA_EVENTS)):
+        for event in MEDIA_EVENTS[start:]:
+            store.apply(conn, event)
+        assert only_row(store) == final
+    store.apply(conn, MediaReported("s1", T + 50, T + 50, T + 50, None, None, 0))  # older, or a stale owner
+    assert media_columns(only_row(store)) == MEDIA_ROW
+
+
+def test_sqlite_row_without_reports_restores_no_media(sqlite_store):
+    store, conn = sqlite_store
+    for event in lifecycle_events("s1", T)[:3]:
+        store.apply(conn, event)
+    row = only_row(store)
+    assert media_columns(row) == dict.fromkeys(MEDIA_ROW) | {"media_failures": 0}
+    [restored] = store.load(conn, "", T - 60)
+    assert restored.media is None
+
+
+def test_sqlite_table_of_the_previous_edition_gets_the_media_columns(tmp_path):
+    """A call log made by the previous version (edition 2: no media columns) gets them at start, its rows
+    with no media (media_failures 0); preparing again changes nothing; its rows take media reports."""
+    path = str(tmp_path / "calls.sqlite3")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(sql.sqlite_ddl(edition=2))
+        conn.execute(
+            "INSERT INTO call_logs (session_id, ride_id, driver_id, passenger_id, status, created_at)"
+            " VALUES ('s1', 'r0', 'd', 'p', 'active', ?)",
+            (utc_text(T),),
+        )
+        assert [row[1] for row in conn.execute("PRAGMA table_info(call_logs)")] == CALL_LOG_COLUMNS[:12]
+    store = SQLiteStore(path)
+    store.check()
+    conn = store.connect()
+    try:
+        store.prepare(conn)  # twice: harmless
+        assert [row[1] for row in conn.execute("PRAGMA table_info(call_logs)")] == CALL_LOG_COLUMNS
+        assert media_columns(only_row(store)) == dict.fromkeys(MEDIA_ROW) | {"media_failures": 0}
+        for event in MEDIA_EVENTS:
+            store.apply(conn, event)
+    finally:
+        conn.close()
+    assert media_columns(only_row(store)) == MEDIA_ROW
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,14 @@ def test_driver_and_passenger_on_two_instances_relay_in_order(cluster):
         results = await asyncio.gather(send(d, "d"), send(p, "p"), receive(p), receive(d))
         assert results[2] == [f"d-{i}" for i in range(count)]
         assert results[3] == [f"p-{i}" for i in range(count)]
+        # media_state (docs/protocol.md, "media_state"): the passenger's, routed from b, reaches the
+        # engine of a, which runs the session; neither is relayed (the next message is the pong).
+        for ws, candidate in ((d, "host"), (p, "relay")):
+            await send_json(ws, {"type": "media_state", "state": "connected", "candidate_type": candidate})
+            await send_json(ws, {"type": "heartbeat"})
+            assert await recv_json(ws) == {"type": "pong"}
+        counted = [metric(server, "intaleq_media_connected_calls_total") for server in (a, b)]
+        assert counted == [1, 0]  # counted where the session runs
         await send_json(p, {"type": "end_call"})
         for ws in (d, p):
             assert await recv_until(ws, "call_ended") == {"type": "call_ended", "reason": "user_terminated"}
@@ -94,6 +102,8 @@ def test_driver_and_passenger_on_two_instances_relay_in_order(cluster):
     [row] = cluster.db.rows()
     assert (row["end_reason"], row["initiated_by"], row["node_id"]) == ("user_terminated", "driver-1", "a")
     assert row["connected_at"] is not None
+    assert (row["driver_candidate"], row["passenger_candidate"]) == ("host", "relay")
+    assert row["media_connected_at"] == row["passenger_media_at"] is not None
 
 
 def test_one_live_session_per_ride_across_instances(cluster):

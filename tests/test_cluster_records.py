@@ -3,9 +3,13 @@ session records and inbox entries, without Redis."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from intaleq_signal.cluster.records import Entry, Keys, Record, holder, pack, unpack
+from intaleq_signal.calllog import MediaReported
+from intaleq_signal.cluster.records import Entry, Keys, Record, holder, media_fields, pack, unpack
+from intaleq_signal.media import Media
 
 FIELDS = {
     "ride_id": "ride-1",
@@ -44,6 +48,21 @@ def test_record_from_a_hash_and_as_a_row():
         "s-1", {**FIELDS, "status": "ended", "end_reason": "expired", "ended_at": "1700000100"}
     )
     assert ended is not None and not ended.live(0) and ended.row().ended_at == 1700000100.0
+
+
+def test_a_records_media_progress_goes_to_its_row():
+    """An adopted session goes on from its media progress (docs/protocol.md, "media_state") as a
+    restarted one from its row: the record's fields are the media columns, written from the engine's
+    MediaReported events (None: not written) and from a session's Media alike."""
+    event = MediaReported("s-1", None, 1700000011.125, None, "relay", None, 2)
+    fields = media_fields(dataclasses.asdict(event))
+    assert fields == {"driver_media_at": "1700000011.125", "driver_candidate": "relay", "media_failures": "2"}
+    media = Media(driver_media_at=1700000011.125, driver_candidate="relay", media_failures=2)
+    assert media_fields(media.columns()) == fields
+    record = Record.from_hash("s-1", {**FIELDS, **fields})
+    assert record is not None and record.media == media and record.row().media == media
+    assert Record.from_hash("s-1", {**FIELDS, "media_failures": "0"}).row().media is None  # type: ignore[union-attr]
+    assert Record.from_hash("s-1", FIELDS).media is None  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("drop", ["ride_id", "status", "deadline", "created_at"])

@@ -128,7 +128,10 @@ DAEMON = {
 }
 #: docs/protocol.md, "HTTP API" and "Anything else".
 STATUSES = frozenset({200, 400, 401, 404, 405, 409, 411, 413, 414, 426, 429, 431, 503})
-KNOWN_TYPES = ("authenticate", "offer", "answer", "ice_candidate", "heartbeat", "end_call")
+KNOWN_TYPES = ("authenticate", "offer", "answer", "ice_candidate", "heartbeat", "end_call", "media_state")
+#: docs/protocol.md, "media_state".
+MEDIA_STATES = ("connecting", "connected", "disconnected", "failed")
+CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
 REASONS = frozenset(
     {"not_authenticated", "invalid_message", "session_not_found", "session_expired", "session_ended"}
     | {"user_not_in_session", "auth_timeout"}
@@ -363,6 +366,11 @@ FIELDS: dict[str, list[tuple[str, Any]]] = {
     "ice_candidate": [("candidate", st.one_of(st.none(), candidate_objects(), candidate_objects()))],
     "heartbeat": [],
     "end_call": [],
+    "media_state": [
+        ("state", st.one_of(st.sampled_from(MEDIA_STATES), st.sampled_from(["new", "closed", "Connected"]))),
+        ("candidate_type", st.one_of(st.none(), st.sampled_from(CANDIDATE_TYPES), strings)),
+        ("rtt_ms", st.one_of(st.none(), st.integers(-2, 60001), st.floats(), st.booleans(), raw_numbers)),
+    ],
     "unknown": [("sdp", sdps)],
 }
 TYPE_VARIANTS = [
@@ -501,7 +509,16 @@ def messages(kinds: tuple[str, ...]) -> Any:
     return st.integers(0, len(branches) - 1).flatmap(branches.__getitem__)
 
 
-AFTER_KINDS = ("authenticate", "offer", "answer", "ice_candidate", "ice_candidate", "heartbeat", "end_call")
+AFTER_KINDS = (
+    "authenticate",
+    "offer",
+    "answer",
+    "ice_candidate",
+    "ice_candidate",
+    "heartbeat",
+    "end_call",
+    "media_state",
+)
 BEFORE_KINDS = (
     "authenticate",
     "authenticate",
@@ -598,12 +615,24 @@ def _after_auth(obj: Any) -> set[tuple]:
         return {("pong",)}
     if kind == "end_call":
         return {("end",)}
+    if kind == "media_state":  # neither relayed nor answered, unless invalid
+        return {("silent",)} if _media_state_valid(obj) else {("error", "invalid_message")}
     if kind == "authenticate":
         outcomes = {("error", "already_authenticated")}
         if _auth_fields(obj) is None:
             outcomes.add(("error", "invalid_message"))
         return outcomes
     return relay(kind, obj)
+
+
+def _media_state_valid(obj: dict[str, Any]) -> bool:
+    state, candidate_type, rtt = obj.get("state"), obj.get("candidate_type"), obj.get("rtt_ms")
+    return (
+        type(state) is str
+        and state in MEDIA_STATES
+        and (candidate_type is None or (type(candidate_type) is str and candidate_type in CANDIDATE_TYPES))
+        and (rtt is None or (type(rtt) in (int, float) and 0 <= rtt <= 60000))
+    )
 
 
 def _auth_fields(obj: dict[str, Any]) -> tuple[str, str] | None:

@@ -14,12 +14,19 @@ from typing import Any
 import pytest
 from test_calllog import FakeStore, lifecycle_events
 
-from intaleq_signal.calllog import CallActive, CallEnded, CallLogWriter, PreviousRunClosed, SessionCreated
+from conftest import CALL_LOG_COLUMNS
+from intaleq_signal.calllog import (
+    CallActive,
+    CallEnded,
+    CallLogWriter,
+    MediaReported,
+    PreviousRunClosed,
+    SessionCreated,
+)
 from intaleq_signal.calllog import writer as writer_module
 from intaleq_signal.calllog.events import EventDecodeError, decode, encode
 from intaleq_signal.calllog.journal import Journal, JournalError
-from intaleq_signal.calllog.sql import utc_text
-from intaleq_signal.calllog.sqlite import DDL as SQLITE_DDL
+from intaleq_signal.calllog.sql import sqlite_ddl, utc_text
 from intaleq_signal.calllog.sqlite import SQLiteStore
 from intaleq_signal.calllog.writer import StartError
 
@@ -39,6 +46,8 @@ def no_sleep(seconds: float) -> None:
         SessionCreated("s1", "ride-\ud800", "drv", "pas", T, "node-a"),  # a lone surrogate survives
         CallActive("s1", T + 1),
         CallEnded("s1", "max_duration_reached", T + 60),
+        MediaReported("s1", T + 3, T + 2, T + 3, "relay", None, 2),
+        MediaReported("s1", driver_media_at=T + 2),
         PreviousRunClosed(T, "node-a"),
     ],
 )
@@ -437,7 +446,7 @@ def test_no_thread_left_is_a_start_error(tmp_path, monkeypatch):
 # -- node_id -------------------------------------------------------------------
 
 #: The table as the first edition made it: today's without node_id.
-FIRST_EDITION_DDL = SQLITE_DDL.replace(",\n    node_id VARCHAR(255) NULL", "")
+FIRST_EDITION_DDL = sqlite_ddl(edition=1)
 
 
 def test_sqlite_table_of_the_first_edition_gets_node_id(tmp_path):
@@ -456,7 +465,7 @@ def test_sqlite_table_of_the_first_edition_gets_node_id(tmp_path):
     try:
         store.prepare(conn)  # twice: harmless
         columns = [row[1] for row in conn.execute("PRAGMA table_info(call_logs)")]
-        assert columns[-1] == "node_id"
+        assert columns == CALL_LOG_COLUMNS
         indexes = [row[1] for row in conn.execute("PRAGMA index_list(call_logs)")]
         assert "idx_call_logs_node_status" in indexes
         store.apply(conn, SessionCreated("new", "r1", "d", "p", T + 1, "node-a"))

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from intaleq_signal import messages as m
-from intaleq_signal.messages import MessageError, decode, parse_authenticate, relay_payload
+from intaleq_signal.messages import MessageError, decode, parse_authenticate, parse_media_state, relay_payload
 
 CANDIDATE_KEYS = {"candidate", "sdpMid", "sdpMLineIndex", "usernameFragment"}
 FULL_CANDIDATE = {
@@ -48,6 +48,7 @@ def refused(text: str) -> MessageError:
         {"type": "ice_candidate", "candidate": None},
         {"type": "heartbeat"},
         {"type": "end_call"},
+        {"type": "media_state", "state": "connected", "candidate_type": "relay", "rtt_ms": 12.5},
     ],
     ids=lambda o: o["type"],
 )
@@ -319,6 +320,94 @@ def test_parse_authenticate_missing(field):
     del obj[field]
     with pytest.raises(MessageError, match=field):
         parse_authenticate(obj)
+
+
+# -- parse_media_state ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"state": "connecting"}, ("connecting", None)),
+        ({"state": "connected"}, ("connected", None)),
+        ({"state": "disconnected", "rtt_ms": 0}, ("disconnected", None)),
+        ({"state": "failed", "candidate_type": None, "rtt_ms": None}, ("failed", None)),
+        ({"state": "connected", "candidate_type": "host", "rtt_ms": 60000}, ("connected", "host")),
+        ({"state": "connected", "candidate_type": "srflx", "rtt_ms": 0.25}, ("connected", "srflx")),
+        ({"state": "connected", "candidate_type": "prflx", "rtt_ms": 60000.0}, ("connected", "prflx")),
+        (
+            {"state": "connected", "candidate_type": "relay", "extra": [1], "to": "driver"},
+            ("connected", "relay"),
+        ),
+    ],
+)
+def test_parse_media_state(fields, expected):
+    """docs/protocol.md, "media_state": state, the optional candidate_type (null: absent) and rtt_ms;
+    other fields ignored, as in every message."""
+    kind, obj = decode(json.dumps({"type": "media_state", **fields}))
+    assert kind == "media_state"
+    assert parse_media_state(obj) == expected
+
+
+STATE_ERROR = "field 'state' must be one of connecting, connected, disconnected, failed"
+CANDIDATE_TYPE_ERROR = "field 'candidate_type' must be one of host, srflx, prflx, relay"
+RTT_ERROR = "field 'rtt_ms' must be a number from 0 to 60000"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"type":"media_state"}', STATE_ERROR),
+        ('{"type":"media_state","state":null}', STATE_ERROR),
+        ('{"type":"media_state","state":1}', STATE_ERROR),
+        ('{"type":"media_state","state":true}', STATE_ERROR),
+        ('{"type":"media_state","state":["connected"]}', STATE_ERROR),
+        ('{"type":"media_state","state":{"connected":1}}', STATE_ERROR),
+        ('{"type":"media_state","state":""}', STATE_ERROR),
+        ('{"type":"media_state","state":"Connected"}', STATE_ERROR),
+        ('{"type":"media_state","state":"connected "}', STATE_ERROR),
+        ('{"type":"media_state","state":"new"}', STATE_ERROR),  # connectionState values not reported
+        ('{"type":"media_state","state":"closed"}', STATE_ERROR),
+        ('{"type":"media_state","state":"connected","candidate_type":"udp"}', CANDIDATE_TYPE_ERROR),
+        ('{"type":"media_state","state":"connected","candidate_type":""}', CANDIDATE_TYPE_ERROR),
+        ('{"type":"media_state","state":"connected","candidate_type":"RELAY"}', CANDIDATE_TYPE_ERROR),
+        ('{"type":"media_state","state":"connected","candidate_type":1}', CANDIDATE_TYPE_ERROR),
+        ('{"type":"media_state","state":"connected","candidate_type":false}', CANDIDATE_TYPE_ERROR),
+        ('{"type":"media_state","state":"connected","candidate_type":["host"]}', CANDIDATE_TYPE_ERROR),
+        ('{"type":"media_state","state":"connected","candidate_type":{}}', CANDIDATE_TYPE_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":-1}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":-0.001}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":60000.001}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":60001}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":true}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":false}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":"12"}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":"NaN"}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":[12]}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":{}}', RTT_ERROR),
+        ('{"type":"media_state","state":"connected","rtt_ms":1e400}', RTT_ERROR),  # parses as infinity
+        ('{"type":"media_state","state":"connected","rtt_ms":-1e400}', RTT_ERROR),
+    ],
+)
+def test_parse_media_state_refuses(text, message):
+    """docs/protocol.md, "media_state": a missing, unknown or non-string state, an unknown or non-string
+    candidate_type, an rtt_ms that is not a number from 0 to 60000 (booleans, strings and the infinities of
+    1e400 included) → invalid_message naming the field."""
+    kind, obj = decode(text)
+    with pytest.raises(MessageError) as info:
+        parse_media_state(obj)
+    assert (info.value.code, info.value.message) == ("invalid_message", message)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_parse_media_state_refuses_non_finite_rtt(value):
+    """docs/protocol.md, "media_state": NaN never passes (no JSON text gives it: NaN is invalid_json), nor
+    an infinity."""
+    with pytest.raises(MessageError, match="rtt_ms"):
+        parse_media_state({"type": "media_state", "state": "connected", "rtt_ms": value})
+    with pytest.raises(MessageError) as info:
+        decode('{"type":"media_state","state":"connected","rtt_ms":NaN}')
+    assert info.value.code == "invalid_json"
 
 
 # -- server messages ----------------------------------------------------------

@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from test_calllog import MEDIA_EVENTS, MEDIA_ROW, T
+
 from conftest import (
     CALL_LOG_COLUMNS,
     closed_with,
@@ -25,7 +27,9 @@ from conftest import (
     utcnow,
     wait_until,
 )
+from intaleq_signal.calllog import sql
 from intaleq_signal.calllog.mysql import DDL
+from intaleq_signal.media import Media
 from mysql_support import Database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -336,16 +340,8 @@ def test_batch_is_one_transaction(db) -> None:
     too: a refused event rolls back those before it in the batch, and the
     connection stays usable."""
     from intaleq_signal.calllog import CallActive, SessionCreated
-    from intaleq_signal.calllog.mysql import MySQLStore
 
-    env = db.server_env()
-    store = MySQLStore(
-        host=env["DB_HOST"],
-        port=int(env["DB_PORT"]),
-        user=env["DB_USERNAME"],
-        password=env["DB_PASSWORD"],
-        database=env["DB_DATABASE"],
-    )
+    store = db.store()
     conn = store.connect()
     try:
         store.prepare(conn)
@@ -542,24 +538,14 @@ def test_two_instances_on_one_database_keep_each_others_rows(server_factory, db)
     assert rows["first-waiting"]["status"] == "created"
 
 
-FIRST_EDITION_DDL = (
-    "\n".join(line for line in DDL.splitlines() if not line.startswith("--"))
-    .replace("    node_id VARCHAR(255) NULL,\n", "")
-    .replace(",\n    KEY idx_call_logs_node_status (node_id, status, ended_at)", "")
-)
-
-
-def test_table_of_the_first_edition_gets_node_id_at_start(server_factory, db) -> None:
-    assert "node_id" not in FIRST_EDITION_DDL
+def create_table(db, edition: int) -> None:
+    """``call_logs`` as the version writing ``edition`` of it created it."""
     with db.connect() as conn, conn.cursor() as cursor:
-        cursor.execute(FIRST_EDITION_DDL.split("CREATE TABLE", 1)[1].join(["CREATE TABLE", ""]))
-        cursor.execute(
-            "INSERT INTO call_logs (session_id, ride_id, driver_id, passenger_id, status, created_at)"
-            " VALUES ('old', 'old-ride', 'd', 'p', 'active', UTC_TIMESTAMP(3))"
-        )
-    server = server_factory(NODE_ID="node-m", **db.server_env())
-    wait_until(lambda: metric(server, "intaleq_calllog_writes_total") >= 1)
-    columns = [
+        cursor.execute("CREATE TABLE" + sql.mysql_ddl(edition).split("\nCREATE TABLE", 1)[1])
+
+
+def table_columns(db) -> list[str]:
+    return [
         r["COLUMN_NAME"]
         for r in db.query(
             "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s"
@@ -567,7 +553,19 @@ def test_table_of_the_first_edition_gets_node_id_at_start(server_factory, db) ->
             db.name,
         )
     ]
-    assert columns[-1] == "node_id"
+
+
+def test_table_of_the_first_edition_gets_node_id_at_start(server_factory, db) -> None:
+    create_table(db, edition=1)
+    assert "node_id" not in table_columns(db)
+    with db.connect() as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO call_logs (session_id, ride_id, driver_id, passenger_id, status, created_at)"
+            " VALUES ('old', 'old-ride', 'd', 'p', 'active', UTC_TIMESTAMP(3))"
+        )
+    server = server_factory(NODE_ID="node-m", **db.server_env())
+    wait_until(lambda: metric(server, "intaleq_calllog_writes_total") >= 1)
+    assert table_columns(db) == CALL_LOG_COLUMNS
     assert {r["Key_name"] for r in db.query("SHOW INDEX FROM call_logs")} >= {"idx_call_logs_node_status"}
     server.new_session(ride_id="new-ride")
     wait_until(lambda: "new-ride" in rows_by_ride(db))
@@ -577,6 +575,47 @@ def test_table_of_the_first_edition_gets_node_id_at_start(server_factory, db) ->
         "active",
     )  # not ours: untouched
     assert rows["new-ride"]["node_id"] == "node-m"
+
+
+def test_table_of_the_previous_edition_gets_the_media_columns(db) -> None:
+    """docs/protocol.md, "Call log": a table made by the previous version (edition 2, no media columns)
+    gets them when the store prepares it (twice: harmless), its rows with no media (media_failures 0);
+    then the reports set them, a replay of the events changes nothing (the failures an absolute count), and
+    a restart reads them back."""
+    create_table(db, edition=2)
+    assert table_columns(db) == CALL_LOG_COLUMNS[:12]
+    with db.connect() as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO call_logs (session_id, ride_id, driver_id, passenger_id, status, created_at,"
+            " node_id) VALUES ('s1', 'ride-m', 'd', 'p', 'active', %s, 'node-m')",
+            (sql.utc_text(T),),
+        )
+    store = db.store()
+    conn = store.connect()
+    try:
+        store.prepare(conn)
+        store.prepare(conn)
+        assert table_columns(db) == CALL_LOG_COLUMNS
+        assert media_of(db.rows()[0]) == dict.fromkeys(MEDIA_ROW) | {"media_failures": 0}
+        for event in MEDIA_EVENTS:
+            store.apply(conn, event)
+        [row] = db.rows()
+        assert media_of(row) == MEDIA_ROW
+        for start in range(len(MEDIA_EVENTS)):
+            store.apply_batch(conn, MEDIA_EVENTS[start:])
+            assert db.rows() == [row]
+        [restored] = store.load(conn, "node-m", T)
+    finally:
+        store.close(conn)
+    assert restored.media == Media(T + 9, T + 6, T + 9, "relay", "srflx", 1)
+
+
+def media_of(row: dict) -> dict:
+    """A MySQL row's media columns, times as the SQLite call log writes them (text)."""
+    return {
+        name: sql.utc_text(sql.epoch(row[name])) if isinstance(row[name], datetime.datetime) else row[name]
+        for name in MEDIA_ROW
+    }
 
 
 def test_unusable_or_shared_journal_exits_78_naming_it(server_factory, db, tmp_path) -> None:

@@ -10,7 +10,15 @@ import uuid
 import pytest
 
 from intaleq_signal.lifecycle import EndReason, LifecycleError, SessionState
-from intaleq_signal.sessions import HOLD_MAX_BYTES, HOLD_MAX_MESSAGES, Capacity, Registry, RideConflict, Seat
+from intaleq_signal.sessions import (
+    HOLD_MAX_BYTES,
+    HOLD_MAX_MESSAGES,
+    Capacity,
+    Registry,
+    RideConflict,
+    Seat,
+    new_session_id,
+)
 
 T0 = 1000.0
 
@@ -371,3 +379,14 @@ def test_body_lone_surrogate_escape_refused():
     escape) is a 400."""
     # "\ud800" is valid JSON, but the call-log INSERT and the `authenticated` frame cannot encode it.
     bad_request(b'{"ride_id":"r","driver_id":"d\\ud800","passenger_id":"p"}')
+
+
+def test_new_session_id_is_a_random_uuid4_in_canonical_text() -> None:
+    """RFC 9562 §5.4: version 4, variant 10xx; 36 lower-case characters, as
+    ``str(uuid.uuid4())`` writes them."""
+    ids = [new_session_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+    assert {text[19] for text in ids} == set("89ab")  # every variant digit occurs

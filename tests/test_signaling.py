@@ -14,6 +14,7 @@ reached before its timer ran).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 from collections.abc import Callable
@@ -21,10 +22,18 @@ from typing import Any
 
 import pytest
 
-from intaleq_signal.calllog import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from intaleq_signal.calllog import (
+    CallActive,
+    CallEnded,
+    CallEvent,
+    CallInitiated,
+    MediaReported,
+    SessionCreated,
+)
 from intaleq_signal.calllog.sql import SessionRow
 from intaleq_signal.config import Config
 from intaleq_signal.lifecycle import ConnectionState, SessionState
+from intaleq_signal.media import Media
 from intaleq_signal.metrics import Metrics
 from intaleq_signal.ratelimit import UpgradeAdmission
 from intaleq_signal.sessions import HOLD_MAX_BYTES, HOLD_MAX_MESSAGES, Capacity, RideConflict, Session
@@ -348,6 +357,8 @@ def test_ids_of_255_non_ascii_characters_authenticate(h: Harness) -> None:
         {"type": "heartbeat"},
         {"type": "offer", "sdp": SDP},
         {"type": "end_call"},
+        {"type": "media_state", "state": "connected", "candidate_type": "host"},
+        {"type": "media_state", "state": "nope"},
         {"type": "hello"},
         "not json",
         "NaN",
@@ -359,6 +370,8 @@ def test_ids_of_255_non_ascii_characters_authenticate(h: Harness) -> None:
         "heartbeat",
         "offer",
         "end_call",
+        "media_state",
+        "bad_media_state",
         "unknown_type",
         "invalid_json",
         "nan",
@@ -967,6 +980,10 @@ def test_a_closing_socket_is_absent_at_once(h: Harness) -> None:
 
 # -- rule 7: bad messages and the rate limit ----------------------------------------------
 
+STATE_ERROR = "field 'state' must be one of connecting, connected, disconnected, failed"
+TYPE_ERROR = "field 'candidate_type' must be one of host, srflx, prflx, relay"
+RTT_ERROR = "field 'rtt_ms' must be a number from 0 to 60000"
+
 
 @pytest.mark.parametrize(
     "message, code, text",
@@ -977,11 +994,31 @@ def test_a_closing_socket_is_absent_at_once(h: Harness) -> None:
         ('{"sdp": "x"}', "invalid_message", "field 'type' must be a string"),
         ('{"type": "offer"}', "invalid_message", "field 'sdp' must be a non-empty string"),
         ('{"type": "ice_candidate"}', "invalid_message", "field 'candidate' is required"),
+        ('{"type": "media_state"}', "invalid_message", STATE_ERROR),
+        (
+            '{"type": "media_state", "state": "connected", "candidate_type": "tcp"}',
+            "invalid_message",
+            TYPE_ERROR,
+        ),
+        ('{"type": "media_state", "state": "failed", "rtt_ms": -5}', "invalid_message", RTT_ERROR),
         ("[" * 100_000, "invalid_message", "message is nested too deeply"),
         ('{"type": "hangup"}', "unknown_type", "unknown message type"),
         (b"\x01\x02", "unsupported_frame", "binary frames are not supported"),
     ],
-    ids=["invalid_json", "nan", "array", "no_type", "no_sdp", "no_candidate", "deep", "unknown", "binary"],
+    ids=[
+        "invalid_json",
+        "nan",
+        "array",
+        "no_type",
+        "no_sdp",
+        "no_candidate",
+        "media_no_state",
+        "media_bad_type",
+        "media_bad_rtt",
+        "deep",
+        "unknown",
+        "binary",
+    ],
 )
 def test_bad_messages_get_an_error_and_the_socket_stays_open(
     h: Harness, message: Any, code: str, text: str
@@ -1050,6 +1087,17 @@ def test_every_frame_counts_against_the_rate_limit(h: Harness, authenticated: bo
     assert conn.closed == (1008, "rate limited")
 
 
+def test_media_state_counts_against_the_rate_limit(h: Harness) -> None:
+    """docs/protocol.md, "media_state" and rule 7: each report is a frame like any other."""
+    session, driver, passenger = h.call()
+    for _ in range(99):
+        driver.send({"type": "media_state", "state": "connecting"})
+    assert driver.closed is None and driver.take() == []
+    driver.send({"type": "media_state", "state": "connected"})
+    assert driver.take() == [RATE_LIMITED]
+    assert driver.closed == (1008, "rate limited")
+
+
 # -- rule 8: heartbeats ---------------------------------------------------------------
 
 
@@ -1089,6 +1137,135 @@ def test_sweep_closes_silent_sockets_1011_as_a_network_loss(h: Harness) -> None:
     assert passenger.take() == [{"type": "participant_left", "role": "driver"}]
     h.clock.advance(15_000)
     assert passenger.take() == [{"type": "call_ended", "reason": "disconnect_driver"}]
+
+
+# -- media_state (docs/protocol.md, "media_state") ---------------------------------------------
+
+
+def media(state: str, candidate_type: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A ``media_state`` message."""
+    message = {"type": "media_state", "state": state, **extra}
+    if candidate_type is not None:
+        message["candidate_type"] = candidate_type
+    return message
+
+
+def test_media_state_is_neither_relayed_nor_answered(h: Harness) -> None:
+    """docs/protocol.md, "media_state": the peer gets nothing, the sender gets nothing, nothing counts as
+    relayed; the socket stays open."""
+    session, driver, passenger = h.call()
+    for state in ("connecting", "connected", "disconnected", "failed"):
+        driver.send(media(state, "relay", rtt_ms=42))
+        passenger.send(media(state))
+    assert driver.take() == [] and passenger.take() == []
+    assert driver.closed is None and passenger.closed is None
+    assert h.metrics.messages_relayed == 0
+    driver.send({"type": "offer", "sdp": SDP})  # the peer's socket still gets what is relayed
+    assert passenger.take() == [{"type": "offer", "sdp": SDP}]
+
+
+def test_media_connected_at_is_the_second_participants_first_connected(h: Harness) -> None:
+    """docs/protocol.md, "Call log": media_connected_at is the moment the second participant's first
+    connected report arrived; each one's first connected is kept; repeated, connecting and disconnected
+    reports change nothing; counted once per call, with the time from the call's start."""
+    session, driver, passenger = h.call()  # active at 0 ms
+    h.clock.advance(400)
+    driver.send(media("connecting"))
+    passenger.send(media("connecting"))
+    assert h.calllog.take() == []
+    h.clock.advance(300)
+    driver.send(media("connected"))
+    assert h.calllog.take() == [MediaReported(session.session_id, driver_media_at=h.wall(700))]
+    assert h.metrics.media_connected_calls == 0
+    h.clock.advance(500)
+    driver.send(media("disconnected"))
+    driver.send(media("connected"))  # not its first
+    assert h.calllog.take() == []
+    h.clock.advance(800)
+    passenger.send(media("connected"))
+    assert h.calllog.take() == [
+        MediaReported(
+            session.session_id,
+            media_connected_at=h.wall(2_000),
+            driver_media_at=h.wall(700),
+            passenger_media_at=h.wall(2_000),
+        )
+    ]
+    assert h.metrics.media_connected_calls == 1
+    histogram = h.metrics.media_connect_time
+    assert histogram.count == 1 and histogram.sum == pytest.approx(2.0)
+    h.clock.advance(5_000)
+    for conn in (driver, passenger):
+        conn.send(media("disconnected"))
+        conn.send(media("connected"))
+    assert h.calllog.take() == [] and h.metrics.media_connected_calls == 1 and histogram.count == 1
+
+
+def test_one_participant_connected_is_no_media_connected_at(h: Harness) -> None:
+    """docs/protocol.md, "Call log": media_connected_at stays NULL until both reported connected, however
+    often one of them does."""
+    session, driver, passenger = h.call()
+    for _ in range(3):
+        driver.send(media("connected", "host"))
+        passenger.send(media("connecting"))
+    assert session.media == Media(driver_media_at=h.wall(0), driver_candidate="host")
+    assert h.metrics.media_connected_calls == 0 and h.metrics.media_connect_time.count == 0
+    driver.send({"type": "end_call"})
+    assert [type(event).__name__ for event in h.calllog.take()] == ["MediaReported", "CallEnded"]
+
+
+def test_candidate_type_from_connected_reports_that_name_one_latest_wins(h: Harness) -> None:
+    """docs/protocol.md, "Call log": each participant's candidate is the type in its latest connected report
+    that named one; a report without it, or another state naming one, changes nothing; each participant's
+    first type and each change count in intaleq_media_candidates_total."""
+    session, driver, passenger = h.call()
+    sid = session.session_id
+    driver.send(media("connected"))
+    assert h.calllog.take() == [MediaReported(sid, driver_media_at=h.wall(0))]
+    driver.send(media("connected", "host"))
+    assert h.calllog.take() == [MediaReported(sid, driver_media_at=h.wall(0), driver_candidate="host")]
+    for message in (media("connected"), media("connected", "host"), media("connecting", "srflx")):
+        driver.send(message)
+    driver.send(media("disconnected", "prflx"))
+    assert h.calllog.take() == []
+    driver.send(media("failed", "srflx"))
+    assert h.calllog.take() == [
+        MediaReported(sid, driver_media_at=h.wall(0), driver_candidate="host", media_failures=1)
+    ]
+    h.clock.advance(1_000)
+    driver.send(media("connected", "relay"))  # after an ICE restart, through TURN
+    passenger.send(media("connected", "srflx"))
+    assert h.calllog.take()[-1] == MediaReported(
+        sid, h.wall(1_000), h.wall(0), h.wall(1_000), "relay", "srflx", 1
+    )
+    assert session.media is not None
+    assert (session.media.driver_candidate, session.media.passenger_candidate) == ("relay", "srflx")
+    assert h.metrics.media_candidates == {"host": 1, "relay": 1, "srflx": 1}
+
+
+def test_failures_are_counted_as_absolute_numbers(h: Harness) -> None:
+    """docs/protocol.md, "Call log": media_failures counts the failed reports of both participants; each
+    event carries the count the engine holds (a replay cannot count twice); the call counts once in
+    intaleq_media_failed_calls_total, every report in intaleq_media_failures_total."""
+    session, driver, passenger = h.call()
+    other, d2, p2 = h.call("ride-2")
+    for conn in (driver, passenger, driver, d2):
+        conn.send(media("failed"))
+    assert [event.media_failures for event in h.calllog.take()] == [1, 2, 3, 1]  # type: ignore[union-attr]
+    assert session.media is not None and session.media.media_failures == 3
+    assert (h.metrics.media_failures, h.metrics.media_failed_calls) == (4, 2)
+    assert h.metrics.media_connected_calls == 0
+
+
+def test_media_state_of_a_replaced_socket_counts_for_nobody(h: Harness) -> None:
+    """docs/protocol.md, rule 2: a replaced socket's late reports are ignored like its other messages."""
+    session, driver, passenger = h.call()
+    newer = h.join(session, DRIVER)
+    newer.take()
+    passenger.take()
+    driver.send(media("connected", "relay"))
+    driver.send(media("failed"))
+    assert session.media is None and h.calllog.take() == []
 
 
 # -- connections and shutdown -----------------------------------------------------------
@@ -1329,6 +1506,33 @@ def test_restored_call_ends_when_nobody_comes_back(h: Harness) -> None:
     h.engine.restore([row("call", "active", created_at=-3_000, connected_at=-2_000)])
     h.clock.advance(15_000)
     assert h.calllog.take() == [CallEnded("call", "disconnect_driver", h.wall(15_000))]
+
+
+def test_restore_goes_on_from_the_rows_media_progress(h: Harness) -> None:
+    """docs/operations.md, "Restarts": a restored call keeps its media progress (docs/protocol.md,
+    "media_state"): the driver's connected before the restart and the passenger's after it give
+    media_connected_at; the failures go on from the row's count (absolute, never restarted at 0)."""
+    media = Media(driver_media_at=h.wall(-2_500), driver_candidate="relay", media_failures=2)
+    restored = dataclasses.replace(row("call", "active", created_at=-3_000, connected_at=-2_000), media=media)
+    h.engine.restore([restored])
+    call = h.engine.sessions.get("call")
+    assert call is not None and call.media == media and call.media is not media
+    driver, passenger = h.join(call, DRIVER), h.join(call, PASSENGER)
+    h.clock.advance(1_000)
+    passenger.send({"type": "media_state", "state": "connected", "candidate_type": "host"})
+    driver.send({"type": "media_state", "state": "failed"})
+    assert driver.take() == [{"type": "participant_joined", "role": "passenger"}]
+    assert passenger.take() == [{"type": "participant_joined", "role": "driver"}]
+    assert h.calllog.take() == [
+        MediaReported("call", h.wall(1_000), h.wall(-2_500), h.wall(1_000), "relay", "host", 2),
+        MediaReported("call", h.wall(1_000), h.wall(-2_500), h.wall(1_000), "relay", "host", 3),
+    ]
+    assert (h.metrics.media_connected_calls, h.metrics.media_failures, h.metrics.media_failed_calls) == (
+        1,
+        1,
+        0,
+    )
+    assert h.metrics.media_connect_time.sum == pytest.approx(3.0)  # from the row's connected_at
 
 
 # -- participant tokens (docs/protocol.md, "Participant tokens") ---------------------------------

@@ -10,6 +10,7 @@ from .events import (
     CallEnded,
     CallEvent,
     CallInitiated,
+    MediaReported,
     PreviousRunClosed,
     SessionCreated,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "CallEvent",
     "CallInitiated",
     "CallLogWriter",
+    "MediaReported",
     "PreviousRunClosed",
     "SessionCreated",
 ]

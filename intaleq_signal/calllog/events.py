@@ -22,6 +22,7 @@ __all__ = [
     "CallEvent",
     "CallInitiated",
     "EventDecodeError",
+    "MediaReported",
     "PreviousRunClosed",
     "SessionCreated",
     "decode",
@@ -68,6 +69,22 @@ class CallEnded:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class MediaReported:
+    """A ``media_state`` report changed the session's media columns
+    (docs/protocol.md, "media_state"): their values after it, absolute
+    (:class:`~intaleq_signal.media.Media`), so a replay changes nothing.
+    Times are epoch seconds; None leaves the column as it is."""
+
+    session_id: str
+    media_connected_at: float | None = None
+    driver_media_at: float | None = None
+    passenger_media_at: float | None = None
+    driver_candidate: str | None = None
+    passenger_candidate: str | None = None
+    media_failures: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PreviousRunClosed:
     """At start: rows of this instance (``node_id``) that a previous process
     left ``created`` or ``active`` (it was killed) are ended with
@@ -81,10 +98,11 @@ class PreviousRunClosed:
     session_id: str = ""
 
 
-CallEvent = SessionCreated | CallActive | CallInitiated | CallEnded | PreviousRunClosed
+CallEvent = SessionCreated | CallActive | CallInitiated | CallEnded | MediaReported | PreviousRunClosed
 
 _TYPES: dict[str, type[Any]] = {
-    cls.__name__: cls for cls in (SessionCreated, CallActive, CallInitiated, CallEnded, PreviousRunClosed)
+    cls.__name__: cls
+    for cls in (SessionCreated, CallActive, CallInitiated, CallEnded, MediaReported, PreviousRunClosed)
 }
 
 

@@ -7,7 +7,8 @@ which ``database.sql`` at the top of the repository links to; rewrite it with
 ``python -m intaleq_signal.calllog.sql`` or ``make schema``) and
 :func:`sqlite_ddl`. Columns and indexes added after the first edition of the
 table (:data:`ADDED_COLUMNS`, :func:`late_indexes`) are added by each store
-to an existing table at start (``Store.prepare``).
+to an existing table at start (``Store.prepare``); the table of an earlier
+edition is ``mysql_ddl(edition)`` / ``sqlite_ddl(edition)``.
 
 Each event maps to one idempotent statement, so a write replayed after a
 broken connection leaves the row as if it had been applied once:
@@ -17,6 +18,9 @@ broken connection leaves the row as if it had been applied once:
 - ``CallActive`` moves ``created`` → ``active`` only;
 - ``CallInitiated`` sets ``initiated_by`` only while it is NULL;
 - ``CallEnded`` sets the end only on a row not yet ``ended``;
+- ``MediaReported`` sets each media time only while it is NULL, a
+  candidate type only when the event names one, and ``media_failures``
+  only upwards, to the count the engine holds (never an increment);
 - ``PreviousRunClosed`` ends, with ``server_restart``, this instance's
   (``node_id``) rows still open that were created before this process
   started; other instances' rows are never touched.
@@ -33,11 +37,21 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from .events import CallActive, CallEnded, CallEvent, CallInitiated, PreviousRunClosed, SessionCreated
+from ..media import Media
+from .events import (
+    CallActive,
+    CallEnded,
+    CallEvent,
+    CallInitiated,
+    MediaReported,
+    PreviousRunClosed,
+    SessionCreated,
+)
 
 __all__ = [
     "ADDED_COLUMNS",
     "COLUMNS",
+    "EDITION",
     "INDEXES",
     "MYSQL",
     "SQLITE",
@@ -65,14 +79,14 @@ class Column:
             ``NOT NULL``, default).
         sqlite: the same in SQLite, when it differs (times are UTC text
             there; the id and the unique ``session_id`` are declared inline).
-        added: added after the first edition of the table: an existing
-            table gets it at start.
+        edition: the edition of the table that added it (1: the first);
+            an existing table of an earlier edition gets it at start.
     """
 
     name: str
     mysql: str
     sqlite: str = ""
-    added: bool = False
+    edition: int = 1
 
     def definition(self, dialect: Database) -> str:
         """``name definition`` in ``"mysql"`` or ``"sqlite"``."""
@@ -91,8 +105,11 @@ class Index:
     in_sqlite: bool = True
 
 
+#: The edition of the table this version writes: 2 added ``node_id``, 3 the
+#: media columns (docs/protocol.md, "media_state").
+EDITION = 3
 #: The columns of ``call_logs``, in table order (new tables; an existing
-#: table gets the ``added`` ones at its end).
+#: table gets those of later editions at its end).
 COLUMNS: tuple[Column, ...] = (
     Column("id", "INT UNSIGNED NOT NULL AUTO_INCREMENT", "INTEGER PRIMARY KEY AUTOINCREMENT"),
     Column("session_id", "VARCHAR(36) NOT NULL", "VARCHAR(36) NOT NULL UNIQUE"),
@@ -108,7 +125,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("created_at", "TIMESTAMP(3) NULL", "TEXT NOT NULL"),
     Column("connected_at", "TIMESTAMP(3) NULL", "TEXT NULL"),
     Column("ended_at", "TIMESTAMP(3) NULL", "TEXT NULL"),
-    Column("node_id", "VARCHAR(255) NULL", added=True),
+    Column("node_id", "VARCHAR(255) NULL", edition=2),
+    Column("media_connected_at", "TIMESTAMP(3) NULL", "TEXT NULL", edition=3),
+    Column("driver_candidate", "VARCHAR(16) NULL", edition=3),
+    Column("passenger_candidate", "VARCHAR(16) NULL", edition=3),
+    Column("media_failures", "INT UNSIGNED NOT NULL DEFAULT 0", "INTEGER NOT NULL DEFAULT 0", edition=3),
+    Column("driver_media_at", "TIMESTAMP(3) NULL", "TEXT NULL", edition=3),
+    Column("passenger_media_at", "TIMESTAMP(3) NULL", "TEXT NULL", edition=3),
 )
 #: The MySQL primary key (SQLite's is inline: ``INTEGER PRIMARY KEY``).
 PRIMARY_KEY = ("id",)
@@ -124,7 +147,7 @@ INDEXES: tuple[Index, ...] = (
 #: Columns added after the first edition of the table. Each store adds the
 #: ones an existing table lacks, at start (``Store.prepare``); new tables
 #: have them from their DDL.
-ADDED_COLUMNS: tuple[Column, ...] = tuple(column for column in COLUMNS if column.added)
+ADDED_COLUMNS: tuple[Column, ...] = tuple(column for column in COLUMNS if column.edition > 1)
 
 #: What ``call_logs.sql`` says above the table, for the operators who read it.
 MYSQL_HEADER = """\
@@ -133,8 +156,14 @@ MYSQL_HEADER = """\
 -- exists as soon as the daemon has reached the database once.
 -- Times are UTC (the server's MySQL sessions use time_zone '+00:00') with
 -- milliseconds: the moments the events happened, not the moments of the writes.
--- node_id is the instance (NODE_ID) that owns the row; a table made before
--- it existed gets the column (and its index) added by the server at start.
+-- node_id is the instance (NODE_ID) that owns the row. The media columns tell
+-- which calls really connected (what the apps report with media_state):
+-- media_connected_at, when both participants had reported "connected";
+-- driver_media_at and passenger_media_at, each one's first "connected";
+-- driver_candidate and passenger_candidate, each one's latest selected ICE
+-- candidate type (host, srflx, prflx, relay); media_failures, the "failed"
+-- reports. A table made before a column existed gets it (and its index)
+-- added by the server at start.
 """
 #: ``call_logs.sql``, next to this module.
 MYSQL_DDL_FILE = Path(__file__).with_name("call_logs.sql")
@@ -159,12 +188,21 @@ def create_index(index: Index, dialect: Database) -> str:
     return f"CREATE {unique}INDEX{guard} {index.name} ON call_logs ({', '.join(index.columns)})"
 
 
-def mysql_ddl() -> str:
+def _edition(edition: int) -> tuple[tuple[Column, ...], tuple[Index, ...]]:
+    """The columns and indexes of the table as ``edition`` created it."""
+    columns = tuple(column for column in COLUMNS if column.edition <= edition)
+    names = {column.name for column in columns}
+    return columns, tuple(index for index in INDEXES if names.issuperset(index.columns))
+
+
+def mysql_ddl(edition: int = EDITION) -> str:
     """The text of ``call_logs.sql``: :data:`MYSQL_HEADER`, then the table
-    with every column, the primary key and every index."""
-    lines = [column.definition("mysql") for column in COLUMNS]
+    with every column, the primary key and every index (those of an
+    earlier ``edition``: what it created, for the tests of the upgrade)."""
+    columns, indexes = _edition(edition)
+    lines = [column.definition("mysql") for column in columns]
     lines.append(f"PRIMARY KEY ({', '.join(PRIMARY_KEY)})")
-    for index in INDEXES:
+    for index in indexes:
         lines.append(f"{'UNIQUE ' if index.unique else ''}KEY {index.name} ({', '.join(index.columns)})")
     body = ",\n".join("    " + line for line in lines)
     return (
@@ -175,11 +213,12 @@ def mysql_ddl() -> str:
     )
 
 
-def sqlite_ddl() -> str:
-    """The SQLite script that creates the table and the indexes over its
-    first-edition columns, each only when missing (the late ones come after
-    the added columns: :func:`late_indexes`)."""
-    body = ",\n".join("    " + column.definition("sqlite") for column in COLUMNS)
+def sqlite_ddl(edition: int = EDITION) -> str:
+    """The SQLite script that creates the table (of ``edition``) and the
+    indexes over its first-edition columns, each only when missing (the
+    late ones come after the added columns: :func:`late_indexes`)."""
+    columns, _ = _edition(edition)
+    body = ",\n".join("    " + column.definition("sqlite") for column in columns)
     late = late_indexes("sqlite")
     indexes = "".join(
         create_index(index, "sqlite") + ";\n" for index in INDEXES if index.in_sqlite and index not in late
@@ -201,6 +240,15 @@ _TEMPLATES = {
         "UPDATE call_logs SET status = 'ended', end_reason = {p}, ended_at = {p}"
         " WHERE session_id = {p} AND status <> 'ended'"
     ),
+    MediaReported: (
+        "UPDATE call_logs SET media_connected_at = COALESCE(media_connected_at, {p}),"
+        " driver_media_at = COALESCE(driver_media_at, {p}),"
+        " passenger_media_at = COALESCE(passenger_media_at, {p}),"
+        " driver_candidate = COALESCE({p}, driver_candidate),"
+        " passenger_candidate = COALESCE({p}, passenger_candidate),"
+        " media_failures = CASE WHEN media_failures < {p} THEN {p} ELSE media_failures END"
+        " WHERE session_id = {p}"
+    ),
     PreviousRunClosed: (
         "UPDATE call_logs SET status = 'ended', end_reason = 'server_restart', ended_at = {p}"
         " WHERE status <> 'ended' AND created_at < {p} AND node_id = {p}"
@@ -213,6 +261,10 @@ def utc_text(at: float) -> str:
     truncated; ``isoformat`` is the C formatter, a third cheaper than
     ``strftime`` in the writer thread)."""
     return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat(" ", "milliseconds")[:23]
+
+
+def _utc_or_null(at: float | None) -> str | None:
+    return None if at is None else utc_text(at)
 
 
 def _params(event: CallEvent) -> tuple[Any, ...]:
@@ -229,6 +281,17 @@ def _params(event: CallEvent) -> tuple[Any, ...]:
         return (utc_text(event.at), event.session_id)
     if isinstance(event, CallInitiated):
         return (event.user_id, event.session_id)
+    if isinstance(event, MediaReported):
+        return (
+            _utc_or_null(event.media_connected_at),
+            _utc_or_null(event.driver_media_at),
+            _utc_or_null(event.passenger_media_at),
+            event.driver_candidate,
+            event.passenger_candidate,
+            event.media_failures,
+            event.media_failures,
+            event.session_id,
+        )
     if isinstance(event, PreviousRunClosed):
         return (utc_text(event.at), utc_text(event.at), event.node_id)
     return (event.reason, utc_text(event.at), event.session_id)
@@ -236,7 +299,8 @@ def _params(event: CallEvent) -> tuple[Any, ...]:
 
 _RESTORE_COLUMNS = (
     "SELECT session_id, ride_id, driver_id, passenger_id, status, initiated_by, end_reason,"
-    " created_at, connected_at, ended_at FROM call_logs"
+    " created_at, connected_at, ended_at, media_connected_at, driver_media_at, passenger_media_at,"
+    " driver_candidate, passenger_candidate, media_failures FROM call_logs"
 )
 _RESTORE = (
     f"{_RESTORE_COLUMNS} WHERE node_id = {{p}} AND status IN ('created', 'active')"
@@ -247,7 +311,8 @@ _RESTORE = (
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionRow:
     """One ``call_logs`` row as a restart restores it: times are epoch
-    seconds (UTC), ``None`` where the column is NULL."""
+    seconds (UTC), ``None`` where the column is NULL; ``media`` None when
+    no media column holds anything."""
 
     session_id: str
     ride_id: str
@@ -259,6 +324,7 @@ class SessionRow:
     created_at: float
     connected_at: float | None
     ended_at: float | None
+    media: Media | None = None
 
 
 def epoch(value: Any) -> float | None:
@@ -274,9 +340,23 @@ def epoch(value: Any) -> float | None:
 def session_rows(rows: list[tuple[Any, ...]]) -> list[SessionRow]:
     """The restore query's rows as :class:`SessionRow` (its column order)."""
     return [
-        SessionRow(*row[:7], epoch(row[7]) or 0.0, epoch(row[8]), epoch(row[9]))  # type: ignore[misc]
+        SessionRow(*row[:7], epoch(row[7]) or 0.0, epoch(row[8]), epoch(row[9]), _media(row[10:]))  # type: ignore[misc]
         for row in rows
     ]
+
+
+def _media(values: tuple[Any, ...]) -> Media | None:
+    """The media columns of a restored row (the restore query's order)."""
+    connected, driver_at, passenger_at, driver_candidate, passenger_candidate, failures = values
+    media = Media(
+        epoch(connected),
+        epoch(driver_at),
+        epoch(passenger_at),
+        driver_candidate,
+        passenger_candidate,
+        int(failures),
+    )
+    return None if media.empty else media
 
 
 class Dialect:

@@ -21,6 +21,7 @@ in order by one task per destination, keeps every session's order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -34,7 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from .. import messages as msg
-from ..calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, SessionCreated
+from ..calllog.events import CallActive, CallEnded, CallEvent, CallInitiated, MediaReported, SessionCreated
 from ..config import redacted_url
 from ..exceptions import Capacity, RedisError, RideConflict, Unavailable
 from ..lifecycle import SessionState
@@ -49,6 +50,7 @@ from .records import (
     Keys,
     Record,
     holder,
+    media_fields,
     pack,
     unpack,
 )
@@ -380,6 +382,8 @@ class Cluster:
             write(CallActive(record.session_id, record.connected_at))
         if record.initiated_by:
             write(CallInitiated(record.session_id, record.initiated_by))
+        if record.media is not None:
+            write(MediaReported(record.session_id, **record.media.columns()))
 
     # -- the call-log events of sessions run here, mirrored ------------------------
 
@@ -397,6 +401,9 @@ class Cluster:
             self._queue(
                 self._hset_ttl, self.keys.session(event.session_id), {"initiated_by": event.user_id}, 0, None
             )
+        elif isinstance(event, MediaReported):
+            fields = media_fields(dataclasses.asdict(event))
+            self._queue(self._hset_ttl, self.keys.session(event.session_id), fields, 0, None)
         elif isinstance(event, CallEnded):
             session = self.engine.sessions.get(event.session_id)
             ride = session.ride_id if session is not None else ""
@@ -435,6 +442,8 @@ class Cluster:
             fields["status"] = "active"
         if session.initiated_by:
             fields["initiated_by"] = session.initiated_by
+        if session.media is not None:
+            fields.update(media_fields(session.media.columns()))
         ttl = int((session.deadline - now + duration + 60) * 1000)
         key = self.keys.session(session.session_id)
         await self.redis.hset(key, mapping=fields)

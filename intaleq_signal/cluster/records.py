@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any
 
 from ..calllog.sql import SessionRow
+from ..media import Media
 
 __all__ = [
     "ADOPT",
@@ -31,6 +32,7 @@ __all__ = [
     "NODE_LEASE",
     "Record",
     "holder",
+    "media_fields",
     "pack",
     "unpack",
 ]
@@ -71,7 +73,9 @@ class Record:
 
     ``deadline`` is when it expires (never active) or is cut (active), epoch
     seconds; ``status`` is ``created``, ``active`` or ``ended``; ``creator``
-    is the instance that created it (the ``node_id`` of its call-log row).
+    is the instance that created it (the ``node_id`` of its call-log row);
+    ``media`` its media progress (docs/protocol.md, "media_state"), the
+    record's fields named as the call-log columns.
     """
 
     session_id: str
@@ -87,6 +91,7 @@ class Record:
     end_reason: str | None = None
     ended_at: float | None = None
     creator: str = ""
+    media: Media | None = None
 
     @classmethod
     def from_pairs(cls, session_id: str, flat: list[Any]) -> Record | None:
@@ -114,6 +119,7 @@ class Record:
                 end_reason=data.get("end_reason") or None,
                 ended_at=_float(data.get("ended_at")),
                 creator=data.get("creator", ""),
+                media=_media(data),
             )
         except (KeyError, ValueError):
             return None
@@ -131,6 +137,7 @@ class Record:
             created_at=self.created_at,
             connected_at=self.connected_at,
             ended_at=self.ended_at,
+            media=self.media,
         )
 
     def live(self, now: float) -> bool:
@@ -144,6 +151,32 @@ def _text(value: Any) -> str:
 
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
+
+
+def _media(data: dict[str, str]) -> Media | None:
+    """The media fields of a record (:func:`media_fields`), or None."""
+    media = Media(
+        _float(data.get("media_connected_at")),
+        _float(data.get("driver_media_at")),
+        _float(data.get("passenger_media_at")),
+        data.get("driver_candidate") or None,
+        data.get("passenger_candidate") or None,
+        int(data.get("media_failures") or 0),
+    )
+    return None if media.empty else media
+
+
+def media_fields(columns: dict[str, Any]) -> dict[str, str]:
+    """The record fields of media columns (``Media.columns()``, or a
+    ``MediaReported`` event's): those not None, as text."""
+    return {
+        name: repr(value) if isinstance(value, float) else str(value)
+        for name, value in columns.items()
+        if value is not None and name in _MEDIA_COLUMNS
+    }
+
+
+_MEDIA_COLUMNS = frozenset(field.name for field in dataclasses.fields(Media))
 
 
 # -- inbox entries -----------------------------------------------------------
