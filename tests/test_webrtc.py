@@ -733,11 +733,19 @@ def test_chromium_reconnect_with_ice_restart(server_factory, browser, request) -
         assert [m["type"] for m in d["sent"]].count("heartbeat") >= 2
         # The passenger's socket was never touched.
         assert (len(p["attempts"]), p["sockets"]) == (1, 1)
+        # docs/protocol.md, "media_state": the ICE restart moved both onto a
+        # new candidate pair while connected, and each reported connected again.
+        for snap, restarted in ((d, offers[-1]["t"]), (p, answers[-1]["t"])):
+            again = [m["msg"] for m in snap["sent"] if m["type"] == "media_state" and m["t"] > restarted]
+            assert {"state": "connected", "candidate_type": "host"}.items() <= again[-1].items(), again
 
     browser.run(scenario())
     assert server.stop() == 0
     [row] = server.call_logs()
     assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
+    report(request, media_columns(row))
+    assert row["media_connected_at"] is not None, row
+    assert (row["driver_candidate"], row["passenger_candidate"], row["media_failures"]) == ("host", "host", 0)
 
 
 def test_reference_client_stops_after_replaced_and_going_away(server_factory, browser, request) -> None:
@@ -1289,6 +1297,11 @@ def test_aiortc_with_chromium(
     assert server.stop() == 0
     [row] = server.call_logs()
     assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
+    # Only the Chromium side reports media_state (aiortc sends none): the call
+    # log has its candidate, and no media_connected_at, which needs both.
+    report(request, media_columns(row))
+    assert row[f"{browser_role}_candidate"] == ("relay" if relay else "host"), row
+    assert row[f"{aiortc_role}_candidate"] is None and row["media_connected_at"] is None, row
 
 
 @pytest.mark.e2e
@@ -1386,3 +1399,5 @@ def test_chromium_call_goes_on_across_a_daemon_restart(server_factory, browser, 
     wait_until(lambda: second.call_logs()[0]["status"] == "ended")
     [row] = second.call_logs()
     assert row["end_reason"] == "user_terminated", row
+    report(request, media_columns(row))
+    assert row["media_connected_at"] is not None and row["media_failures"] == 0, row

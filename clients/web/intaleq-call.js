@@ -316,6 +316,11 @@ export class IntaleqCall extends EventTarget {
       const state = pc.connectionState;
       this.emit("statechange", {state});
       if (REPORTED.has(state)) this.report(state);
+      // Another pair while connected (an ICE restart onto a relay, say): connected again.
+      const ice = state === "connected" && pc.getSenders()[0]?.transport?.iceTransport;
+      if (ice && !ice.onselectedcandidatepairchange) {
+        ice.onselectedcandidatepairchange = () => pc.connectionState === "connected" && this.report("connected");
+      }
       // ICE failed (a network change, say): the offering side restarts it.
       if (state === "failed" && this.role === "driver" && this.peerPresent) {
         this.chain = this.chain.then(() => this.offer(true)).catch((err) => this.fail("ice restart", err));
@@ -381,8 +386,9 @@ export class IntaleqCall extends EventTarget {
   }
 
   /**
-   * media_state for a connectionState change: with `connected`, the selected
-   * pair's local candidate type and round-trip time (ms) from getStats.
+   * media_state for a connectionState change, or a new selected pair while
+   * connected: with `connected`, the selected pair's local candidate type and
+   * round-trip time (ms) from getStats (docs/protocol.md, "media_state").
    * Reports stay in order among themselves; signaling never waits for them.
    */
   report(state) {
