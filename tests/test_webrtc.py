@@ -225,6 +225,8 @@ class CallPage:
         self.console: list[str] = []
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        page.on("requestfailed", lambda r: self.console.append(f"request failed: {r.url} {r.failure}"))
+        page.on("response", lambda r: r.ok or self.console.append(f"HTTP {r.status}: {r.url}"))
 
     @classmethod
     async def open(
@@ -238,6 +240,15 @@ class CallPage:
         role = "driver" if user_id.startswith("driver") else "passenger"
         page = cls(await context.new_page(), user_id)
         await page.page.goto(CALL_PAGE)  # from the context's base_url
+        if not await page.js("() => 'call' in window"):
+            # The page or the module did not arrive from the HTTP server (seen
+            # once under a heavy load): say so, and load it once more.
+            line = f"[webrtc] {user_id}: the harness did not load, loading it again: {page.console}"
+            print(line)
+            log.warning(line)
+            await page.page.reload()
+            if not await page.js("() => 'call' in window"):
+                raise AssertionError(f"{user_id}: the harness did not load: {page.console}")
         await page.page.evaluate(
             "cfg => call.start(cfg)",
             {
