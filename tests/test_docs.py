@@ -225,7 +225,8 @@ def test_cited_sections_exist() -> None:
 
 def test_app_guide_builds_the_peer_connection_from_the_servers_ice_servers() -> None:
     """docs/protocol.md, "The flow of a call" and "Reconnect and ICE
-    restart" say what tests/webrtc/call.html does: the RTCPeerConnection is
+    restart" say what the reference client, clients/web/intaleq-call.js,
+    does (tests/test_webrtc.py runs it): the RTCPeerConnection is
     built on ``session_joined`` with its ``ice_servers`` (not before
     ``authenticate`` with STUN/TURN of the app's own), and the fresh ones
     are set before an ICE restart (the first TURN credentials expire)."""
@@ -237,5 +238,8 @@ def test_app_guide_builds_the_peer_connection_from_the_servers_ice_servers() -> 
     restart = text.split("### Reconnect and ICE restart", 1)[1].split("###", 1)[0]
     call = "pc.setConfiguration({...pc.getConfiguration(), iceServers: msg.ice_servers})"
     assert call in restart, restart
-    page = (ROOT / "tests" / "webrtc" / "call.html").read_text(encoding="utf-8")
-    assert "this.pc.setConfiguration(" in page and "new RTCPeerConnection(config)" in page
+    client = (ROOT / "clients" / "web" / "intaleq-call.js").read_text(encoding="utf-8")
+    assert "this.pc.setConfiguration({...this.pc.getConfiguration(), iceServers})" in client
+    assert "new RTCPeerConnection(config)" in client
+    built = client.split('case "session_joined":', 1)[1].split("case ", 1)[0]
+    assert "this.useIceServers(msg.ice_servers)" in built, "not built on session_joined"

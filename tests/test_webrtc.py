@@ -1,11 +1,14 @@
 """Real WebRTC calls through the real daemon.
 
 Two libwebrtc endpoints (two pages of headless Chromium, driven with
-Playwright) run ``tests/webrtc/call.html``, a small client written the way the
-README tells app developers to: trickle ICE, wait for ``participant_joined``,
-the driver offers and the passenger answers, re-offer with an ICE restart
-after a reconnect. The page itself opens the WebSocket to the daemon; the test
-only starts it, waits for what it must see, and reads the page's records.
+Playwright) run the reference web client, ``clients/web/intaleq-call.js``,
+written the way docs/protocol.md tells app developers to: trickle ICE, wait
+for ``participant_joined``, the driver offers and the passenger answers,
+heartbeats, reconnect with backoff and re-offer with an ICE restart,
+``media_state`` reports. Each page is ``tests/webrtc/call.html``, a thin
+harness that imports the module as the repository has it (both served by
+this module's HTTP server), starts a call with it and records what goes on
+the wire; the test waits for what it must see and reads those records.
 A second pairing puts aiortc (a different WebRTC stack, driven from Python with
 the websockets client) against Chromium.
 
@@ -14,6 +17,9 @@ keep arriving (inbound-rtp ``packetsReceived`` read twice a second apart), and
 ``end_call`` brings ``call_ended`` ``user_terminated`` to both sides. Each test
 prints (``pytest -s``) and logs the figures the README quotes: first offer sent
 → ``connected``, and the bytes on the wire of offers, answers and candidates.
+
+One Chromium serves every test of the module (a fresh browser context
+each), in one event loop.
 
 Media stays on this machine: the page signals only its 127.0.0.1/::1
 candidates and aiortc is made to gather on 127.0.0.1 only (libwebrtc may
@@ -31,21 +37,22 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import datetime
+import http.server
 import importlib.util
 import json
 import logging
 import math
 import os
 import re
-import shutil
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
-from conftest import ServerProcess, send_json, wait_until
+from conftest import ROOT, ServerProcess, authenticate, send_json, wait_until
 from coturn import needs_coturn
 
 try:
@@ -54,7 +61,10 @@ except ImportError:  # pragma: no cover - skipped below, with the reason
     playwright_api = None
 
 CHROMIUM = "/usr/bin/chromium"
-CALL_PAGE = Path(__file__).parent / "webrtc" / "call.html"
+#: The harness page, and what the HTTP server serves from the repository:
+#: the page and the reference client it imports, clients/web/intaleq-call.js.
+CALL_PAGE = "tests/webrtc/call.html"
+SERVED = ("clients/web/", "tests/webrtc/")
 HAVE_AIORTC = importlib.util.find_spec("aiortc") is not None
 
 pytestmark = [
@@ -96,6 +106,7 @@ CONNECT_TIMEOUT = 30.0  # s, for ICE + DTLS on a loaded 2-core machine
 SIGNAL_TIMEOUT = 15.0  # s, for a signaling round trip
 
 RELAYED = ("offer", "answer", "ice_candidate")
+MEDIA_STATES = {"connecting", "connected", "disconnected", "failed"}
 GREETING = ("authenticated", "session_joined", "participant_joined")
 #: The page got call_ended user_terminated and its current socket closed with 1000.
 ENDED_JS = (
@@ -138,23 +149,75 @@ def wire_sizes(sent: list[dict[str, Any]]) -> dict[str, Any]:
 # -- Chromium ----------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def chromium(tmp_path: Path) -> AsyncIterator[Any]:
-    """A headless Debian Chromium with a fresh profile (one browser, many pages)."""
-    profile = tmp_path / "chromium-profile"
-    async with playwright_api.async_playwright() as pw:
-        context = await pw.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+class _Files(http.server.SimpleHTTPRequestHandler):
+    """The harness page and the client, straight from the repository (GET
+    only, nothing outside :data:`SERVED`)."""
+
+    extensions_map = {".js": "text/javascript", ".html": "text/html"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, directory=str(ROOT), **kwargs)
+
+    def send_head(self) -> Any:
+        if not self.path.split("?", 1)[0].lstrip("/").startswith(SERVED):
+            self.send_error(404)
+            return None
+        return super().send_head()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+class Browser:
+    """One headless Debian Chromium for the whole module, the event loop its
+    Playwright lives in (:meth:`run` runs a test's scenario there), and the
+    HTTP server of the harness page (:attr:`base`)."""
+
+    def __init__(self) -> None:
+        self.files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+        threading.Thread(target=self.files.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.files.server_address[1]}/"
+        self.loop = asyncio.new_event_loop()
+        self.playwright = self.run(playwright_api.async_playwright().start())
+        self.browser = self.run(
+            self.playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         )
+
+    def run(self, coroutine: Awaitable[Any]) -> Any:
+        return self.loop.run_until_complete(coroutine)
+
+    @contextlib.asynccontextmanager
+    async def context(self) -> AsyncIterator[Any]:
+        """A fresh browser context (its own pages, nothing shared with the
+        previous test's)."""
+        context = await self.browser.new_context(base_url=self.base)
         try:
             yield context
         finally:
             await context.close()
-            shutil.rmtree(profile, ignore_errors=True)
+
+    def close(self) -> None:
+        try:
+            self.run(self.browser.close())
+            self.run(self.playwright.stop())
+        finally:
+            self.loop.close()
+            self.files.shutdown()
+            self.files.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    shared = Browser()
+    try:
+        yield shared
+    finally:
+        shared.close()
 
 
 class CallPage:
-    """One endpoint: a page running ``call.html``, and ways to read it."""
+    """One endpoint: a page running the reference client in ``call.html``,
+    and ways to read it."""
 
     def __init__(self, page: Any, name: str) -> None:
         self.page = page
@@ -162,20 +225,37 @@ class CallPage:
         self.console: list[str] = []
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        page.on("requestfailed", lambda r: self.console.append(f"request failed: {r.url} {r.failure}"))
+        page.on("response", lambda r: r.ok or self.console.append(f"HTTP {r.status}: {r.url}"))
 
     @classmethod
     async def open(
         cls, context: Any, server: ServerProcess, session: dict[str, Any], user_id: str, **options: Any
     ) -> CallPage:
-        """``options``: more of the page's settings (``iceTransportPolicy``)."""
+        """The client authenticates with the participant token of
+        ``user_id``'s role (``driver-…`` or ``passenger-…``). ``options``: more
+        of the harness's settings: ``iceTransportPolicy``, ``wsUrl`` (another
+        way to the daemon), ``tamperFingerprint``, ``client`` (more options of
+        the client: heartbeat and backoff)."""
+        role = "driver" if user_id.startswith("driver") else "passenger"
         page = cls(await context.new_page(), user_id)
-        await page.page.goto(CALL_PAGE.as_uri())
+        await page.page.goto(CALL_PAGE)  # from the context's base_url
+        if not await page.js("() => 'call' in window"):
+            # The page or the module did not arrive from the HTTP server (seen
+            # once under a heavy load): say so, and load it once more.
+            line = f"[webrtc] {user_id}: the harness did not load, loading it again: {page.console}"
+            print(line)
+            log.warning(line)
+            await page.page.reload()
+            if not await page.js("() => 'call' in window"):
+                raise AssertionError(f"{user_id}: the harness did not load: {page.console}")
         await page.page.evaluate(
             "cfg => call.start(cfg)",
             {
                 "wsUrl": f"ws://127.0.0.1:{server.port}/ws",
                 "sessionId": session["session_id"],
                 "userId": user_id,
+                "token": session[f"{role}_token"],
                 **options,
             },
         )
@@ -196,6 +276,7 @@ class CallPage:
         brief = {k: snap[k] for k in ("role", "connectionState", "signalingState", "errors", "closes")}
         brief["received"] = [m["type"] for m in snap["received"]]
         brief["sent"] = [m["type"] for m in snap["sent"]]
+        brief["attempts"] = len(snap["attempts"])
         return f"--- {self.name}: {json.dumps(brief)}\n{text}\nconsole: {self.console}"
 
     async def wait(self, expression: str, what: str, timeout: float, *others: CallPage) -> None:
@@ -254,6 +335,50 @@ async def packets_growing(
     return first, second
 
 
+def call_start_to_connected_ms(snap: dict[str, Any]) -> float | None:
+    """The page's first participant_joined (the call starts) to its first
+    ``connected``, in ms."""
+    joined = next(m["t"] for m in snap["received"] if m["type"] == "participant_joined")
+    return round(snap["connectedAt"] - joined, 1) if snap["connectedAt"] else None
+
+
+def media_reports(snap: dict[str, Any]) -> list[dict[str, Any]]:
+    """The media_state messages a page sent."""
+    return [m["msg"] for m in snap["sent"] if m["type"] == "media_state"]
+
+
+def reconnect_to_rejoined_ms(snap: dict[str, Any]) -> float:
+    """The page's last connection attempt (the one that went through) to the
+    participant_joined it brought, in ms."""
+    rejoined = [m["t"] for m in snap["received"] if m["type"] == "participant_joined"][-1]
+    return round(rejoined - snap["attempts"][-1]["t"], 1)
+
+
+def check_media_reports(snap: dict[str, Any], candidate: str) -> None:
+    """docs/protocol.md, "media_state": the page reported its connection
+    state as it changed — ``connecting``, then ``connected`` with the
+    selected pair's local candidate type and round-trip time."""
+    reports = media_reports(snap)
+    states = [r["state"] for r in reports]
+    assert states[:2] == ["connecting", "connected"] and set(states) <= MEDIA_STATES, reports
+    connected = reports[1]
+    assert connected["candidate_type"] == candidate, reports
+    assert 0 <= connected.get("rtt_ms", 0) <= 60000, reports
+    assert all(set(r) <= {"type", "state", "candidate_type", "rtt_ms"} for r in reports), reports
+
+
+def media_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """The call log's media columns of a call, with call start (``connected_at``)
+    to ``media_connected_at`` in ms."""
+    moment = datetime.datetime.fromisoformat
+    figures = {key: row[key] for key in ("driver_candidate", "passenger_candidate", "media_failures")}
+    figures["media_connected"] = row["media_connected_at"] is not None
+    if row["media_connected_at"] and row["connected_at"]:
+        delta = moment(row["media_connected_at"]) - moment(row["connected_at"])
+        figures["call_start_to_media_connected_ms"] = round(delta.total_seconds() * 1000, 1)
+    return figures
+
+
 def relayed(records: list[dict[str, Any]]) -> list[Any]:
     return [m["msg"] for m in records if m["type"] in RELAYED]
 
@@ -310,15 +435,32 @@ async def start_chromium_call(
 
 
 async def audio_both_ways(driver: CallPage, passenger: CallPage) -> dict[str, Any]:
+    """Audio packets keep arriving at both pages (both read in the same second)."""
+
     async def diag() -> str:
         return await both(driver, passenger)
 
     async def packets(page: CallPage) -> int:
         return (await page.inbound_audio())["packetsReceived"]
 
-    at_passenger = await packets_growing(lambda: packets(passenger), "passenger receiving driver", diag)
-    at_driver = await packets_growing(lambda: packets(driver), "driver receiving passenger", diag)
+    at_passenger, at_driver = await asyncio.gather(
+        packets_growing(lambda: packets(passenger), "passenger receiving driver", diag),
+        packets_growing(lambda: packets(driver), "driver receiving passenger", diag),
+    )
     return {"passenger_packets": at_passenger, "driver_packets": at_driver}
+
+
+async def on_restarted_ice_session(driver: CallPage, passenger: CallPage) -> None:
+    """Both transports run on the ICE session of the latest descriptions
+    (after an ICE restart: new ufrags)."""
+    for page, other in ((driver, passenger), (passenger, driver)):
+        await page.wait(
+            "async () => { const p = await call.selectedPath();"
+            " return p && p.iceLocalUsernameFragment === p.localDescriptionUfrag; }",
+            "on the restarted ICE session",
+            CONNECT_TIMEOUT,
+            other,
+        )
 
 
 async def end_call(ender: CallPage, other: CallPage) -> None:
@@ -332,12 +474,12 @@ async def end_call(ender: CallPage, other: CallPage) -> None:
         )
 
 
-def test_chromium_to_chromium_call(server_factory, tmp_path, request) -> None:
+def test_chromium_to_chromium_call(server_factory, browser, request) -> None:
     server = server_factory()
     session = server.new_session(ride_id="ride-webrtc")
 
     async def scenario() -> None:
-        async with chromium(tmp_path) as context:
+        async with browser.context() as context:
             driver, passenger = await start_chromium_call(context, server, session)
             audio = await audio_both_ways(driver, passenger)
             energy = [(await page.inbound_audio())["totalAudioEnergy"] for page in (driver, passenger)]
@@ -348,6 +490,8 @@ def test_chromium_to_chromium_call(server_factory, tmp_path, request) -> None:
         figures = {
             "first_offer_to_driver_connected_ms": round(d["connectedAt"] - d["firstOfferSentAt"], 1),
             "first_offer_to_passenger_connected_ms": round(p["connectedAt"] - d["firstOfferSentAt"], 1),
+            "call_start_to_connected_ms": [call_start_to_connected_ms(d), call_start_to_connected_ms(p)],
+            "media_state_sent": [media_reports(d), media_reports(p)],
             "driver_sent": wire_sizes(d["sent"]),
             "passenger_sent": wire_sizes(p["sent"]),
             "candidates_gathered_signalled": [
@@ -376,54 +520,163 @@ def test_chromium_to_chromium_call(server_factory, tmp_path, request) -> None:
         assert relayed(d["received"]) == relayed(p["sent"])
         assert on_loopback(path), path
         assert all(e > 0 for e in energy), f"decoded only silence: totalAudioEnergy {energy}"
+        check_media_reports(d, "host")
+        check_media_reports(p, "host")
 
-    asyncio.run(scenario())
+    browser.run(scenario())
     assert server.stop() == 0
     [row] = server.call_logs()
+    report(request, media_columns(row))
     assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
+    # Which calls really connected: both reported connected, over host candidates (loopback).
+    assert row["media_connected_at"] is not None and row["media_connected_at"] >= row["connected_at"], row
+    assert (row["driver_candidate"], row["passenger_candidate"], row["media_failures"]) == ("host", "host", 0)
 
 
-def test_chromium_reconnect_with_ice_restart(server_factory, tmp_path, request) -> None:
+class SignalingLink:
+    """A TCP link between one page and the daemon that the test can break
+    as a mobile network breaks. :meth:`lose`: the daemon's end of every
+    connection is closed (the daemon sees the participant leave, as it would
+    after its heartbeat timeout), the page's end stays open but silent —
+    nothing it sends arrives, nothing comes back, so only the client's own
+    heartbeat can tell — and new connections are refused (closed at once).
+    :meth:`heal`: the page's dead connections are reset (its close frame
+    reaching a server that forgot it) and new ones go through again."""
+
+    def __init__(self, daemon_port: int) -> None:
+        self.daemon_port = daemon_port
+        self.down = False
+        self.refused: list[float] = []  # when each connection was refused (monotonic)
+        self.links: list[dict[str, Any]] = []
+        self.server: Any = None
+
+    async def start(self) -> SignalingLink:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/ws"
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            self.refused.append(time.monotonic())
+            writer.transport.abort()
+            return
+        daemon_reader, daemon_writer = await asyncio.open_connection("127.0.0.1", self.daemon_port)
+        link = {"page": writer, "daemon": daemon_writer, "lost": False}
+        self.links.append(link)
+        await asyncio.gather(self._pump(reader, daemon_writer, link), self._pump(daemon_reader, writer, link))
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                if not link["lost"]:
+                    writer.write(data)
+                    await writer.drain()
+        if not link["lost"]:
+            writer.close()
+
+    def lose(self) -> None:
+        self.down = True
+        for link in self.links:
+            link["lost"] = True
+            link["daemon"].transport.abort()
+
+    def heal(self) -> None:
+        self.down = False
+        for link in self.links:
+            if link["lost"]:
+                link["page"].transport.abort()
+
+    async def close(self) -> None:
+        for link in self.links:
+            for end in ("page", "daemon"):
+                link[end].transport.abort()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+#: The driver's client in the network-loss test: a heartbeat every second,
+#: the socket given up after 2 s of silence, retries after 100–200 ms, then
+#: 200–400 ms, 400–800 ms, …
+QUICK_CLIENT = {"heartbeatInterval": 1000, "heartbeatTimeout": 2000, "reconnectDelay": 200}
+
+
+def backoff_checked(events: list[dict[str, Any]], base: float, cap: float = 5000) -> list[float]:
+    """The delays (ms) of the client's reconnect attempts, each checked to be
+    its attempt's exponential step with jitter: in [0.5, 1) x min(cap, base x 2^n)."""
+    planned = [
+        e["detail"] for e in events if e["type"] == "signaling" and e["detail"]["state"] == "reconnecting"
+    ]
+    for n, step in enumerate(planned):
+        nominal = min(cap, base * 2 ** step["attempt"])
+        assert step["attempt"] == n and 0.5 * nominal <= step["delay"] < nominal, planned
+    return [round(step["delay"]) for step in planned]
+
+
+def test_chromium_reconnect_with_ice_restart(server_factory, browser, request) -> None:
+    """docs/protocol.md, "Reconnect and ICE restart": the driver's network is
+    lost under a live call (:class:`SignalingLink`): the daemon sees it
+    leave, the driver's socket goes silent. The audio goes on peer to peer;
+    the client notices by its heartbeat, keeps its RTCPeerConnection, and
+    retries with jittered exponential backoff while the network is down;
+    once it is back, the next attempt re-authenticates, the driver re-offers
+    with an ICE restart, and the call goes on, connected, on the new ICE
+    session."""
     server = server_factory(RECONNECT_GRACE="10s")
     session = server.new_session(ride_id="ride-webrtc-reconnect")
 
     async def scenario() -> None:
-        async with chromium(tmp_path) as context:
-            driver, passenger = await start_chromium_call(context, server, session)
-            await audio_both_ways(driver, passenger)
-            path_before = await driver.selected_path()
-
-            # The driver's WebSocket drops; its RTCPeerConnection stays.
-            await driver.js("() => call.dropSignaling()")
-            await passenger.wait_received("participant_left")
-            # The audio is peer-to-peer: it goes on while signaling is down.
-            down = [(await passenger.inbound_audio())["packetsReceived"]]
-            await asyncio.sleep(1.0)
-            down.append((await passenger.inbound_audio())["packetsReceived"])
-
-            # Back within RECONNECT_GRACE: authenticate again, and on
-            # participant_joined the driver re-offers with an ICE restart.
-            started = time.monotonic()
-            await driver.js("() => call.reconnect()")
-            await driver.wait_received("participant_joined", 2)
-            rejoined_ms = (time.monotonic() - started) * 1000
-            await passenger.wait_received("participant_joined", 2)
-            await driver.wait_received("answer", 2)
-            # Both transports run on the restarted ICE session (new ufrags).
-            for page, other in ((driver, passenger), (passenger, driver)):
-                await page.wait(
-                    "async () => { const p = await call.selectedPath();"
-                    " return p && p.iceLocalUsernameFragment === p.localDescriptionUfrag; }",
-                    "on the restarted ICE session",
-                    CONNECT_TIMEOUT,
-                    other,
+        link = await SignalingLink(server.port).start()
+        try:
+            async with browser.context() as context:
+                driver = await CallPage.open(
+                    context, server, session, "driver-1", wsUrl=link.url, client=QUICK_CLIENT
                 )
-            await driver.wait_connected(CONNECT_TIMEOUT, passenger)
-            await passenger.wait_connected(CONNECT_TIMEOUT, driver)
-            audio = await audio_both_ways(driver, passenger)
-            path_after = await driver.selected_path()
-            await end_call(driver, passenger)
-            d, p = await driver.snapshot(), await passenger.snapshot()
+                passenger = await CallPage.open(context, server, session, "passenger-1")
+                await driver.wait_connected(CONNECT_TIMEOUT, passenger)
+                await passenger.wait_connected(CONNECT_TIMEOUT, driver)
+                await audio_both_ways(driver, passenger)
+                path_before = await driver.selected_path()
+
+                # The driver's network goes; its RTCPeerConnection stays.
+                lost_at = time.monotonic()
+                link.lose()
+                await passenger.wait_received("participant_left")
+                # The audio is peer-to-peer: it goes on while signaling is down.
+                down = [(await passenger.inbound_audio())["packetsReceived"]]
+                # The driver's heartbeat gets no pong: the socket is given up,
+                # and the attempts to reconnect fail, spaced by the backoff.
+                await driver.wait(
+                    "() => call.signaling('lost').length === 1", "heartbeat failed", SIGNAL_TIMEOUT
+                )
+                noticed_s = time.monotonic() - lost_at
+
+                async def refused_twice() -> bool:
+                    return len(link.refused) >= 2
+
+                await eventually(
+                    refused_twice, "2 attempts refused", SIGNAL_TIMEOUT, lambda: both(driver, passenger)
+                )
+                down.append((await passenger.inbound_audio())["packetsReceived"])
+
+                # The network is back within RECONNECT_GRACE: the next attempt
+                # authenticates again, and on participant_joined the driver
+                # re-offers with an ICE restart.
+                started = time.monotonic()
+                link.heal()
+                await driver.wait_received("participant_joined", 2)
+                rejoined_ms = (time.monotonic() - started) * 1000
+                await passenger.wait_received("participant_joined", 2)
+                await driver.wait_received("answer", 2)
+                await on_restarted_ice_session(driver, passenger)
+                await driver.wait_connected(CONNECT_TIMEOUT, passenger)
+                await passenger.wait_connected(CONNECT_TIMEOUT, driver)
+                audio = await audio_both_ways(driver, passenger)
+                path_after = await driver.selected_path()
+                await end_call(driver, passenger)
+                d, p = await driver.snapshot(), await passenger.snapshot()
+        finally:
+            await link.close()
 
         offers = [m for m in d["sent"] if m["type"] == "offer"]
         answers = [m for m in p["sent"] if m["type"] == "answer"]
@@ -431,7 +684,15 @@ def test_chromium_reconnect_with_ice_restart(server_factory, tmp_path, request) 
             m["t"] for m in d["received"] if m["type"] == "answer" and m["t"] > offers[-1]["t"]
         ]
         figures = {
-            "reconnect_to_participant_joined_ms": round(rejoined_ms, 1),
+            "network_lost_to_heartbeat_failed_s": round(noticed_s, 2),
+            "attempts_refused_while_down": len(link.refused),
+            "backoff_delays_ms": [
+                round(e["detail"]["delay"])
+                for e in d["events"]
+                if e["type"] == "signaling" and e["detail"]["state"] == "reconnecting"
+            ],
+            "network_back_to_participant_joined_ms": round(rejoined_ms, 1),
+            "reconnect_to_participant_joined_ms": reconnect_to_rejoined_ms(d),
             "passenger_packets_while_signaling_down": down,
             "restart_offer_to_answer_received_ms": round(restart_answered[0] - offers[-1]["t"], 1)
             if restart_answered
@@ -469,11 +730,127 @@ def test_chromium_reconnect_with_ice_restart(server_factory, tmp_path, request) 
         assert relayed(d["received"]) == relayed(p["sent"])
         assert on_loopback(path_after), path_after
         assert [c["code"] for c in d["closes"]][-1] == 1000 and [c["code"] for c in p["closes"]] == [1000]
+        # The network loss as the client saw it: one socket given up by the
+        # heartbeat (the daemon never closed it), the attempts while the
+        # network was down refused, each after its backoff step, then one
+        # that went through.
+        lost = [
+            e["detail"] for e in d["events"] if e["type"] == "signaling" and e["detail"]["state"] == "lost"
+        ]
+        assert (lost[0]["code"], lost[0]["reason"]) == (1006, "heartbeat"), lost
+        assert [e["code"] for e in lost[1:]] == [1006] * len(link.refused), lost
+        delays = backoff_checked(d["events"], QUICK_CLIENT["reconnectDelay"])
+        assert len(d["attempts"]) == len(delays) + 1 == len(link.refused) + 2, (delays, len(link.refused))
+        assert [m["type"] for m in d["sent"]].count("heartbeat") >= 2
+        # The passenger's socket was never touched.
+        assert (len(p["attempts"]), p["sockets"]) == (1, 1)
+        # docs/protocol.md, "media_state": the ICE restart moved both onto a
+        # new candidate pair while connected, and each reported connected again.
+        for snap, restarted in ((d, offers[-1]["t"]), (p, answers[-1]["t"])):
+            again = [m["msg"] for m in snap["sent"] if m["type"] == "media_state" and m["t"] > restarted]
+            assert {"state": "connected", "candidate_type": "host"}.items() <= again[-1].items(), again
 
-    asyncio.run(scenario())
+    browser.run(scenario())
     assert server.stop() == 0
     [row] = server.call_logs()
     assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
+    report(request, media_columns(row))
+    assert row["media_connected_at"] is not None, row
+    assert (row["driver_candidate"], row["passenger_candidate"], row["media_failures"]) == ("host", "host", 0)
+
+
+def test_reference_client_stops_after_replaced_and_going_away(server_factory, browser, request) -> None:
+    """docs/protocol.md, "Close codes": 4002 (a newer socket of the same
+    participant took over) and 1001 (the server stops for good, here with
+    ``ON_STOP=end``) end the call for the client: it reports ``ended`` with
+    ``replaced`` / ``server_shutdown`` and never reconnects (its retries
+    would come within 100 ms here; none came in ten times that)."""
+    server = server_factory()
+    taken, stopped = server.new_session(), server.new_session()
+    quick = {"reconnectDelay": 100}
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with browser.context() as context:
+            replaced = await CallPage.open(context, server, taken, "driver-1", client=quick)
+            gone = await CallPage.open(context, server, stopped, "passenger-1", client=quick)
+            for page in (replaced, gone):
+                await page.wait("() => call.signaling('joined').length === 1", "joined", SIGNAL_TIMEOUT)
+            async with server.ws() as ws:
+                await authenticate(ws, taken, "driver-1", token=taken["driver_token"])
+                await replaced.wait("() => call.closes.length === 1", "closed as replaced", SIGNAL_TIMEOUT)
+                assert await asyncio.to_thread(server.stop) == 0
+            await gone.wait("() => call.closes.length === 1", "closed by the stop", SIGNAL_TIMEOUT)
+            await asyncio.sleep(1.0)
+            return [await page.snapshot() for page in (replaced, gone)]
+
+    r, g = browser.run(scenario())
+    report(
+        request, {"closes": [r["closes"], g["closes"]], "attempts": [len(r["attempts"]), len(g["attempts"])]}
+    )
+    for snap, code, reason in ((r, 4002, "replaced"), (g, 1001, "server_shutdown")):
+        assert snap["errors"] == [], snap["errors"]
+        assert [c["code"] for c in snap["closes"]] == [code], snap["closes"]
+        ended = [e["detail"] for e in snap["events"] if e["type"] == "ended"]
+        assert [e["reason"] for e in ended] == [reason], ended
+        assert snap["ended"] and not snap["reconnectPending"]
+        assert (len(snap["attempts"]), snap["sockets"]) == (1, 1), snap["attempts"]
+        assert not [e for e in snap["events"] if e["detail"].get("state") == "reconnecting"], snap["events"]
+    assert any(m["type"] == "error" and m["msg"]["code"] == "replaced" for m in r["received"]), r["received"]
+    assert {"type": "call_ended", "reason": "server_shutdown"} in [m["msg"] for m in g["received"]]
+
+
+def test_chromium_call_whose_media_cannot_connect(server_factory, browser, request) -> None:
+    """docs/protocol.md, "media_state": a call that reaches the server but
+    whose media never connects. The harness changes the DTLS fingerprint in
+    every description its page receives, so ICE connects but DTLS cannot
+    (an ICE failure takes Chromium about 15 s; this fails at once, the
+    same way for the apps and the call log): connectionState goes
+    ``failed`` on both pages, each reports it, and the call log has no
+    ``media_connected_at`` and counts the failures."""
+    server = server_factory()
+    session = server.new_session(ride_id="ride-webrtc-no-media")
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with browser.context() as context:
+            driver = await CallPage.open(context, server, session, "driver-1", tamperFingerprint=True)
+            passenger = await CallPage.open(context, server, session, "passenger-1", tamperFingerprint=True)
+            for page, other in ((driver, passenger), (passenger, driver)):
+                await page.wait(
+                    "() => call.sent.some(m => m.type === 'media_state' && m.msg.state === 'failed')",
+                    "media_state failed sent",
+                    CONNECT_TIMEOUT,
+                    other,
+                )
+            await end_call(driver, passenger)
+            return [await page.snapshot() for page in (driver, passenger)]
+
+    d, p = browser.run(scenario())
+    report(
+        request,
+        {
+            "states": [[s["state"] for s in snap["states"]] for snap in (d, p)],
+            "media_state_sent": [media_reports(snap) for snap in (d, p)],
+            "first_offer_to_failed_ms": [
+                round(
+                    next(s["t"] for s in snap["states"] if s["state"] == "failed") - d["firstOfferSentAt"], 1
+                )
+                for snap in (d, p)
+            ],
+        },
+    )
+    for snap in (d, p):
+        assert snap["errors"] == [], snap["errors"]
+        assert snap["connectedAt"] is None, snap["states"]
+        reports = media_reports(snap)
+        assert [r["state"] for r in reports][:1] == ["connecting"] and "failed" in [
+            r["state"] for r in reports
+        ]
+        assert all(r["state"] != "connected" for r in reports), reports
+    assert server.stop() == 0
+    [row] = server.call_logs()
+    assert (row["status"], row["end_reason"]) == ("ended", "user_terminated"), row
+    assert row["connected_at"] is not None and row["media_connected_at"] is None, row
+    assert row["media_failures"] >= 1, row
 
 
 # -- through a TURN relay (a real coturn) ----------------------------------------
@@ -491,7 +868,7 @@ def session_joined_bytes(snap: dict[str, Any]) -> int:
 
 
 @needs_coturn
-def test_chromium_call_through_a_turn_relay(server_factory, coturn_factory, tmp_path, request) -> None:
+def test_chromium_call_through_a_turn_relay(server_factory, coturn_factory, browser, request) -> None:
     """docs/protocol.md, "ICE servers": both pages take ``ice_servers`` from
     their own ``session_joined`` and allow only relay candidates
     (``iceTransportPolicy: "relay"``); the call connects through coturn with
@@ -503,7 +880,7 @@ def test_chromium_call_through_a_turn_relay(server_factory, coturn_factory, tmp_
     session = server.new_session(ride_id="ride-webrtc-turn")
 
     async def scenario() -> dict[str, Any]:
-        async with chromium(tmp_path) as context:
+        async with browser.context() as context:
             driver, passenger = await start_chromium_call(
                 context, server, session, iceTransportPolicy="relay"
             )
@@ -514,7 +891,7 @@ def test_chromium_call_through_a_turn_relay(server_factory, coturn_factory, tmp_
             return {"d": await driver.snapshot(), "p": await passenger.snapshot(), "paths": paths,
                     "energy": energy, "audio": audio}  # fmt: skip
 
-    result = asyncio.run(scenario())
+    result = browser.run(scenario())
     d, p, paths = result["d"], result["p"], result["paths"]
     report(
         request,
@@ -542,6 +919,13 @@ def test_chromium_call_through_a_turn_relay(server_factory, coturn_factory, tmp_
         [entry] = joined["ice_servers"]
         assert entry["urls"] == [turn.url] and entry["username"].endswith(f":{snap['role']}"), entry
     assert all(e > 0 for e in result["energy"]), result["energy"]
+    check_media_reports(d, "relay")
+    check_media_reports(p, "relay")
+    assert server.stop() == 0
+    [row] = server.call_logs()
+    report(request, media_columns(row))
+    assert row["media_connected_at"] is not None, row
+    assert (row["driver_candidate"], row["passenger_candidate"]) == ("relay", "relay"), row
     for role in ("driver", "passenger"):  # coturn allocated for both, with the daemon's usernames
         assert re.search(
             rf"user <\d+:{session['session_id']}:{role}>.*ALLOCATE processed, success", turn.log
@@ -557,7 +941,7 @@ CANDIDATE_PAIRS_JS = (
 
 @needs_coturn
 def test_chromium_call_fails_when_coturn_refuses_the_credentials(
-    server_factory, coturn_factory, tmp_path, request
+    server_factory, coturn_factory, browser, request
 ) -> None:
     """The daemon and coturn disagree on the secret: coturn answers the
     allocation with 401, no relay candidate exists, the relay-only call
@@ -567,7 +951,7 @@ def test_chromium_call_fails_when_coturn_refuses_the_credentials(
     session = server.new_session(ride_id="ride-webrtc-turn-401")
 
     async def scenario() -> dict[str, Any]:
-        async with chromium(tmp_path) as context:
+        async with browser.context() as context:
             driver = await CallPage.open(context, server, session, "driver-1", iceTransportPolicy="relay")
             passenger = await CallPage.open(
                 context, server, session, "passenger-1", iceTransportPolicy="relay"
@@ -586,7 +970,7 @@ def test_chromium_call_fails_when_coturn_refuses_the_credentials(
             pairs = [await page.js(CANDIDATE_PAIRS_JS) for page in (driver, passenger)]
             return {"d": await driver.snapshot(), "p": await passenger.snapshot(), "pairs": pairs}
 
-    result = asyncio.run(scenario())
+    result = browser.run(scenario())
     d, p = result["d"], result["p"]
     report(
         request,
@@ -819,7 +1203,7 @@ def aiortc_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     [("passenger", "host"), ("driver", "host"), pytest.param("passenger", "relay", marks=needs_coturn)],
 )
 def test_aiortc_with_chromium(
-    server_factory, coturn_factory, tmp_path, request, aiortc_on_loopback, aiortc_role, via
+    server_factory, coturn_factory, browser, request, aiortc_on_loopback, aiortc_role, via
 ) -> None:
     """``via`` "relay": both ends take only TURN relay candidates, from the
     ``ice_servers`` of their ``session_joined``, through a real coturn."""
@@ -837,7 +1221,7 @@ def test_aiortc_with_chromium(
     async def scenario() -> None:
         peer = AiortcPeer(server, session, ids[aiortc_role], relay=relay)
         try:
-            async with chromium(tmp_path) as context:
+            async with browser.context() as context:
                 if aiortc_role == "driver":
                     await peer.start()
                     page = await CallPage.open(context, server, session, ids[browser_role], **options)
@@ -860,8 +1244,10 @@ def test_aiortc_with_chromium(
                 async def chromium_packets() -> int:
                     return (await page.inbound_audio())["packetsReceived"]
 
-                aiortc_frames = await packets_growing(frames, "aiortc receiving Chromium", diag)
-                chromium_rx = await packets_growing(chromium_packets, "Chromium receiving aiortc", diag)
+                aiortc_frames, chromium_rx = await asyncio.gather(
+                    packets_growing(frames, "aiortc receiving Chromium", diag),
+                    packets_growing(chromium_packets, "Chromium receiving aiortc", diag),
+                )
                 energy = (await page.inbound_audio())["totalAudioEnergy"]
                 path = await page.selected_path()
                 aiortc_path = peer.selected_types()
@@ -876,14 +1262,14 @@ def test_aiortc_with_chromium(
                 await eventually(
                     aiortc_ended, "aiortc: call_ended user_terminated, close 1000", SIGNAL_TIMEOUT, diag
                 )
-                browser = await page.snapshot()
+                snap = await page.snapshot()
         finally:
             await peer.close()
 
         if aiortc_role == "driver":
-            started, connected = peer.first_offer_sent_at, browser["connectedAt"]
+            started, connected = peer.first_offer_sent_at, snap["connectedAt"]
         else:
-            started, connected = browser["firstOfferSentAt"], browser["connectedAt"]
+            started, connected = snap["firstOfferSentAt"], snap["connectedAt"]
         figures = {
             "first_offer_to_chromium_connected_ms": round(connected - started, 1),
             "first_offer_to_aiortc_connected_ms": round(peer.connected_at - started, 1),
@@ -891,7 +1277,7 @@ def test_aiortc_with_chromium(
             "aiortc_sdp_candidates": [
                 m["msg"]["sdp"].count("a=candidate") for m in peer.sent if "sdp" in m["msg"]
             ],
-            "chromium_sent": wire_sizes(browser["sent"]),
+            "chromium_sent": wire_sizes(snap["sent"]),
             "aiortc_frames": aiortc_frames,
             "aiortc_loud_frames": peer.loud_frames,
             "chromium_packets": chromium_rx,
@@ -901,10 +1287,10 @@ def test_aiortc_with_chromium(
         }
         report(request, figures)
 
-        assert peer.errors == [] and browser["errors"] == [], (peer.errors, browser["errors"])
-        assert relayed(browser["received"]) == relayed(peer.sent)
-        assert relayed(peer.received) == relayed(browser["sent"])
-        check_trickled(browser["sent"], "Chromium")
+        assert peer.errors == [] and snap["errors"] == [], (peer.errors, snap["errors"])
+        assert relayed(snap["received"]) == relayed(peer.sent)
+        assert relayed(peer.received) == relayed(snap["sent"])
+        check_trickled(snap["sent"], "Chromium")
         sizes = [m["bytes"] for m in peer.sent if m["type"] in ("offer", "answer")]
         assert peer.loud_frames > 0, "aiortc decoded only silence"
         assert energy > 0, "Chromium decoded only silence"
@@ -918,19 +1304,26 @@ def test_aiortc_with_chromium(
         assert sizes and max(sizes) <= 4096, f"aiortc's SDP ({sizes} B) is over the default MAX_MESSAGE_BYTES"
         assert [m["msg"]["candidate"] for m in peer.sent if m["type"] == "ice_candidate"] == [None]
 
-    asyncio.run(scenario())
+    browser.run(scenario())
     assert server.stop() == 0
     [row] = server.call_logs()
     assert (row["status"], row["end_reason"], row["initiated_by"]) == ("ended", "user_terminated", "driver-1")
+    # Only the Chromium side reports media_state (aiortc sends none): the call
+    # log has its candidate, and no media_connected_at, which needs both.
+    report(request, media_columns(row))
+    assert row[f"{browser_role}_candidate"] == ("relay" if relay else "host"), row
+    assert row[f"{aiortc_role}_candidate"] is None and row["media_connected_at"] is None, row
 
 
 @pytest.mark.e2e
-def test_chromium_call_goes_on_across_a_daemon_restart(server_factory, tmp_path, request) -> None:
+def test_chromium_call_goes_on_across_a_daemon_restart(server_factory, browser, tmp_path, request) -> None:
     """docs/operations.md, "Restarts": the daemon is restarted (SIGTERM,
     ON_STOP=handoff) under a live Chromium call: both pages see close 1012
-    and no call_ended, the audio keeps flowing while no daemon runs, both
-    reconnect to the next process (same NODE_ID, same port), the driver
-    re-offers with an ICE restart, and the call ends normally later."""
+    and no call_ended, the audio keeps flowing while no daemon runs, and the
+    reference client does the rest by itself: it retries at once (0–500 ms of
+    jitter), then with backoff until the next process (same NODE_ID, same
+    port) serves, authenticates again, and the driver re-offers with an ICE
+    restart; the call is connected again, and ends normally later."""
     env = {
         "ON_STOP": None,
         "NODE_ID": "webrtc-restart",
@@ -942,7 +1335,7 @@ def test_chromium_call_goes_on_across_a_daemon_restart(server_factory, tmp_path,
     session = first.new_session(ride_id="ride-webrtc-restart")
 
     async def scenario() -> dict[str, Any]:
-        async with chromium(tmp_path) as context:
+        async with browser.context() as context:
             driver, passenger = await start_chromium_call(context, first, session)
             await audio_both_ways(driver, passenger)
             signalled = time.monotonic()
@@ -956,12 +1349,11 @@ def test_chromium_call_goes_on_across_a_daemon_restart(server_factory, tmp_path,
             second = server_factory(SERVER_ADDR=f"127.0.0.1:{first.port}", **env)
             serving_s = time.monotonic() - signalled
             started = time.monotonic()
-            await driver.js("() => call.reconnect()")
-            await passenger.js("() => call.reconnect()")
             await driver.wait_received("participant_joined", 2)
             await passenger.wait_received("participant_joined", 2)
             rejoined_ms = (time.monotonic() - started) * 1000
             await driver.wait_received("answer", 2)
+            await on_restarted_ice_session(driver, passenger)
             await driver.wait_connected(CONNECT_TIMEOUT, passenger)
             await passenger.wait_connected(CONNECT_TIMEOUT, driver)
             audio = await audio_both_ways(driver, passenger)
@@ -974,13 +1366,23 @@ def test_chromium_call_goes_on_across_a_daemon_restart(server_factory, tmp_path,
             "server": second,
             "figures": {
                 "sigterm_to_next_process_serving_s": round(serving_s, 2),
-                "reconnect_to_participant_joined_ms": round(rejoined_ms, 1),
+                "next_process_serving_to_participant_joined_ms": round(rejoined_ms, 1),
+                "reconnect_to_participant_joined_ms": [reconnect_to_rejoined_ms(s) for s in (d, p)],
+                "attempts_while_no_daemon": [len(snap["attempts"]) - snap["sockets"] for snap in (d, p)],
+                "backoff_delays_ms": [
+                    [
+                        round(e["detail"]["delay"])
+                        for e in snap["events"]
+                        if e["detail"].get("state") == "reconnecting"
+                    ]
+                    for snap in (d, p)
+                ],
                 "passenger_packets_while_no_daemon": down,
                 **audio,
             },
         }
 
-    result = asyncio.run(scenario())
+    result = browser.run(scenario())
     report(request, result["figures"])
     d, p, down = result["d"], result["p"], result["down"]
     assert d["errors"] == [] and p["errors"] == [], (d["errors"], p["errors"])
@@ -989,9 +1391,24 @@ def test_chromium_call_goes_on_across_a_daemon_restart(server_factory, tmp_path,
         assert [c["code"] for c in snap["closes"]] == [1012, 1000], snap["closes"]
         ended = [m["msg"] for m in snap["received"] if m["type"] == "call_ended"]
         assert ended == [{"type": "call_ended", "reason": "user_terminated"}], ended
+        # docs/protocol.md, "Reconnect and ICE restart": after 1012 the first
+        # attempt comes at once, with jitter only; the failed ones back off.
+        lost = [e["detail"] for e in snap["events"] if e["detail"].get("state") == "lost"]
+        assert lost[0]["code"] == 1012 and all(e["code"] == 1006 for e in lost[1:]), lost
+        delays = [e["detail"]["delay"] for e in snap["events"] if e["detail"].get("state") == "reconnecting"]
+        assert len(delays) == len(lost) and delays[0] < 500, delays
+        assert all(
+            0.5 * min(5000, 500 * 2**n) <= delay < min(5000, 500 * 2**n)
+            for n, delay in enumerate(delays[1:], 1)
+        ), delays
+        # Authenticated again: the same greeting as on the first join.
+        greetings = [m["type"] for m in snap["received"] if m["type"] in GREETING]
+        assert greetings == list(GREETING) * 2, greetings
     offers = [m for m in d["sent"] if m["type"] == "offer"]
     assert len(offers) == 2 and ufrag(offers[1]["msg"]["sdp"]) != ufrag(offers[0]["msg"]["sdp"])
     second = result["server"]
     wait_until(lambda: second.call_logs()[0]["status"] == "ended")
     [row] = second.call_logs()
     assert row["end_reason"] == "user_terminated", row
+    report(request, media_columns(row))
+    assert row["media_connected_at"] is not None and row["media_failures"] == 0, row
