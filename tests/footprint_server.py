@@ -2,7 +2,8 @@
 
 On SIGUSR1 it writes the memory traced since start, as JSON to
 ``$FOOTPRINT_FILE``: the total and the part allocated by intaleq_signal's own
-code, in bytes, and the number of open connections.
+code, in bytes, the number of open connections and of call-log events not
+yet written.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def report(server: Server) -> None:
         "total": sum(stat.size for stat in stats),
         "own": sum(stat.size for stat in stats if OWN in stat.traceback[0].filename),
         "connections": len(server.signaling.clients),
+        "pending": server.calllog.pending,  # call-log events not yet written
     }
     with open(os.environ["FOOTPRINT_FILE"], "a", encoding="utf-8") as handle:
         handle.write(json.dumps(figures) + "\n")
