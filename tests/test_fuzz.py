@@ -1626,6 +1626,16 @@ class Request:
     def path(self) -> bytes:
         return self.target.split(b"?")[0]
 
+    def well_formed(self, fields: list[tuple[bytes, bytes]]) -> bool:
+        """Request line and header fields of RFC 9112 §3, §5 (the method aside)."""
+        return bool(
+            self.gap == b" "
+            and self.version in (b"HTTP/1.1", b"HTTP/1.0")
+            and ORIGIN.fullmatch(self.target)
+            and self.bad_line is None
+            and all(TOKEN.fullmatch(n) and VALUE.fullmatch(v) for n, v in fields)
+        )
+
     def expected(self) -> set[int]:
         """The statuses docs/protocol.md, "HTTP API" and "Anything else" allow for it."""
         fields = self.all_headers()
@@ -1637,14 +1647,7 @@ class Request:
             return {414}
         if len(lines) >= 128 or any(len(x) > 8192 for x in lines):
             return {431}  # README says "more than 128"; 128 is refused too (noted in the report)
-        well_formed = (
-            self.gap == b" "
-            and self.version in (b"HTTP/1.1", b"HTTP/1.0")
-            and ORIGIN.fullmatch(self.target)
-            and self.bad_line is None
-            and all(TOKEN.fullmatch(n) and VALUE.fullmatch(v) for n, v in fields)
-        )
-        if not well_formed:
+        if not self.well_formed(fields):
             return {400}
         if not METHOD.fullmatch(self.method):
             return {400, 404, 405} if TOKEN.fullmatch(self.method) else {400}
@@ -1698,15 +1701,9 @@ class Request:
             or any(len(x) > 8190 for x in lines)
         ):
             return True
-        well_formed = (
-            self.gap == b" "
-            and self.version in (b"HTTP/1.1", b"HTTP/1.0")
-            and ORIGIN.fullmatch(self.target)
-            and self.bad_line is None
-            and all(TOKEN.fullmatch(n) and VALUE.fullmatch(v) for n, v in fields)
-            and METHOD.fullmatch(self.method)
-        )
-        if not well_formed or self.version == b"HTTP/1.0" or says_close(fields):
+        if not (self.well_formed(fields) and METHOD.fullmatch(self.method)):
+            return True
+        if self.version == b"HTTP/1.0" or says_close(fields):
             return True
         names = {name.lower() for name, _ in fields}
         if b"transfer-encoding" in names or self.bad_length():
