@@ -9,7 +9,7 @@ flow-control context) is the cost of a WebSocket, not of a
 ``serve(create_connection=...)`` gets from :class:`FrontFactory` — reads
 each request head and its ``Content-Length`` body itself, then:
 
-- a request asking for a protocol upgrade (``Upgrade`` header) with no body
+- a request asking for a WebSocket upgrade (an ``Upgrade`` header naming ``websocket``) with no body
   is handed on: a :class:`~intaleq_signal.wire.HTTPServerConnection` takes
   the transport (``transport.set_protocol``) and the library parses a
   body-less ``GET`` head and runs its opening handshake, calling the
@@ -452,7 +452,9 @@ class HTTPFront(asyncio.Protocol):
             elif lower == b"expect":
                 expect_continue = value.lower() == b"100-continue"
             else:
-                if lower == b"upgrade":
+                if lower == b"upgrade" and b"websocket" in value.lower():
+                    # Only a WebSocket upgrade is handed on; another one
+                    # (h2c, say) is ignored as RFC 9110 §7.8 allows.
                     self._upgrade = True
                 elif lower == b"connection" and _closes(value):
                     self._keep = False

@@ -309,6 +309,22 @@ async def test_requests_on_one_connection_are_answered_in_order(count: int) -> N
 
 
 @in_loop
+async def test_an_upgrade_to_another_protocol_is_ignored_and_the_connection_kept() -> None:
+    """RFC 9110 §7.8: a server may ignore an upgrade it does not offer. Only
+    a WebSocket upgrade is handed on; ``Upgrade: h2c`` (curl --http2) is an
+    ordinary request, its answer keeps the connection and the request
+    pipelined behind it is answered."""
+    hooks = Hooks()
+    front, transport = front_for(hooks)
+    h2c = b"POST /sessions HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 0\r\n\r\n"
+    front.data_received(h2c + b"GET /health HTTP/1.1\r\n\r\n")
+    await until(lambda: len(answers(transport.written)) == 2)
+    assert [request[:2] for request in hooks.seen] == [("POST", "/sessions"), ("GET", "/health")]
+    assert all(kept(answer) for answer in answers(transport.written))
+    front.connection_lost(None)
+
+
+@in_loop
 async def test_pipelined_requests_in_one_chunk_are_answered_in_order() -> None:
     """RFC 9112 §9.3.2: requests sent in one chunk behind one another are
     answered in order, one per pass of the event loop (never recursion:

@@ -1711,7 +1711,9 @@ class Request:
         lengths = {int(v.strip(b" \t")) for n, v in fields if n.lower() == b"content-length"}
         if lengths and max(lengths) > MAX_BODY or not lengths and self.method == b"POST":
             return True
-        return b"upgrade" in names and not any(lengths)  # handed on: no body read
+        # Handed on to websockets (no body read) only when it asks for a WebSocket.
+        websocket = any(b"websocket" in v.lower() for n, v in fields if n.lower() == b"upgrade")
+        return websocket and not any(lengths)
 
     def leftover(self) -> bytes:
         """What the daemon reads after the request, as the next one: the

@@ -195,7 +195,9 @@ export class IntaleqCall extends EventTarget {
     if (this.hungUp) return this.finish("user_terminated", code);
     if (code === 4001 && this.unauthorized === "auth_timeout") code = 1006;  // worth another try
     if (FINAL_CLOSES.has(code)) {
-      const why = {1000: "closed", 1001: "server_shutdown", 4002: "replaced"}[code];
+      // A call the server ended closes with 1000 and the end reason; the
+      // socket may close before the `call_ended` before it was handled.
+      const why = {1000: reason || "closed", 1001: "server_shutdown", 4002: "replaced"}[code];
       return this.finish(this.unauthorized || why, code);
     }
     const {reconnectDelay, reconnectMaxDelay} = this.options;
