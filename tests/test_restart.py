@@ -156,7 +156,9 @@ def test_what_fell_due_while_down_ends_with_its_own_reason_at_its_own_time(
     deadline and ``expired`` at the expiry; a tombstone of an expired
     session still answers ``session_expired``; a live call restored after
     ``kill -9`` resumes like after SIGTERM."""
-    env = restart_env(tmp_path, SESSION_DURATION="3s")
+    # The tombstones are remembered for SESSION_DURATION after their end (while
+    # no process ran): long enough for a slow start to still find them.
+    env = restart_env(tmp_path, SESSION_DURATION="5s")
     first = server_factory(**env)
     timed = first.new_session(ride_id="timed")
     waiting = first.new_session(ride_id="waiting")
@@ -173,16 +175,16 @@ def test_what_fell_due_while_down_ends_with_its_own_reason_at_its_own_time(
             first.stop = lambda *args, **kwargs: 0  # type: ignore[method-assign]
 
     asyncio.run(before())
-    time.sleep(3.5)  # both fall due while no process runs
+    time.sleep(5.5)  # both fall due while no process runs
     second = server_factory(**env)
     wait_until(lambda: all(row["status"] == "ended" for row in second.call_logs()))
     rows = rows_by_ride(second)
     timed_row, waiting_row = rows["timed"], rows["waiting"]
     assert timed_row["end_reason"] == "max_duration_reached", timed_row
-    due = utc(timed_row["connected_at"]) + datetime.timedelta(seconds=3)
+    due = utc(timed_row["connected_at"]) + datetime.timedelta(seconds=5)
     assert abs((utc(timed_row["ended_at"]) - due).total_seconds()) < 0.002, timed_row
     assert waiting_row["end_reason"] == "expired", waiting_row
-    due = utc(waiting_row["created_at"]) + datetime.timedelta(seconds=3)
+    due = utc(waiting_row["created_at"]) + datetime.timedelta(seconds=5)
     assert abs((utc(waiting_row["ended_at"]) - due).total_seconds()) < 0.002, waiting_row
 
     async def tombstones() -> None:
