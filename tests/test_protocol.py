@@ -455,19 +455,19 @@ async def test_lifecycle_never_active_session_expires(server, clients, session) 
     """docs/protocol.md, rules 1 and 3: a never-active session expires: call_ended expired,
     1000; then session_expired."""
     nobody = server.new_session()
-    created = time.monotonic()
     d, _ = await clients.join(session, "driver-1")
     assert await drain(d) == ([{"type": "call_ended", "reason": "expired"}], 1000)
-    assert time.monotonic() - created >= 0.8
     await join_refused(clients, session, "passenger-1", "session_expired")
     # docs/protocol.md, rule 1: also for a session nobody ever joined
     await join_refused(clients, nobody, "driver-1", "session_expired")
     rows = await logged(server, session, nobody)
     for row in rows:
         assert_ended(row, "expired", connected=False)
-    # a session of 1s: expired about 1s after it was created, not at shutdown
-    lived = (utc(rows[1]["ended_at"]) - utc(rows[1]["created_at"])).total_seconds()
-    assert 0.8 <= lived <= 3.0, lived
+    # sessions of 1s: each expired about 1s after it was created (from the
+    # call log's own times: no clock of the test), not at shutdown
+    for row in rows:
+        lived = (utc(row["ended_at"]) - utc(row["created_at"])).total_seconds()
+        assert 0.8 <= lived <= 3.0, lived
 
 
 @pytest.mark.daemon(SESSION_DURATION="1500ms")
