@@ -190,8 +190,9 @@ class HTTPServerConnection(ServerConnection):
         self._closed: asyncio.Future[None] | None = None  # see wait_closed()
         self._close_timer: asyncio.TimerHandle | None = None  # see close_soon()
         self._partial: bytearray | None = None  # the start of a frame not yet whole (see _receive)
-        # The largest message payload read here (``max_size`` of the library:
-        # ``max_message_size`` since websockets 14.2's successors; None: no limit).
+        # The largest payload read here: the library's ``max_size``
+        # (``max_message_size`` and ``max_fragment_size`` in websockets 15
+        # and later, ``max_size`` in 14); None: no limit.
         limit = getattr(self.protocol, "max_message_size", getattr(self.protocol, "max_size", None))
         fragment = getattr(self.protocol, "max_fragment_size", None)
         if fragment is not None:
@@ -243,8 +244,9 @@ class HTTPServerConnection(ServerConnection):
 
         A chunk of whole simple frames only (see :func:`frame_at`: the
         relayed messages) is read here, each message handed to
-        :meth:`_deliver` in turn. A chunk with any other frame goes to the
-        library's parser whole, as it would without this path: the library
+        :meth:`_deliver` in turn. The whole frames of a chunk with any other
+        frame go to the library's parser together, as the chunk would without
+        this path: the library
         parses a chunk before handing any message on, so a close frame
         behind an ``authenticate`` in one chunk closes the connection before
         the ``authenticate`` is handled (it could not be answered). Once a
