@@ -84,7 +84,7 @@ def test_memory_per_idle_authenticated_connection(tmp_path) -> None:
 #: kept-alive connection or each on its own: a connection, head or answer
 #: kept per request would show.
 SESSION_BUDGET = 2 * 1024
-REQUESTS = 400
+REQUESTS = 200
 
 
 def test_memory_per_post_sessions_request(tmp_path) -> None:

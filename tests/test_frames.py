@@ -72,7 +72,7 @@ frames = st.builds(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(frame=frames, trailing=st.binary(max_size=8))
 def test_frame_at_agrees_with_the_library(frame: bytes, trailing: bytes) -> None:
     data = frame + trailing
@@ -228,7 +228,7 @@ async def feed(fast: bool, pieces: list[bytes]) -> tuple[list[Any], Any, bytes]:
     return seen, connection.protocol.state, bytes(transport.written)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(stream=stream_frames, cuts=st.lists(st.integers(0, 2000), max_size=6))
 def test_a_stream_cut_anywhere_gives_what_the_library_gives(stream: list[bytes], cuts: list[int]) -> None:
     data = b"".join(stream)
